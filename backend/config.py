@@ -1,0 +1,117 @@
+"""Engine arguments, validated strictly: an unknown key or a bad value raises ConfigError naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICES = ("auto", "cpu", "cuda")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(f"engine argument {key!r}: {message}")
+        self.key = key
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF folder, .gguf file, or None for the bundled SmolLM2-135M-Instruct
+    tokenizer: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = None  # fixes the KV pool size (tests use it to force preemption)
+    kv_cache_memory_gb: float = 2.0  # CPU KV pool size when num_kv_blocks is not given
+    gpu_memory_utilization: float = 0.90
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.load_format not in _LOAD_FORMATS:
+            raise ConfigError("load_format", f"must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.dtype not in _DTYPES:
+            raise ConfigError("dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in _DEVICES:
+            raise ConfigError("device", f"must be one of {_DEVICES}, got {self.device!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError("block_size", f"must be a power of two >= 1, got {self.block_size}")
+        _positive(self, "max_num_seqs", "max_num_batched_tokens")
+        if self.max_model_len is not None:
+            _positive(self, "max_model_len")
+        if self.num_kv_blocks is not None:
+            _positive(self, "num_kv_blocks")
+        if not self.kv_cache_memory_gb > 0:
+            raise ConfigError("kv_cache_memory_gb", f"must be > 0, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _TYPES[f.name]
+            if value is None and "None" in f.type:
+                continue
+            ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                ok = True
+            if not ok:
+                raise ConfigError(f.name, f"expected {expected.__name__}, got {type(value).__name__} {value!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EngineConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                raise ConfigError(key, f"unknown engine argument; valid ones: {', '.join(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> EngineConfig:
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError("<file>", f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("<file>", f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+_TYPES: dict[str, type] = {
+    "model": str,
+    "tokenizer": str,
+    "load_format": str,
+    "dtype": str,
+    "device": str,
+    "seed": int,
+    "block_size": int,
+    "max_model_len": int,
+    "max_num_seqs": int,
+    "max_num_batched_tokens": int,
+    "enable_chunked_prefill": bool,
+    "enable_prefix_caching": bool,
+    "num_kv_blocks": int,
+    "kv_cache_memory_gb": float,
+    "gpu_memory_utilization": float,
+    "enforce_eager": bool,
+}
+
+
+def _positive(cfg: EngineConfig, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(key, f"must be >= 1, got {getattr(cfg, key)}")

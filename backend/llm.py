@@ -1,0 +1,88 @@
+"""Offline batch generation, shaped like vLLM's ``LLM``: ``LLM(model).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagetron.backend.config import EngineConfig
+from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine, PromptType
+from pagetron.backend.outputs import RequestOutput
+from pagetron.backend.sampling_params import SamplingParams
+
+Messages = list[dict[str, str]]
+
+
+class LLM:
+    """``LLM(model=None, **engine_args)``: model is an HF folder, a .gguf file, or None for the bundled
+    SmolLM2-135M-Instruct. Engine arguments are the fields of :class:`EngineConfig`."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any):
+        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **engine_args}))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in prompt order. Every prompt is validated before any runs, so a
+        bad one raises (naming its index and field) without side effects."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        )
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+        engine = self.engine
+        prepared = []
+        base = next(engine._request_ids)
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            request_id = f"offline-{base}-{i}"
+            try:
+                prepared.append((request_id, *engine.make_sequences(request_id, prompt, params)))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(e.field, f"prompt {i}: {e}") from None
+        for request_id, text, seqs in prepared:
+            engine.enqueue(request_id, text, seqs)
+        return self._run(len(prepared), use_tqdm, [p[0] for p in prepared])
+
+    def chat(
+        self,
+        messages: Messages | SequenceABC[Messages],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the model's chat template to each conversation, then generates."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        prompts = [{"prompt_token_ids": self.encode_chat(m, add_generation_prompt)} for m in messages]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise InvalidRequestError("messages", "this model has no chat template")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tok(text, add_special_tokens=False).input_ids
+
+    def _run(self, num_requests: int, use_tqdm: bool, order: list[str]) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=num_requests, desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while len(finished) < num_requests:
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[r] for r in order]

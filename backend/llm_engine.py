@@ -1,0 +1,182 @@
+"""The engine: validated requests in, one scheduler -> runner -> sampler -> postprocess step at a time."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from pagetron.backend.block_manager import BlockManager
+from pagetron.backend.config import ConfigError, EngineConfig
+from pagetron.backend.loader import load_model_files
+from pagetron.backend.model_runner import ModelRunner
+from pagetron.backend.models.model_config import ModelConfig
+from pagetron.backend.output_processor import OutputProcessor
+from pagetron.backend.outputs import RequestOutput
+from pagetron.backend.sampling_params import SamplingParams
+from pagetron.backend.scheduler import Scheduler
+from pagetron.backend.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; ``field`` names what is wrong. Other requests are unaffected."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        files = load_model_files(config.model, config.load_format, config.tokenizer)
+        self.tokenizer = files.tokenizer
+        self.model_config = ModelConfig.from_hf_config(files.hf_config)
+        self.max_model_len = self._max_model_len()
+        self.runner = ModelRunner(config, files, self.model_config, self.max_model_len)
+        self.block_manager = BlockManager(
+            self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self._eos_token_ids(),
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._request_ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def _max_model_len(self) -> int:
+        cfg, limit = self.config, self.model_config.max_position_embeddings
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise ConfigError("max_model_len", f"{cfg.max_model_len} exceeds the model's limit of {limit} tokens")
+        length = cfg.max_model_len or limit
+        window = self.model_config.sliding_window
+        if window is not None and length > window:
+            logger.warning("max_model_len capped to the sliding window (%d); sliding attention is not implemented", window)
+            length = window
+        if not self.config.enable_chunked_prefill and cfg.max_num_batched_tokens < length:
+            raise ConfigError(
+                "max_num_batched_tokens",
+                f"{cfg.max_num_batched_tokens} is below max_model_len {length}; "
+                "without chunked prefill a long prompt could never be scheduled",
+            )
+        return length
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests -------------------------------------------------------------------------------
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise InvalidRequestError("prompt", f"unknown prompt keys {sorted(unknown)}")
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            else:
+                prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "the prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "this model has no tokenizer; send prompt token ids")
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, SequenceABC) and not isinstance(prompt, bytes):
+            ids = list(prompt)
+            if not ids:
+                raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
+            vocab = self.model_config.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise InvalidRequestError("prompt_token_ids", f"{t!r} is not a token id in [0, {vocab})")
+            return None, ids
+        raise InvalidRequestError("prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}")
+
+    def make_sequences(
+        self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None
+    ) -> tuple[str | None, list[Sequence]]:
+        """Validates one request and builds its sequences without queueing anything."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
+        if request_id in self.output_processor.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt",
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                "(prompt plus at least one generated token must fit)",
+            )
+        longest = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
+        longest = min(longest, self.max_model_len)
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        if longest > capacity:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"the request may grow to {longest} tokens but the whole KV cache holds {capacity}; "
+                "lower max_tokens or give the engine more KV-cache memory",
+            )
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [Sequence(ids, params, request_id, index=i, arrival_time=arrival) for i in range(params.n)]
+        return text, seqs
+
+    def add_request(
+        self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        request_id = str(next(self._request_ids)) if request_id is None else request_id
+        text, seqs = self.make_sequences(request_id, prompt, params or SamplingParams())
+        self.enqueue(request_id, text, seqs)
+        return request_id
+
+    def enqueue(self, request_id: str, prompt: str | None, seqs: list[Sequence]) -> None:
+        self.output_processor.add_request(request_id, prompt, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens += seqs[0].num_prompt_tokens
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends every sequence of the request at once and frees its KV blocks; returns its last output."""
+        state = self.output_processor.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for st in state.seqs:
+            self.scheduler.finish(st.seq, "abort")
+        return state.make_output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.output_processor.requests)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not place any waiting request in an idle KV cache")
+            return []
+        sampled_seqs, samples = self.runner.run(batch.scheduled)
+        updates = self.scheduler.postprocess(batch, sampled_seqs, samples)
+        self.num_generation_tokens += len(updates)
+        changed, stopped = self.output_processor.process(updates)
+        for seq, stop in stopped:
+            self.scheduler.finish(seq, "stop")
+            seq.stop_reason = stop
+        outputs = []
+        for state in changed:
+            outputs.append(state.make_output())
+            if state.finished:
+                self.output_processor.pop_finished(state.request_id)
+        return outputs
