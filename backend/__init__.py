@@ -1,20 +1,28 @@
-"""Pagetron engine: paged KV cache, continuous batching, prefix caching."""
+"""Pagetron engine: paged KV cache, continuous batching, prefix caching.
 
-from pagetron.backend.config import ConfigError, EngineConfig
-from pagetron.backend.llm import LLM
-from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine
-from pagetron.backend.outputs import CompletionOutput, Logprob, RequestOutput
-from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
+Public names are imported lazily so that light modules (sampling params, config) load without torch.
+"""
 
-__all__ = [
-    "LLM",
-    "CompletionOutput",
-    "ConfigError",
-    "EngineConfig",
-    "InvalidRequestError",
-    "LLMEngine",
-    "Logprob",
-    "RequestOutput",
-    "SamplingParams",
-    "SamplingParamsError",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "LLM": "llm",
+    "LLMEngine": "llm_engine",
+    "InvalidRequestError": "llm_engine",
+    "EngineConfig": "config",
+    "ConfigError": "config",
+    "SamplingParams": "sampling_params",
+    "SamplingParamsError": "sampling_params",
+    "RequestOutput": "outputs",
+    "CompletionOutput": "outputs",
+    "Logprob": "outputs",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pagetron.backend' has no attribute {name!r}")
+    return getattr(import_module(f"pagetron.backend.{_EXPORTS[name]}"), name)

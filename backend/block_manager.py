@@ -126,7 +126,7 @@ class BlockManager:
         old_hash = self.block_hashes[block_id]
         if old_hash is not None:  # evict: the block is about to hold other tokens
             if self.cached_blocks.get(old_hash) == block_id:
-                pass
+                del self.cached_blocks[old_hash]
             self.block_hashes[block_id] = None
         self.ref_counts[block_id] = 1
         return block_id

@@ -164,7 +164,7 @@ def _build_output(
 ) -> SamplerOutput:
     num_rows = len(params)
     wanted = [p.logprobs for p in params]
-    max_top = max((w for w in wanted if w is not None), default=None)
+    max_top = max((min(w, raw_logprobs.shape[1]) for w in wanted if w is not None), default=None)
     parts = [token_ids, sampled_logprobs]
     if max_top is not None:
         # rank = number of tokens at least as likely as the sampled one (vLLM's convention)
@@ -185,7 +185,8 @@ def _build_output(
             if n is None:
                 continue
             start = i * max_top
-            entry = {int(top_ids_flat[start + r]): (top_lps_flat[start + r], r + 1) for r in range(n)}
+            top = range(min(n, max_top))
+            entry = {int(top_ids_flat[start + r]): (top_lps_flat[start + r], r + 1) for r in top}
             entry.setdefault(ids[i], (sampled[i], int(ranks[i])))
             logprobs[i] = entry
     return SamplerOutput(token_ids=ids, sampled_logprobs=sampled, logprobs=logprobs)

@@ -352,7 +352,7 @@ def schedule(bm: BlockManager, seq: Sequence, num_new: int, kv: dict, hits=None)
     return True
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.booleans(), st.lists(ops, min_size=5, max_size=50))
 def test_random_scheduling_keeps_block_accounting_consistent(enable_prefix_caching, operations):
     bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE, enable_prefix_caching)

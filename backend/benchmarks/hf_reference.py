@@ -1,0 +1,41 @@
+"""HF transformers as the reference and baseline: the same weights, loaded by transformers itself."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def load_hf_model(model: str | None, dtype: torch.dtype = torch.float32):
+    """transformers' own model for an HF folder or a .gguf file (None: the bundled default model)."""
+    from transformers import AutoModelForCausalLM
+
+    from pagetron.backend.loader import default_model_path
+
+    path = model or default_model_path()
+    if path.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(path))
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return hf.eval()
+
+
+@torch.inference_mode()
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """Greedy continuation with HF generate() at batch 1 (no padding, so no padding effects)."""
+    ids = torch.tensor([prompt_ids])
+    kwargs = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
+    out = hf_model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+        pad_token_id=hf_model.config.eos_token_id,
+        **kwargs,
+    )
+    return out[0, len(prompt_ids) :].tolist()

@@ -1,0 +1,139 @@
+"""Scheduler: exact batches, chunking, admission limits and preemption order (no model involved)."""
+
+from pagetron.backend.block_manager import BlockManager
+from pagetron.backend.sampler import SamplerOutput
+from pagetron.backend.sampling_params import SamplingParams
+from pagetron.backend.scheduler import Scheduler
+from pagetron.backend.sequence import Sequence, SequenceStatus
+
+EOS = 2
+
+
+def make_scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, chunked=True, max_model_len=64):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True)
+    return Scheduler(bm, max_num_seqs, budget, max_model_len, eos_token_ids=[EOS], enable_chunked_prefill=chunked)
+
+
+def seq(n_tokens, start=10, **params):
+    return Sequence(list(range(start, start + n_tokens)), SamplingParams(**{"max_tokens": 50, **params}))
+
+
+def step(sched, token=7):
+    """One engine step with a fake runner that always samples ``token``."""
+    batch = sched.schedule()
+    sampled = [s for s, n in batch.scheduled if s.num_computed_tokens + n == s.num_tokens]
+    out = SamplerOutput([token] * len(sampled), [0.0] * len(sampled), [None] * len(sampled))
+    updates = sched.postprocess(batch, sampled, out)
+    return batch, updates
+
+
+def test_chunked_prefill_splits_a_long_prompt_over_steps():
+    sched = make_scheduler(budget=8)
+    a = seq(20)
+    sched.add(a)
+    sizes = []
+    for _ in range(3):
+        batch, updates = step(sched)
+        sizes.append([(s.seq_id, n) for s, n in batch.scheduled])
+        assert [u.seq for u in updates] == ([a] if len(sizes) == 3 else [])
+    assert sizes == [[(a.seq_id, 8)], [(a.seq_id, 8)], [(a.seq_id, 4)]]
+    assert a.block_table == [0, 1, 2, 3, 4]
+    assert a.output_token_ids == [7] and a.num_computed_tokens == 20
+
+
+def test_running_first_then_waiting_within_the_token_budget():
+    sched = make_scheduler(budget=10)
+    a, b, c = seq(6), seq(6, start=40), seq(3, start=80)
+    for s in (a, b, c):
+        sched.add(s)
+    batch, _ = step(sched)
+    # a fits whole, b gets the remaining 4 tokens (chunked), c waits
+    assert [(s, n) for s, n in batch.scheduled] == [(a, 6), (b, 4)]
+    batch, _ = step(sched)
+    assert [(s, n) for s, n in batch.scheduled] == [(a, 1), (b, 2), (c, 3)]
+    assert [s.num_output_tokens for s in (a, b, c)] == [2, 1, 1]
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
+    sched = make_scheduler(budget=10, chunked=False)
+    a, b = seq(6), seq(6, start=40)
+    sched.add(a)
+    sched.add(b)
+    batch, _ = step(sched)
+    assert batch.scheduled == [(a, 6)]
+    batch, _ = step(sched)
+    assert batch.scheduled == [(a, 1), (b, 6)]
+
+
+def test_max_num_seqs_caps_the_running_set():
+    sched = make_scheduler(max_num_seqs=2)
+    seqs = [seq(3, start=10 * i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    batch, _ = step(sched)
+    assert [s for s, _ in batch.scheduled] == seqs[:2]
+    assert list(sched.waiting) == [seqs[2]]
+
+
+def test_preemption_takes_the_newest_and_requeues_it_first():
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    a, b = seq(6), seq(6, start=40)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # both prefilled: a -> [0, 1], b -> [2, 3]; 7 tokens each
+    assert (a.block_table, b.block_table) == ([0, 1], [2, 3])
+    step(sched)  # position 6 still in the second block
+    batch, _ = step(sched)  # position 7
+    assert batch.preempted == []
+    batch, updates = step(sched)  # position 8 needs a third block: b is preempted, its blocks freed
+    assert batch.preempted == [b]
+    assert batch.scheduled == [(a, 1)]
+    assert a.block_table == [0, 1, 3]  # b freed [2, 3] in reverse order, so 3 came back first
+    assert b.status == SequenceStatus.WAITING and b.block_table == [] and b.num_computed_tokens == 0
+    assert list(sched.waiting) == [b] and sched.num_preemptions == 1
+    assert b.num_output_tokens == 3  # its output is kept and recomputed, never lost
+    assert [u.seq for u in updates] == [a]
+
+
+def test_preempted_sequence_resumes_with_prompt_and_output_recomputed():
+    sched = make_scheduler(num_blocks=4, block_size=4, max_model_len=64)
+    a = seq(6, max_tokens=4)
+    b = seq(6, start=40, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    for _ in range(4):
+        step(sched)
+    assert a.is_finished and a.finish_reason == "length" and a.block_table == []
+    batch, _ = step(sched)  # b comes back: recomputes its 9 tokens in one go, then samples
+    assert batch.scheduled == [(b, 9)]
+    assert b.num_output_tokens == 4
+
+
+def test_finish_reasons_eos_stop_token_min_tokens_and_max_model_len():
+    sched = make_scheduler(max_model_len=9)
+    a = seq(4, max_tokens=None)
+    b = seq(4, start=30, stop_token_ids=[7])
+    c = seq(4, start=50, min_tokens=2, stop_token_ids=[7])
+    d = seq(4, start=70, ignore_eos=True)
+    for s in (a, b, c, d):
+        sched.add(s)
+    _, updates = step(sched, token=7)
+    assert [(u.seq, u.finished) for u in updates] == [(a, False), (b, True), (c, False), (d, False)]
+    assert (b.finish_reason, b.stop_reason) == ("stop", 7)
+    _, updates = step(sched, token=EOS)
+    assert [(u.seq, u.finished) for u in updates] == [(a, True), (c, True), (d, False)]
+    assert a.finish_reason == c.finish_reason == "stop"
+    for _ in range(3):
+        step(sched, token=EOS)
+    assert d.finish_reason == "length" and d.num_tokens == 9  # max_model_len
+
+
+def test_finish_from_outside_frees_blocks_and_drops_late_samples():
+    sched = make_scheduler()
+    a = seq(5)
+    sched.add(a)
+    batch = sched.schedule()
+    sched.finish(a, "abort")
+    assert sched.block_manager.num_free_blocks == 16
+    updates = sched.postprocess(batch, [a], SamplerOutput([7], [0.0], [None]))
+    assert updates == [] and a.output_token_ids == [] and not sched.has_unfinished()
