@@ -29,9 +29,10 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
         self.tokenizer = tokenizer
         self.params = params
-        self.token_ids = list(prompt_token_ids)
+        # only the prompt's tail matters: it is the decode context of the first output tokens
+        self.token_ids = list(prompt_token_ids[max(len(prompt_token_ids) - _INITIAL_CONTEXT_TOKENS, 0) :])
         self.num_output_tokens = 0
-        self.prefix_offset = max(len(self.token_ids) - _INITIAL_CONTEXT_TOKENS, 0)
+        self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
         self.stop_strings = list(params.stop or ())
         # a partial stop string is at most this long, so get_delta never streams one before it is ruled out
@@ -48,13 +49,20 @@ class IncrementalDetokenizer:
     def stopped(self) -> bool:
         return self.stop_string is not None
 
-    def update(self, new_token_ids: list[int]) -> str | None:
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Append tokens; return the stop string if the text now contains one (the text is truncated at it).
-        Calls after a stop string matched are ignored."""
+        Calls after a stop string matched are ignored.
+
+        ``stop_terminated``: the last token ended the sequence as EOS or a stop token id; as in vLLM its text
+        is left out unless ``include_stop_str_in_output``."""
         if self.stopped or not new_token_ids:
             return None
-        self.token_ids.extend(new_token_ids)
         self.num_output_tokens += len(new_token_ids)
+        if stop_terminated and not self.params.include_stop_str_in_output:
+            new_token_ids = new_token_ids[:-1]
+            if not new_token_ids:
+                return None
+        self.token_ids.extend(new_token_ids)
         new_text = self._decode_new_text()
         if not new_text:
             return None

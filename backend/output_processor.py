@@ -90,7 +90,10 @@ class OutputProcessor:
             st = state.seqs[update.seq.index]
             if st.detokenizer is None:
                 continue
-            stop = st.detokenizer.update(update.new_token_ids)
+            seq = update.seq
+            stop = st.detokenizer.update(
+                update.new_token_ids, stop_terminated=update.finished and seq.finish_reason == "stop"
+            )
             if stop is not None and not update.finished:
                 stopped.append((update.seq, stop))
             elif stop is not None:

@@ -2,7 +2,8 @@
 
 Every step is a tensor op over the whole batch ([N, V]); Python loops only run over rows for per-row
 scalars (and over seeded rows, to draw their noise from their own generator). The only device->host
-transfer is the single ``.tolist()`` at the end.
+transfer is the single ``.tolist()`` at the end. Seeded rows repeat exactly on one device type; CPU and
+CUDA runs of the same seed differ (different random engines).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from pagetron.backend.sampling_params import SamplingParams
 from pagetron.backend.sequence import Sequence
 
@@ -27,7 +29,7 @@ class Sampler:
     def __init__(self, eos_token_ids: set[int] | list[int], seed: int = 0):
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}  # default generator per device
+        self._generators: dict[tuple[torch.device, bool], torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
@@ -78,25 +80,29 @@ class Sampler:
         return torch.where(is_greedy, greedy_ids, sampled_ids)
 
     def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        noise = torch.empty_like(probs).exponential_(generator=self._default_generator(probs.device))
+        device = probs.device
+        noise = torch.empty_like(probs).exponential_(generator=self._generator(device))
         for i, seq in enumerate(seqs):
             gen = seq.generator
             if gen is None or seq.sampling_params.greedy:
                 continue
-            if gen.device == probs.device:
-                noise[i].exponential_(generator=gen)
-            else:  # e.g. a CPU generator for CUDA logits: draw on its device, then copy
-                row = torch.empty(probs.shape[1], device=gen.device).exponential_(generator=gen)
-                noise[i].copy_(row, non_blocking=True)
+            if gen.device != device:
+                # A vocab row of CPU noise costs milliseconds; instead the request's generator draws a seed
+                # for a scratch generator on the logits' device: the row still depends only on its request.
+                step_seed = int(torch.randint(0, 2**62, (), generator=gen))
+                gen = self._generator(device, scratch=True)
+                gen.manual_seed(step_seed)
+            noise[i].exponential_(generator=gen)
         # exponential_ may return exactly 0, which would turn a masked 0 prob into NaN (0/0)
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
-    def _default_generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
+    def _generator(self, device: torch.device, scratch: bool = False) -> torch.Generator:
+        """The default generator (unseeded rows) or the scratch one (seeded rows) for ``device``."""
+        gen = self._generators.get((device, scratch))
         if gen is None:
             gen = torch.Generator(device=device)
             gen.manual_seed(self.seed)
-            self._generators[device] = gen
+            self._generators[(device, scratch)] = gen
         return gen
 
 

@@ -128,13 +128,17 @@ def make_hf_model(
     from transformers import AutoModelForCausalLM
 
     if with_tokenizer and vocab_size < SMOLLM2_VOCAB_SIZE:
-        raise ValueError(f"with_tokenizer=True copies SmolLM2's tokenizer: needs vocab_size >= {SMOLLM2_VOCAB_SIZE}")
+        raise ValueError(
+            f"with_tokenizer=True copies SmolLM2's tokenizer: needs vocab_size >= {SMOLLM2_VOCAB_SIZE}"
+        )
     fields = dict(TINY_SHAPE)
     if arch == "qwen3":
         fields["head_dim"] = 16  # Qwen3Config would otherwise default to 128
-    fields.update(vocab_size=vocab_size, num_key_value_heads=num_kv_heads, tie_word_embeddings=tie_word_embeddings)
+    fields.update(
+        vocab_size=vocab_size, num_key_value_heads=num_kv_heads, tie_word_embeddings=tie_word_embeddings
+    )
     if rope_scaling is not None:
-        fields["rope_scaling"] = rope_scaling
+        fields["rope_scaling"] = dict(rope_scaling)  # transformers adds rope_theta to the dict it is given
     fields.update(overrides)
     config = _config_class(arch)(**fields)
 
@@ -150,7 +154,7 @@ def make_hf_model(
 
 
 def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The state_dict transformers builds from a folder (tied lm_head included, as transformers reports it)."""
+    """The state_dict transformers builds from a folder (lm_head included even when tied)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
@@ -164,7 +168,11 @@ def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's Q/K row permutation for the "llama" architecture (rotate-half pairs -> interleaved)."""
     rows = weights.shape[0]
-    return weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
@@ -184,7 +192,9 @@ def _rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), (None if rope_type == "default" else {"rope_type": rope_type, **params})
 
 
-def _write_metadata(writer: gguf.GGUFWriter, arch: str, config: dict, name: str, tensor_type: str) -> dict | None:
+def _write_metadata(
+    writer: gguf.GGUFWriter, arch: str, config: dict, name: str, tensor_type: str
+) -> dict | None:
     writer.add_name(name)
     writer.add_file_type(_FILE_TYPE[tensor_type])
     writer.add_block_count(config["num_hidden_layers"])
@@ -281,17 +291,27 @@ def _write_bytes_tokenizer(writer: gguf.GGUFWriter, vocab_size: int) -> None:
     writer.add_chat_template(BYTES_CHAT_TEMPLATE)
 
 
-def _tensor_data(values: np.ndarray, gguf_name: str, tensor_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    # As llama.cpp: 1-D tensors (norms, biases) and norms stay F32, everything else gets the file's type.
-    if values.ndim <= 1 or gguf_name.endswith("_norm.weight"):
-        qtype = gguf.GGMLQuantizationType.F32
-    else:
-        qtype = gguf.GGMLQuantizationType[tensor_type]
+def _tensor_data(values: np.ndarray, tensor_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    if tensor_type in ("I8", "I16", "I32"):  # integer tensors are stored as they are
+        return values.astype(getattr(np, f"int{tensor_type[1:]}")), qtype
     return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
 
 
+def _default_type(values: np.ndarray, gguf_name: str, tensor_type: str) -> str:
+    # As llama.cpp: 1-D tensors (norms, biases) and norms stay F32, everything else gets the file's type.
+    return "F32" if values.ndim <= 1 or gguf_name.endswith("_norm.weight") else tensor_type
+
+
 def make_gguf(
-    tmp_path: Path, hf_dir: Path, tensor_type: str, *, tokenizer: str | None = "auto", name: str | None = None
+    tmp_path: Path,
+    hf_dir: Path,
+    tensor_type: str,
+    *,
+    tokenizer: str | None = "auto",
+    name: str | None = None,
+    tensor_types: dict[str, str] | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the model in `hf_dir` as a GGUF file under tmp_path, as llama.cpp's converter would.
 
@@ -299,6 +319,9 @@ def make_gguf(
     tokenizer: "smollm2" copies SmolLM2's tokenizer metadata (vocab_size must be 49152),
         "bytes" writes a 256-byte vocabulary padded to vocab_size (fast to convert), None writes none,
         "auto" picks "smollm2" when hf_dir has tokenizer files, else "bytes" when vocab_size >= 256.
+    tensor_types: a type per GGUF tensor name, overriding the above, e.g. {"token_embd.weight": "Q5_0"}
+        or {"blk.0.attn_norm.weight": "I8"} (integer types store the values truncated, unquantized).
+    extra_tensors: GGUF name -> float32 array, written as they are (e.g. tensors no supported model has).
     Returns the path of the .gguf file (in a new folder of its own).
     """
     hf_dir = Path(hf_dir)
@@ -333,8 +356,11 @@ def make_gguf(
             values = llama_cpp_permute(values, n_head)
         if arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             values = llama_cpp_permute(values, n_kv_head)
-        data, qtype = _tensor_data(values, gguf_name, tensor_type)
+        chosen = (tensor_types or {}).get(gguf_name) or _default_type(values, gguf_name, tensor_type)
+        data, qtype = _tensor_data(values, chosen)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+    for gguf_name, values in (extra_tensors or {}).items():
+        writer.add_tensor(gguf_name, np.asarray(values, dtype=np.float32))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -2,6 +2,7 @@ import importlib.util
 import os
 
 import pytest
+
 from pagetron.backend.detokenizer import IncrementalDetokenizer, decode_full
 from pagetron.backend.sampling_params import SamplingParams
 
@@ -93,8 +94,12 @@ def test_one_token_per_byte(tokenizer, text):
     deltas, _ = stream(IncrementalDetokenizer(tokenizer, [], SamplingParams()), output_ids)
     assert not any("\ufffd" in d for d in deltas)
     assert "".join(deltas) == text
-    # a 4-byte character shows up at once, on its last byte
-    assert "😀" in deltas or "🧑" in "".join(deltas) or "€" in deltas or "𝄞" in deltas
+
+
+def test_split_characters_appear_whole_on_their_last_byte(tokenizer):
+    output_ids = byte_token_ids(tokenizer, "é😀世界".encode())
+    deltas, _ = stream(IncrementalDetokenizer(tokenizer, [], SamplingParams()), output_ids)
+    assert deltas == ["", "é", "", "", "", "😀", "", "", "世", "", "", "界", ""]
 
 
 def test_invalid_bytes_in_the_middle_are_emitted(tokenizer):
@@ -190,15 +195,14 @@ def test_stop_strings(tokenizer, stop, include, expected_text, stop_token_index)
         assert detok.output_text == expected_text
 
 
-@pytest.mark.parametrize("include", [False, True])
-def test_streamed_deltas_never_leak_a_stop_string(tokenizer, include):
+@pytest.mark.parametrize(("include", "last_deltas"), [(False, ["", ""]), (True, ["STOP!", ""])])
+def test_streamed_deltas_never_leak_a_stop_string(tokenizer, include, last_deltas):
     text = "Hello world, this is a test STOP! after"  # ... test| ST|OP|!| after
     params = SamplingParams(stop=["STOP!"], include_stop_str_in_output=include)
     deltas, stop = stream(IncrementalDetokenizer(tokenizer, [], params), tokenizer.encode(text))
     assert stop == "STOP!"
-    final = "Hello world, this is a test STOP!" if include else "Hello world, this is a test "
-    assert "".join(deltas) == final
-    assert not any("ST" in d for d in deltas[:-2])  # nothing of "STOP" streamed before the match
+    # 4 chars (len("STOP!") - 1) are withheld while streaming, so "ST" and "STOP" are never sent early
+    assert deltas == ["H", "ello w", "o", "rld, ", "thi", "s ", "is a ", "tes", "t ", *last_deltas]
 
 
 def test_stop_not_checked_before_min_tokens(tokenizer):
@@ -232,3 +236,25 @@ def test_decode_full(tokenizer):
     ids = [1, *tokenizer.encode("a . b ?  don 't"), IM_END]
     assert decode_full(tokenizer, ids) == "a . b ?  don 't"  # no clean-up of spaces
     assert decode_full(tokenizer, ids, skip_special_tokens=False) == "<|im_start|>a . b ?  don 't<|im_end|>"
+
+
+@pytest.mark.parametrize(("include", "expected"), [(False, "Hi there"), (True, "Hi there again")])
+def test_stop_terminated_leaves_out_the_stop_token_text(tokenizer, include, expected):
+    """A stop token id (here the normal token " again") ends the sequence: its text is dropped, as in vLLM."""
+    hi_there, again = tokenizer.encode("Hi there"), tokenizer.encode(" again")
+    assert len(again) == 1
+    params = SamplingParams(stop_token_ids=again, include_stop_str_in_output=include)
+    detok = IncrementalDetokenizer(tokenizer, [], params)
+    detok.update(hi_there)
+    assert detok.update(again, stop_terminated=True) is None
+    assert detok.get_delta(finished=True) == expected
+    assert detok.num_output_tokens == len(hi_there) + 1
+
+
+@pytest.mark.parametrize("prompt", ["x", "Hi", "a much longer prompt with many tokens in it"])
+def test_prompt_context_of_any_length(tokenizer, prompt):
+    text = " world 🌍"
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), SamplingParams())
+    deltas, _ = stream(detok, tokenizer.encode(text))
+    assert "".join(deltas) == text
+    assert len(detok.token_ids) <= 5 + len(tokenizer.encode(text))  # only the prompt's tail is kept

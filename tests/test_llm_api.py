@@ -24,8 +24,11 @@ def test_output_shape_and_known_greedy_continuation(smollm):
 
 
 def test_chat_answer_ends_with_eos(smollm):
-    [out] = smollm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                        SamplingParams(temperature=0.0, max_tokens=64), use_tqdm=False)
+    [out] = smollm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0.0, max_tokens=64),
+        use_tqdm=False,
+    )
     c = out.outputs[0]
     assert "Paris" in c.text
     assert c.finish_reason == "stop" and c.token_ids[-1] == 2  # <|im_end|>
@@ -33,7 +36,9 @@ def test_chat_answer_ends_with_eos(smollm):
 
 
 def test_n_greedy_copies_are_identical_and_share_the_prompt_blocks(smollm):
-    [out] = smollm.generate(GIRL + " Lily", SamplingParams(n=3, temperature=0.0, max_tokens=8), use_tqdm=False)
+    [out] = smollm.generate(
+        GIRL + " Lily", SamplingParams(n=3, temperature=0.0, max_tokens=8), use_tqdm=False
+    )
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
 
@@ -42,10 +47,13 @@ def test_seeded_sampling_repeats_exactly_whatever_the_batch(smollm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16)
     [alone] = smollm.generate(GIRL, params, use_tqdm=False)
     others = SamplingParams(temperature=1.0, max_tokens=20)
-    batch = smollm.generate(["The sea is", GIRL, "My favourite food"], [others, params, others], use_tqdm=False)
+    batch = smollm.generate(
+        ["The sea is", GIRL, "My favourite food"], [others, params, others], use_tqdm=False
+    )
     assert batch[1].outputs[0].token_ids == alone.outputs[0].token_ids
-    [other_seed] = smollm.generate(GIRL, SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16),
-                                   use_tqdm=False)
+    [other_seed] = smollm.generate(
+        GIRL, SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16), use_tqdm=False
+    )
     assert other_seed.outputs[0].token_ids != alone.outputs[0].token_ids
 
 
@@ -58,7 +66,9 @@ def test_seeded_n_gives_distinct_but_repeatable_samples(smollm):
 
 
 def test_stop_string_spanning_tokens_truncates_and_finishes(smollm):
-    [out] = smollm.generate(GIRL, SamplingParams(temperature=0.0, max_tokens=30, stop=["to pl"]), use_tqdm=False)
+    [out] = smollm.generate(
+        GIRL, SamplingParams(temperature=0.0, max_tokens=30, stop=["to pl"]), use_tqdm=False
+    )
     c = out.outputs[0]
     assert c.text == " Emma who loved "
     assert (c.finish_reason, c.stop_reason) == ("stop", "to pl")
@@ -73,13 +83,17 @@ def test_stop_string_spanning_tokens_truncates_and_finishes(smollm):
 def test_stop_token_ids_and_ignore_eos(smollm):
     [ref] = smollm.generate(GIRL, GREEDY, use_tqdm=False)
     stop_id = ref.outputs[0].token_ids[3]
-    [out] = smollm.generate(GIRL, SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_id]),
-                            use_tqdm=False)
+    [out] = smollm.generate(
+        GIRL, SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_id]), use_tqdm=False
+    )
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids[:4]
     assert (out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("stop", stop_id)
     chat = smollm.encode_chat([{"role": "user", "content": "Say hi."}])
-    [out] = smollm.generate({"prompt_token_ids": chat}, SamplingParams(temperature=0.0, max_tokens=40,
-                                                                        ignore_eos=True), use_tqdm=False)
+    [out] = smollm.generate(
+        {"prompt_token_ids": chat},
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert len(out.outputs[0].token_ids) == 40 and out.outputs[0].finish_reason == "length"
 
 
@@ -99,7 +113,9 @@ def test_logprobs_top_n_and_cumulative(smollm):
 
 def test_streaming_deltas_concatenate_to_the_final_text(smollm):
     engine = smollm.engine
-    request_id = engine.add_request("Write a line about the moon:", SamplingParams(temperature=0.0, max_tokens=24))
+    request_id = engine.add_request(
+        "Write a line about the moon:", SamplingParams(temperature=0.0, max_tokens=24)
+    )
     pieces, final = [], None
     while final is None:
         for out in engine.step():
@@ -186,12 +202,25 @@ def test_unknown_engine_argument_is_rejected():
 def test_cli_generate_writes_jsonl(tmp_path, capsys):
     requests = tmp_path / "in.jsonl"
     requests.write_text(
-        json.dumps({"prompt": GIRL, "sampling_params": {"max_tokens": "6"}}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Capital of France?"}]}) + "\n"
+        json.dumps({"prompt": GIRL, "sampling_params": {"max_tokens": "6"}})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Capital of France?"}]})
+        + "\n"
     )
     out_path = tmp_path / "out.jsonl"
-    rc = cli_main(["generate", "--input", str(requests), "--output", str(out_path), "--max-tokens", "24",
-                   "--kv-cache-memory-gb", "0.05"])
+    rc = cli_main(
+        [
+            "generate",
+            "--input",
+            str(requests),
+            "--output",
+            str(out_path),
+            "--max-tokens",
+            "24",
+            "--kv-cache-memory-gb",
+            "0.05",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert rows[0]["outputs"][0]["text"].startswith(" Emma who")

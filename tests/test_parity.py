@@ -44,8 +44,10 @@ RAW = [
 
 @pytest.fixture(scope="module")
 def smollm_prompts(smollm):
-    prompts = [smollm.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
-               for q in QUESTIONS[:4]]
+    prompts = [
+        smollm.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+        for q in QUESTIONS[:4]
+    ]
     prompts += [smollm.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS[4:]]
     prompts += [smollm.tokenizer(p).input_ids for p in RAW]
     assert len(prompts) == 16 and len({len(p) for p in prompts}) >= 12
@@ -54,7 +56,9 @@ def smollm_prompts(smollm):
 
 @pytest.fixture(scope="module")
 def max_tokens(smollm_prompts):
-    return [32 - 2 * (i % 5) for i in range(len(smollm_prompts))]  # 24..32: sequences leave at different steps
+    return [
+        32 - 2 * (i % 5) for i in range(len(smollm_prompts))
+    ]  # 24..32: sequences leave at different steps
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +116,9 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize("arch, num_kv_heads, tied", TINY, ids=[f"{a}-kv{k}-{'tied' if t else 'untied'}" for a, k, t in TINY])
+@pytest.mark.parametrize(
+    "arch, num_kv_heads, tied", TINY, ids=[f"{a}-kv{k}-{'tied' if t else 'untied'}" for a, k, t in TINY]
+)
 def test_tiny_random_models_match_hf(tmp_path, arch, num_kv_heads, tied):
     folder = make_hf_model(tmp_path, arch, num_kv_heads=num_kv_heads, tie_word_embeddings=tied, seed=3)
     rng = random.Random(7)
@@ -120,8 +126,10 @@ def test_tiny_random_models_match_hf(tmp_path, arch, num_kv_heads, tied):
     max_tokens = [rng.randint(4, 16) for _ in prompts]
     hf = load_hf_model(str(folder))
     expected = [hf_greedy(hf, p, m) for p, m in zip(prompts, max_tokens)]
-    for args in ({"block_size": 4, "max_num_seqs": 5},
-                 {"block_size": 4, "num_kv_blocks": 14, "max_num_batched_tokens": 8, "max_num_seqs": 12}):
+    for args in (
+        {"block_size": 4, "max_num_seqs": 5},
+        {"block_size": 4, "num_kv_blocks": 14, "max_num_batched_tokens": 8, "max_num_seqs": 12},
+    ):
         llm = LLM(str(folder), **args)
         ours, _ = engine_outputs(llm, prompts, max_tokens)
         assert ours == expected, args

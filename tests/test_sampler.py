@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 import torch
+
 from pagetron.backend.sampler import Sampler, _apply_penalties
 from pagetron.backend.sampling_params import SamplingParams
 from pagetron.backend.sequence import Sequence
@@ -298,3 +299,22 @@ def test_sampled_logprobs_are_raw_even_with_temperature():
     raw = torch.log_softmax(logits, -1).tolist()
     assert out.sampled_logprobs == [raw[t] for t in out.token_ids]
     assert set(out.token_ids) == {2, 3}
+
+
+# ---- CUDA (skipped on CPU-only machines): the same engine code with CPU request generators
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_seeded_rows_support_and_greedy():
+    target = (torch.randn(5000, generator=torch.Generator().manual_seed(3)) * 0.1).cuda()
+    alone = run_steps(Sampler([EOS]), [target], [make_seq(SamplingParams(seed=1234))], 10)
+    rows = [torch.randn(5000, device="cuda"), target, torch.randn(5000, device="cuda")]
+    params = [SamplingParams(seed=5), SamplingParams(seed=1234), SamplingParams(temperature=0)]
+    in_batch = run_steps(Sampler([EOS], seed=9), rows, [make_seq(p) for p in params], 10)
+    assert in_batch[1] == alone[0] and len(set(alone[0])) > 5
+    assert set(in_batch[2]) == {rows[2].argmax().item()}
+
+    logits, ranked = crafted_logits()
+    assert set(draw(SamplingParams(top_p=0.6), logits.cuda())) == set(ranked[:2])
+    seeded = [make_seq(SamplingParams(top_k=3, seed=1), index=i) for i in range(2000)]  # seeds 1..2000
+    assert set(Sampler([EOS])(logits.cuda().expand(2000, -1), seeded).token_ids) == set(ranked[:3])

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
 
 VALID = [

@@ -11,7 +11,9 @@ EOS = 2
 
 def make_scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, chunked=True, max_model_len=64):
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True)
-    return Scheduler(bm, max_num_seqs, budget, max_model_len, eos_token_ids=[EOS], enable_chunked_prefill=chunked)
+    return Scheduler(
+        bm, max_num_seqs, budget, max_model_len, eos_token_ids=[EOS], enable_chunked_prefill=chunked
+    )
 
 
 def seq(n_tokens, start=10, **params):
@@ -104,8 +106,9 @@ def test_preempted_sequence_resumes_with_prompt_and_output_recomputed():
     for _ in range(4):
         step(sched)
     assert a.is_finished and a.finish_reason == "length" and a.block_table == []
-    batch, _ = step(sched)  # b comes back: recomputes its 9 tokens in one go, then samples
-    assert batch.scheduled == [(b, 9)]
+    batch, _ = step(sched)  # b comes back: its first block is still cached, the other 5 tokens are recomputed
+    assert batch.scheduled == [(b, 5)]
+    assert b.num_cached_tokens == 4 and b.block_table[0] == 2
     assert b.num_output_tokens == 4
 
 

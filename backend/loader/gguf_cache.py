@@ -66,6 +66,7 @@ def converted_gguf(path: Path) -> Path:
     started = time.monotonic()
     logger.info("converting %s into %s (done once, then cached)", path, entry)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the entry is an ordinary cache folder
     try:
         _convert(path, staging)
         try:
@@ -93,7 +94,10 @@ def _convert(path: Path, folder: Path) -> None:
     meta = GGUFMetadata(reader, path)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     rope_freqs = dequantized(tensors["rope_freqs.weight"], path) if "rope_freqs.weight" in tensors else None
-    hf_config = gguf_hf_config(meta, set(tensors), rope_freqs)
+    shapes = {
+        name: tuple(int(dim) for dim in reversed(tensor.shape.tolist())) for name, tensor in tensors.items()
+    }
+    hf_config = gguf_hf_config(meta, shapes, rope_freqs)
     stat = path.stat()
     manifest = {"source": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     manifest["tokenizer"] = _save_tokenizer(path, meta, folder)
@@ -103,7 +107,7 @@ def _convert(path: Path, folder: Path) -> None:
 
 
 def _save_tokenizer(path: Path, meta: GGUFMetadata, folder: Path) -> str:
-    """'saved', 'absent' (no tokenizer metadata) or 'error: ...' (kept so a tokenizer override still works)."""
+    """'saved', 'absent' (no tokenizer metadata) or 'error: ...' (recorded; a tokenizer= override works)."""
     if meta.get("tokenizer.ggml.model") is None:
         return "absent"
     try:

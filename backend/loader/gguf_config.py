@@ -79,7 +79,9 @@ def _rope_scaling(meta: GGUFMetadata) -> dict[str, Any] | None:
     return scaling
 
 
-def llama3_scaling_from_rope_freqs(divisors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict | None:
+def llama3_scaling_from_rope_freqs(
+    divisors: np.ndarray, theta: float, head_dim: int, path: Path
+) -> dict | None:
     """Recover llama3 rope_scaling from the per-frequency divisors llama.cpp stores as rope_freqs.weight.
 
     Divisors are 1 for short wavelengths, `factor` for long ones, and 1 / ((1 - s) / factor + s) in
@@ -94,7 +96,9 @@ def llama3_scaling_from_rope_freqs(divisors: np.ndarray, theta: float, head_dim:
     wavelengths = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
     if between.sum() < 2:
-        raise ModelLoadError(f"{path}: rope_freqs.weight has too few interpolated frequencies to recover llama3 rope")
+        raise ModelLoadError(
+            f"{path}: rope_freqs.weight has too few interpolated frequencies to recover llama3 rope"
+        )
     smooth = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(1 / wavelengths[between], smooth, 1)
     high = round(1 - 1 / intercept, 3)
@@ -117,8 +121,14 @@ def _llama3_divisors(wavelengths: np.ndarray, factor: float, high: float, origin
     return np.where(wavelengths < original / high, 1.0, np.where(wavelengths > original, factor, between))
 
 
-def gguf_hf_config(meta: GGUFMetadata, tensor_names: set[str], rope_freqs: np.ndarray | None) -> dict[str, Any]:
-    """The normalised HF config dict for a GGUF file (see hf_config.normalize_hf_config)."""
+def gguf_hf_config(
+    meta: GGUFMetadata, tensor_shapes: dict[str, tuple[int, ...]], rope_freqs: np.ndarray | None
+) -> dict[str, Any]:
+    """The normalised HF config dict for a GGUF file (see hf_config.normalize_hf_config).
+
+    tensor_shapes: GGUF tensor name -> HF-order shape; tells tied embeddings, biases and, failing
+    metadata, the vocabulary size.
+    """
     arch = meta.arch
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ModelLoadError(
@@ -128,10 +138,12 @@ def gguf_hf_config(meta: GGUFMetadata, tensor_names: set[str], rope_freqs: np.nd
     model_type = SUPPORTED_GGUF_ARCHITECTURES[arch]
     heads = _single(meta.require("attention.head_count"), "head counts", meta.path)
     hidden = meta.require("embedding_length")
-    head_dim = meta.arch_value("attention.key_length") or meta.arch_value("rope.dimension_count") or hidden // heads
+    head_dim = (
+        meta.arch_value("attention.key_length") or meta.arch_value("rope.dimension_count") or hidden // heads
+    )
     vocab_size = meta.arch_value("vocab_size") or meta.array_length("tokenizer.ggml.tokens")
-    if vocab_size is None:
-        raise ModelLoadError(f"{meta.path}: GGUF metadata gives no vocabulary size")
+    if vocab_size is None and "token_embd.weight" in tensor_shapes:
+        vocab_size = tensor_shapes["token_embd.weight"][0]
     theta = meta.arch_value("rope.freq_base", 10000.0)
     rope_scaling = _rope_scaling(meta)
     if rope_freqs is not None:
@@ -146,14 +158,16 @@ def gguf_hf_config(meta: GGUFMetadata, tensor_names: set[str], rope_freqs: np.nd
         "intermediate_size": _single(meta.require("feed_forward_length"), "feed-forward sizes", meta.path),
         "num_hidden_layers": meta.require("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": _single(meta.arch_value("attention.head_count_kv", heads), "KV heads", meta.path),
+        "num_key_value_heads": _single(
+            meta.arch_value("attention.head_count_kv", heads), "KV heads", meta.path
+        ),
         "head_dim": head_dim,
         "rms_norm_eps": meta.arch_value("attention.layer_norm_rms_epsilon", 1e-6),
         "max_position_embeddings": meta.require("context_length"),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "tie_word_embeddings": "output.weight" not in tensor_shapes,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_shapes,
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "use_sliding_window": sliding_window is not None,

@@ -55,7 +55,9 @@ def unpermute_rows(values: np.ndarray, n_head: int) -> np.ndarray:
     back from (head, head_dim / 2, 2) restores the original rows. Works for weights and biases.
     """
     rows = values.shape[0]
-    return values.reshape(n_head, rows // n_head // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
+    return (
+        values.reshape(n_head, rows // n_head // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
+    )
 
 
 def dequantized(tensor: gguf.ReaderTensor, path: Path) -> np.ndarray:
@@ -71,7 +73,9 @@ def dequantized(tensor: gguf.ReaderTensor, path: Path) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(shape)
 
 
-def iter_gguf_weights(reader: gguf.GGUFReader, hf_config: dict, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(
+    reader: gguf.GGUFReader, hf_config: dict, path: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every weight of the file, one tensor at a time."""
     permuted = hf_config["model_type"] in ("llama", "mistral")  # the converter permutes only for "llama"
     for tensor in reader.tensors:

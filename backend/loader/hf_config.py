@@ -20,14 +20,35 @@ ARCHITECTURES = {
 }
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
-REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 # transformers' defaults for fields a config.json may leave out.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2},
-    "qwen2": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None},
-    "qwen3": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None},
+    "mistral": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 131072,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "qwen2": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
+    "qwen3": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
 }
 _DEFAULT_ROPE_THETA = 10000.0
 _MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
@@ -74,11 +95,14 @@ def normalize_hf_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
     config["num_key_value_heads"] = config.get("num_key_value_heads") or heads
     if not config.get("head_dim"):
         if config["hidden_size"] % heads:
-            raise ModelLoadError(f"{source}: hidden_size {config['hidden_size']} is not divisible by {heads} heads")
+            raise ModelLoadError(
+                f"{source}: hidden_size {config['hidden_size']} is not divisible by {heads} heads"
+            )
         config["head_dim"] = config["hidden_size"] // heads
     if heads % config["num_key_value_heads"]:
         raise ModelLoadError(
-            f"{source}: {heads} attention heads are not a multiple of {config['num_key_value_heads']} KV heads"
+            f"{source}: {heads} attention heads are not a multiple of "
+            f"{config['num_key_value_heads']} KV heads"
         )
     config["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings", False))
     # Qwen2 always has q/k/v biases although its config has no key saying so.

@@ -35,6 +35,10 @@ def convert_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+        )
     except Exception as error:
-        raise ModelLoadError(f"{gguf_path}: cannot build a tokenizer from the GGUF metadata: {error}") from error
+        raise ModelLoadError(
+            f"{gguf_path}: cannot build a tokenizer from the GGUF metadata: {error}"
+        ) from error
