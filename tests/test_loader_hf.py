@@ -141,6 +141,16 @@ def test_sharded_safetensors(tmp_path):
     assert all(torch.equal(sharded_weights[name], single_weights[name]) for name in single_weights)
 
 
+def test_unindexed_safetensors_files_except_mistral_consolidated(tmp_path):
+    folder = make_hf_model(tmp_path, "mistral", num_kv_heads=2, tie_word_embeddings=False)
+    reference = dict(load_model_files(str(folder)).weights())
+    (folder / "model.safetensors").rename(folder / "weights.safetensors")
+    (folder / "consolidated.safetensors").write_bytes(b"Mistral's own layout, never read")
+    files = load_model_files(str(folder))
+    assert [path.name for path in files.weight_files] == ["weights.safetensors"]
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in files.weights())
+
+
 ROPE_CASES = [
     # (transformers-5 rope_parameters, older rope_theta + rope_scaling, normalised rope_scaling)
     ({"rope_type": "default", "rope_theta": 5000.0}, {"rope_theta": 5000.0}, None),

@@ -170,7 +170,7 @@ def gguf_hf_config(
         "attention_bias": "blk.0.attn_q.bias" in tensor_shapes,
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
-        "use_sliding_window": sliding_window is not None,
-        "sliding_window": sliding_window,
     }
+    if sliding_window is not None:
+        raw.update(use_sliding_window=True, sliding_window=sliding_window)
     return normalize_hf_config(raw, str(meta.path))

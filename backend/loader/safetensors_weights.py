@@ -19,7 +19,7 @@ _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def find_safetensors_files(folder: Path) -> list[Path]:
-    """The files holding the weights: the shards of the index, model.safetensors, or every *.safetensors.
+    """The files holding the weights: the shards of the index, model.safetensors, or the other *.safetensors.
 
     Raises ModelLoadError when there are none, when a shard is missing or a header is unreadable.
     """
@@ -36,7 +36,10 @@ def find_safetensors_files(folder: Path) -> list[Path]:
     elif (folder / SINGLE_FILE).is_file():
         files = [folder / SINGLE_FILE]
     else:
-        files = sorted(folder.glob("*.safetensors"))
+        # consolidated*.safetensors is Mistral's own layout, with names no HF model has.
+        files = sorted(
+            file for file in folder.glob("*.safetensors") if not file.name.startswith("consolidated")
+        )
     if not files:
         extra = " (PyTorch .bin checkpoints are not supported)" if any(folder.glob("*.bin")) else ""
         raise ModelLoadError(f"{folder}: no *.safetensors weight files{extra}")
