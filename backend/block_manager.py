@@ -6,6 +6,7 @@ import hashlib
 from collections import OrderedDict
 
 import numpy as np
+
 from pagetron.backend.sequence import Sequence
 
 ROOT_BLOCK_HASH = hashlib.sha256(b"pagetron/block-hash/root").digest()

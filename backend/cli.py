@@ -22,7 +22,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if base == "bool":
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            group.add_argument(flag, dest=f.name, type=_ENGINE_FLAG_TYPES[base], default=None, metavar=base.upper())
+            group.add_argument(
+                flag, dest=f.name, type=_ENGINE_FLAG_TYPES[base], default=None, metavar=base.upper()
+            )
 
 
 def engine_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = sub.add_parser("generate", help="generate completions for prompts (arguments or JSONL) as JSONL")
     gen.add_argument("prompts", nargs="*", help="prompt texts")
-    gen.add_argument("--input", help='JSONL file: {"prompt": ...} or {"messages": [...]}, optional "sampling_params"')
+    gen.add_argument(
+        "--input", help='JSONL file: {"prompt": ...} or {"messages": [...]}, optional "sampling_params"'
+    )
     gen.add_argument("--output", help="write JSONL here instead of stdout")
     gen.add_argument("--chat", action="store_true", help="wrap plain prompts in the chat template")
     add_sampling_args(gen)

@@ -56,7 +56,9 @@ class EngineConfig:
         if not self.kv_cache_memory_gb > 0:
             raise ConfigError("kv_cache_memory_gb", f"must be > 0, got {self.kv_cache_memory_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ConfigError(
+                "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
@@ -69,7 +71,9 @@ class EngineConfig:
                 setattr(self, f.name, float(value))
                 ok = True
             if not ok:
-                raise ConfigError(f.name, f"expected {expected.__name__}, got {type(value).__name__} {value!r}")
+                raise ConfigError(
+                    f.name, f"expected {expected.__name__}, got {type(value).__name__} {value!r}"
+                )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineConfig:

@@ -59,11 +59,16 @@ class LLMEngine:
     def _max_model_len(self) -> int:
         cfg, limit = self.config, self.model_config.max_position_embeddings
         if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise ConfigError("max_model_len", f"{cfg.max_model_len} exceeds the model's limit of {limit} tokens")
+            raise ConfigError(
+                "max_model_len", f"{cfg.max_model_len} exceeds the model's limit of {limit} tokens"
+            )
         length = cfg.max_model_len or limit
         window = self.model_config.sliding_window
         if window is not None and length > window:
-            logger.warning("max_model_len capped to the sliding window (%d); sliding attention is not implemented", window)
+            logger.warning(
+                "max_model_len capped to the sliding window (%d); sliding attention is not implemented",
+                window,
+            )
             length = window
         if not self.config.enable_chunked_prefill and cfg.max_num_batched_tokens < length:
             raise ConfigError(
@@ -104,14 +109,18 @@ class LLMEngine:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                     raise InvalidRequestError("prompt_token_ids", f"{t!r} is not a token id in [0, {vocab})")
             return None, ids
-        raise InvalidRequestError("prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}")
+        raise InvalidRequestError(
+            "prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}"
+        )
 
     def make_sequences(
         self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None
     ) -> tuple[str | None, list[Sequence]]:
         """Validates one request and builds its sequences without queueing anything."""
         if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(params).__name__}")
+            raise InvalidRequestError(
+                "sampling_params", f"expected SamplingParams, got {type(params).__name__}"
+            )
         if request_id in self.output_processor.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         text, ids = self.tokenize(prompt)

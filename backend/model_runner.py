@@ -34,7 +34,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, files: ModelFiles, model_config: ModelConfig, max_model_len: int):
+    def __init__(
+        self, config: EngineConfig, files: ModelFiles, model_config: ModelConfig, max_model_len: int
+    ):
         self.config = config
         self.model_config = model_config
         self.block_size = config.block_size

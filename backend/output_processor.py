@@ -25,7 +25,12 @@ class RequestState:
         self.prompt_token_ids = seqs[0].prompt_token_ids
         self.tokenizer = tokenizer
         self.seqs = [
-            _SeqState(s, IncrementalDetokenizer(tokenizer, s.prompt_token_ids, s.sampling_params) if tokenizer else None)
+            _SeqState(
+                s,
+                IncrementalDetokenizer(tokenizer, s.prompt_token_ids, s.sampling_params)
+                if tokenizer
+                else None,
+            )
             for s in seqs
         ]
 
@@ -58,7 +63,9 @@ class RequestState:
             )
             st.num_tokens_sent = seq.num_output_tokens
         cached = min(st.seq.num_cached_tokens for st in self.seqs)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, cached)
+        return RequestOutput(
+            self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, cached
+        )
 
     def _logprobs(self, seq: Sequence) -> list[dict[int, Logprob]]:
         def decode(token_id: int) -> str | None:

@@ -4,6 +4,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pagetron.backend.block_manager import ROOT_BLOCK_HASH, BlockManager, hash_block
 from pagetron.backend.sampling_params import SamplingParams
 from pagetron.backend.sequence import Sequence

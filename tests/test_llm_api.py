@@ -132,7 +132,7 @@ def test_abort_frees_every_block_at_once(smollm):
         engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
     out = engine.abort_request(request_id)
-    assert out.finished and out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) == 2
+    assert out.finished and out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) == 3
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.has_unfinished_requests()
 
@@ -204,7 +204,7 @@ def test_cli_generate_writes_jsonl(tmp_path, capsys):
     requests.write_text(
         json.dumps({"prompt": GIRL, "sampling_params": {"max_tokens": "6"}})
         + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Capital of France?"}]})
+        + json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]})
         + "\n"
     )
     out_path = tmp_path / "out.jsonl"

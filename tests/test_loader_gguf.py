@@ -15,8 +15,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from model_factory import BYTES_CHAT_TEMPLATE, hf_state_dict, make_gguf, make_hf_model
 
+from model_factory import BYTES_CHAT_TEMPLATE, hf_state_dict, make_gguf, make_hf_model
 from pagetron.backend.loader import (
     ModelLoadError,
     default_model_path,

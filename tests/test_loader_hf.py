@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_factory import SMOLLM2_VOCAB_SIZE, hf_state_dict, make_hf_model
 
+from model_factory import SMOLLM2_VOCAB_SIZE, hf_state_dict, make_hf_model
 from pagetron.backend import loader
 from pagetron.backend.loader import (
     ModelLoadError,

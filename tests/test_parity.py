@@ -11,9 +11,9 @@ import random
 
 import pytest
 
+from model_factory import make_hf_model
 from pagetron.backend import LLM, SamplingParams
 from pagetron.backend.benchmarks.hf_reference import hf_greedy, load_hf_model
-from tests.model_factory import make_hf_model
 
 SYSTEM = (
     "You are Pagetron's test assistant. Answer briefly, politely and precisely, and never invent facts "

@@ -21,7 +21,9 @@ def read_requests(path: str) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
-                raise ValueError(f'{path}:{lineno}: expected an object with exactly one of "prompt" or "messages"')
+                raise ValueError(
+                    f'{path}:{lineno}: expected an object with exactly one of "prompt" or "messages"'
+                )
             requests.append(row)
     return requests
 
@@ -39,7 +41,9 @@ def run_generate(ns: argparse.Namespace) -> int:
         if "messages" in row:
             prompts.append({"prompt_token_ids": llm.encode_chat(row["messages"])})
         elif ns.chat:
-            prompts.append({"prompt_token_ids": llm.encode_chat([{"role": "user", "content": row["prompt"]}])})
+            prompts.append(
+                {"prompt_token_ids": llm.encode_chat([{"role": "user", "content": row["prompt"]}])}
+            )
         else:
             prompts.append(row["prompt"])
         overrides = row.get("sampling_params")

@@ -71,7 +71,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(positions, x, meta)
@@ -97,7 +99,9 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,8 @@ class LlamaForCausalLM(nn.Module):
                 offsets = self._shard_offsets(target.split(".")[-2])
                 dest = param[offsets[shard] : offsets[shard + 1]]
             if dest.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                got, want = tuple(tensor.shape), tuple(dest.shape)
+                raise ValueError(f"checkpoint tensor {name!r} has shape {got}, expected {want}")
             dest.copy_(tensor)
             written[target] = written.get(target, 0) + tensor.numel()
         missing = [n for n, size in expected.items() if written.get(n, 0) != size]

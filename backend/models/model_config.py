@@ -31,7 +31,9 @@ class ModelConfig:
     def from_hf_config(cls, c: dict) -> ModelConfig:
         model_type = c["model_type"]
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+            raise ValueError(
+                f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
+            )
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (only silu)")
