@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from pagetron.backend.config import EngineConfig
 from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine, PromptType
+from pagetron.backend.output_processor import OutputKind
 from pagetron.backend.outputs import RequestOutput
 from pagetron.backend.sampling_params import SamplingParams
 
@@ -56,7 +57,7 @@ class LLM:
             except InvalidRequestError as e:
                 raise InvalidRequestError(e.field, f"prompt {i}: {e}") from None
         for request_id, text, seqs in prepared:
-            engine.enqueue(request_id, text, seqs)
+            engine.enqueue(request_id, text, seqs, OutputKind.FINAL_ONLY)
         return self._run(len(prepared), use_tqdm, [p[0] for p in prepared])
 
     def chat(

@@ -13,7 +13,7 @@ from pagetron.backend.config import ConfigError, EngineConfig
 from pagetron.backend.loader import load_model_files
 from pagetron.backend.model_runner import ModelRunner
 from pagetron.backend.models.model_config import ModelConfig
-from pagetron.backend.output_processor import OutputProcessor
+from pagetron.backend.output_processor import OutputKind, OutputProcessor
 from pagetron.backend.outputs import RequestOutput
 from pagetron.backend.sampling_params import SamplingParams
 from pagetron.backend.scheduler import Scheduler
@@ -144,15 +144,25 @@ class LLMEngine:
         return text, seqs
 
     def add_request(
-        self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> str:
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         text, seqs = self.make_sequences(request_id, prompt, params or SamplingParams())
-        self.enqueue(request_id, text, seqs)
+        self.enqueue(request_id, text, seqs, output_kind)
         return request_id
 
-    def enqueue(self, request_id: str, prompt: str | None, seqs: list[Sequence]) -> None:
-        self.output_processor.add_request(request_id, prompt, seqs)
+    def enqueue(
+        self,
+        request_id: str,
+        prompt: str | None,
+        seqs: list[Sequence],
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> None:
+        self.output_processor.add_request(request_id, prompt, seqs, output_kind)
         for seq in seqs:
             self.scheduler.add(seq)
         self.num_prompt_tokens += seqs[0].num_prompt_tokens
@@ -185,7 +195,8 @@ class LLMEngine:
             seq.stop_reason = stop
         outputs = []
         for state in changed:
-            outputs.append(state.make_output())
+            if state.finished or state.output_kind != OutputKind.FINAL_ONLY:
+                outputs.append(state.make_output())
             if state.finished:
                 self.output_processor.pop_finished(state.request_id)
         return outputs

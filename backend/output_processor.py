@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 
 from pagetron.backend.detokenizer import IncrementalDetokenizer
 from pagetron.backend.outputs import CompletionOutput, Logprob, RequestOutput
 from pagetron.backend.scheduler import SequenceUpdate
 from pagetron.backend.sequence import Sequence
+
+
+class OutputKind(Enum):
+    """What outputs carry (as in vLLM): everything so far, only the new part, or one final output."""
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -16,11 +25,20 @@ class _SeqState:
     detokenizer: IncrementalDetokenizer | None
     text: str = ""
     num_tokens_sent: int = 0
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # decoded once, kept
 
 
 class RequestState:
-    def __init__(self, request_id: str, prompt: str | None, seqs: list[Sequence], tokenizer):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        seqs: list[Sequence],
+        tokenizer,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ):
         self.request_id = request_id
+        self.output_kind = output_kind
         self.prompt = prompt
         self.prompt_token_ids = seqs[0].prompt_token_ids
         self.tokenizer = tokenizer
@@ -39,26 +57,30 @@ class RequestState:
         return all(st.seq.is_finished for st in self.seqs)
 
     def make_output(self) -> RequestOutput:
+        delta_only = self.output_kind == OutputKind.DELTA
         outputs = []
         for st in self.seqs:
             seq = st.seq
-            if st.detokenizer is not None:
-                delta = st.detokenizer.get_delta(finished=seq.is_finished)
-                st.text += delta
-            else:
-                delta = ""
+            delta = st.detokenizer.get_delta(finished=seq.is_finished) if st.detokenizer is not None else ""
+            st.text += delta
+            new_token_ids = seq.output_token_ids[st.num_tokens_sent :]
             params = seq.sampling_params
+            if params.logprobs is not None:
+                self._decode_logprobs(st)
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = st.logprobs[st.num_tokens_sent :] if delta_only else list(st.logprobs)
             outputs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=st.text,
-                    token_ids=list(seq.output_token_ids),
+                    text=delta if delta_only else st.text,
+                    token_ids=new_token_ids if delta_only else list(seq.output_token_ids),
                     cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
-                    logprobs=self._logprobs(seq) if params.logprobs is not None else None,
+                    logprobs=logprobs,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     delta_text=delta,
-                    delta_token_ids=seq.output_token_ids[st.num_tokens_sent :],
+                    delta_token_ids=new_token_ids,
                 )
             )
             st.num_tokens_sent = seq.num_output_tokens
@@ -67,13 +89,15 @@ class RequestState:
             self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, cached
         )
 
-    def _logprobs(self, seq: Sequence) -> list[dict[int, Logprob]]:
-        def decode(token_id: int) -> str | None:
-            return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
-
-        return [
-            {tid: Logprob(lp, rank, decode(tid)) for tid, (lp, rank) in step.items()} for step in seq.logprobs
-        ]
+    def _decode_logprobs(self, st: _SeqState) -> None:
+        tok = self.tokenizer
+        for step in st.seq.logprobs[len(st.logprobs) :]:
+            st.logprobs.append(
+                {
+                    tid: Logprob(lp, rank, tok.decode([tid]) if tok is not None else None)
+                    for tid, (lp, rank) in step.items()
+                }
+            )
 
 
 class OutputProcessor:
@@ -81,8 +105,14 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, seqs: list[Sequence]) -> None:
-        self.requests[request_id] = RequestState(request_id, prompt, seqs, self.tokenizer)
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        seqs: list[Sequence],
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> None:
+        self.requests[request_id] = RequestState(request_id, prompt, seqs, self.tokenizer, output_kind)
 
     def process(self, updates: list[SequenceUpdate]) -> tuple[list[RequestState], list[tuple[Sequence, str]]]:
         """Feeds new tokens to the detokenizers. Returns the requests that changed and the sequences a stop

@@ -8,6 +8,7 @@ import pytest
 
 from pagetron.backend import LLM, InvalidRequestError, SamplingParams, SamplingParamsError
 from pagetron.backend.cli import main as cli_main
+from pagetron.backend.output_processor import OutputKind
 
 GIRL = "Once upon a time, there was a little girl named"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -113,16 +114,25 @@ def test_logprobs_top_n_and_cumulative(smollm):
 
 def test_streaming_deltas_concatenate_to_the_final_text(smollm):
     engine = smollm.engine
-    request_id = engine.add_request(
-        "Write a line about the moon:", SamplingParams(temperature=0.0, max_tokens=24)
-    )
-    pieces, final = [], None
-    while final is None:
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1)
+    cumulative = engine.add_request("Write a line about the moon:", params)
+    delta = engine.add_request("Write a line about the moon:", params, output_kind=OutputKind.DELTA)
+    assert delta != cumulative
+    pieces, delta_pieces, delta_ids, final = [], [], [], {}
+    while len(final) < 2:
         for out in engine.step():
-            if out.request_id == request_id:
+            if out.request_id == cumulative:
                 pieces.append(out.outputs[0].delta_text)
-                final = out if out.finished else None
-    assert "".join(pieces) == final.outputs[0].text and len(pieces) > 5
+            else:
+                delta_pieces.append(out.outputs[0].text)
+                delta_ids += out.outputs[0].token_ids
+                assert len(out.outputs[0].logprobs) == len(out.outputs[0].token_ids)
+            if out.finished:
+                final[out.request_id] = out
+    text = final[cumulative].outputs[0].text
+    assert "".join(pieces) == text == "".join(delta_pieces) and len(pieces) > 5
+    assert delta_ids == final[cumulative].outputs[0].token_ids
+    assert len(final[cumulative].outputs[0].logprobs) == 24
 
 
 def test_abort_frees_every_block_at_once(smollm):

@@ -22,7 +22,8 @@ def run_cpu_smoke(ns: argparse.Namespace) -> int:
     llm = LLM(**args)
     questions = (SMOKE_QUESTIONS * (ns.num_prompts // len(SMOKE_QUESTIONS) + 1))[: ns.num_prompts]
     prompts = [llm.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    params = SamplingParams(temperature=0.0, max_tokens=ns.max_tokens, ignore_eos=True)
+    # min_tokens masks EOS exactly as HF's min_new_tokens does, so both generate the same full-length text
+    params = SamplingParams(temperature=0.0, max_tokens=ns.max_tokens, min_tokens=ns.max_tokens)
 
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -35,7 +36,7 @@ def run_cpu_smoke(ns: argparse.Namespace) -> int:
     hf_tokens, same = 0, 0
     start = time.perf_counter()
     for prompt, out in zip(prompts, outputs):
-        ids = hf_greedy(hf, prompt, ns.max_tokens, ignore_eos=True)
+        ids = hf_greedy(hf, prompt, ns.max_tokens, min_new_tokens=ns.max_tokens)
         hf_tokens += len(ids)
         same += ids == out.outputs[0].token_ids
     hf_s = time.perf_counter() - start

@@ -23,10 +23,10 @@ def load_hf_model(model: str | None, dtype: torch.dtype = torch.float32):
 
 
 @torch.inference_mode()
-def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
     """Greedy continuation with HF generate() at batch 1 (no padding, so no padding effects)."""
     ids = torch.tensor([prompt_ids])
-    kwargs = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
+    kwargs = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
     out = hf_model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
