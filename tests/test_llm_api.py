@@ -238,3 +238,19 @@ def test_cli_generate_writes_jsonl(tmp_path, capsys):
     assert "Paris" in rows[1]["outputs"][0]["text"]
     rc = cli_main(["generate", "--max-tokens", "0", "hello"])
     assert rc == 2 and "max_tokens" in capsys.readouterr().err
+
+
+def test_cli_chat_streams_answers_and_keeps_history(monkeypatch, capsys):
+    questions = iter(["What is the capital of France?", "", "And of Italy?"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(questions)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    rc = cli_main(["chat", "--max-tokens", "24", "--kv-cache-memory-gb", "0.05"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "Rome" in out
