@@ -79,8 +79,6 @@ class BlockManager:
                 break
             hit_blocks.append(block_id)
         num_hit_tokens = len(hit_blocks) * self.block_size
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += num_hit_tokens
         return hit_blocks, num_hit_tokens
 
     def allocate_slots(
@@ -89,7 +87,8 @@ class BlockManager:
         """Grows ``seq.block_table`` to cover its computed tokens, the prefix hits and ``num_new_tokens``.
 
         Returns False and changes nothing when there are not enough free blocks. The caller advances
-        ``seq.num_computed_tokens``.
+        ``seq.num_computed_tokens``. Passing ``new_computed_blocks`` (even empty) marks an admission: the
+        prefix-cache query and hit counters (in tokens) move only when it succeeds.
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
@@ -107,7 +106,8 @@ class BlockManager:
         if hits:
             hashes = self._seq_block_hashes(seq, len(hits))
             for i, block_id in enumerate(hits):
-                assert self.block_hashes[block_id] == hashes[i], f"block {block_id} is no hit for block {i}"
+                if self.block_hashes[block_id] != hashes[i]:
+                    raise ValueError(f"block {block_id} is no prefix hit for block {i} of {seq!r}")
         for block_id in hits:
             if self.ref_counts[block_id] == 0:
                 del self.free_queue[block_id]
@@ -117,6 +117,9 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
         if self.enable_prefix_caching:
+            if new_computed_blocks is not None:  # an admission: count the lookup once it succeeds
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += len(hits) * bs
             first_block = seq.num_computed_tokens // bs  # earlier blocks were registered by earlier calls
             num_full_blocks = min(num_covered_tokens, seq.num_tokens) // bs
             self._register_blocks(seq, first_block, num_full_blocks)
@@ -138,7 +141,8 @@ class BlockManager:
             block_id = seq.block_table[i]
             block_hash = self.block_hashes[block_id]
             if block_hash is not None:  # a prefix hit, or registered by an earlier call
-                assert block_hash == hashes[i], f"block {block_id} holds other tokens than block {i}"
+                if block_hash != hashes[i]:
+                    raise RuntimeError(f"block {block_id} holds other tokens than block {i} of {seq!r}")
                 continue
             if hashes[i] not in self.cached_blocks:  # else another block already holds these tokens
                 self.cached_blocks[hashes[i]] = block_id

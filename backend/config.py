@@ -53,8 +53,14 @@ class EngineConfig:
             _positive(self, "max_model_len")
         if self.num_kv_blocks is not None:
             _positive(self, "num_kv_blocks")
-        if not self.kv_cache_memory_gb > 0:
-            raise ConfigError("kv_cache_memory_gb", f"must be > 0, got {self.kv_cache_memory_gb}")
+        if not 0 < self.kv_cache_memory_gb < 1 << 20:
+            raise ConfigError("kv_cache_memory_gb", f"must be in (0, 2**20), got {self.kv_cache_memory_gb}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                "max_num_batched_tokens",
+                f"{self.max_num_batched_tokens} is below max_num_seqs {self.max_num_seqs}: "
+                "a decode step could not give every running sequence its token",
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"

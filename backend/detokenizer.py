@@ -49,21 +49,22 @@ class IncrementalDetokenizer:
     def stopped(self) -> bool:
         return self.stop_string is not None
 
-    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
+    def update(
+        self, new_token_ids: list[int], stop_terminated: bool = False, finished: bool = False
+    ) -> str | None:
         """Append tokens; return the stop string if the text now contains one (the text is truncated at it).
         Calls after a stop string matched are ignored.
 
         ``stop_terminated``: the last token ended the sequence as EOS or a stop token id; as in vLLM its text
-        is left out unless ``include_stop_str_in_output``."""
-        if self.stopped or not new_token_ids:
+        is left out unless ``include_stop_str_in_output``. ``finished``: no token follows, so text held back
+        as an incomplete character is flushed now (and checked for stop strings)."""
+        if self.stopped:
             return None
         self.num_output_tokens += len(new_token_ids)
         if stop_terminated and not self.params.include_stop_str_in_output:
             new_token_ids = new_token_ids[:-1]
-            if not new_token_ids:
-                return None
         self.token_ids.extend(new_token_ids)
-        new_text = self._decode_new_text()
+        new_text = self._decode_new_text(flush=finished)
         if not new_text:
             return None
         start = len(self._text)
@@ -94,10 +95,13 @@ class IncrementalDetokenizer:
     def _decode_window(self) -> str:
         return self._decode(self.token_ids[self.prefix_offset :])
 
-    def _decode_new_text(self) -> str:
+    def _decode_new_text(self, flush: bool = False) -> str:
+        if self.read_offset >= len(self.token_ids):
+            return ""
         prefix_text = self._decode_prefix()
         window_text = self._decode_window()
-        if len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT_CHAR):
+        waiting = len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT_CHAR)
+        if waiting and not flush:
             return ""  # no visible text yet, or the tail is an incomplete character: wait for more tokens
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)

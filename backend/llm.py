@@ -35,8 +35,14 @@ class LLM:
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order. Every prompt is validated before any runs, so a
         bad one raises (naming its index and field) without side effects."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, SequenceABC) and len(prompts) > 0 and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
+        if not isinstance(prompts, SequenceABC):
+            raise InvalidRequestError(
+                "prompts", f"expected a prompt or a list of prompts, got {type(prompts).__name__}"
+            )
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -81,11 +87,16 @@ class LLM:
         return tok(text, add_special_tokens=False).input_ids
 
     def _run(self, num_requests: int, use_tqdm: bool, order: list[str]) -> list[RequestOutput]:
+        mine = set(order)
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=num_requests, desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
-            while len(finished) < num_requests:
-                for out in self.engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=num_requests, desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
+                while len(finished) < num_requests:
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in mine:
+                            finished[out.request_id] = out
+                            bar.update(1)
+        finally:
+            for request_id in mine - finished.keys():  # interrupted: leave the engine clean
+                self.engine.abort_request(request_id)
         return [finished[r] for r in order]

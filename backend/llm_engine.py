@@ -39,7 +39,8 @@ class LLMEngine:
         self.tokenizer = files.tokenizer
         self.model_config = ModelConfig.from_hf_config(files.hf_config)
         self.max_model_len = self._max_model_len()
-        self.runner = ModelRunner(config, files, self.model_config, self.max_model_len)
+        self.eos_token_ids = self._eos_token_ids(files.generation_eos_token_ids)
+        self.runner = ModelRunner(config, files, self.model_config, self.max_model_len, self.eos_token_ids)
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -48,7 +49,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            eos_token_ids=self._eos_token_ids(),
+            eos_token_ids=self.eos_token_ids,
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -78,19 +79,22 @@ class LLMEngine:
             )
         return length
 
-    def _eos_token_ids(self) -> set[int]:
-        ids = set(self.model_config.eos_token_ids)
+    def _eos_token_ids(self, generation_eos: list[int]) -> set[int]:
+        """One EOS set for both the sampler (min_tokens masking) and the scheduler (stopping)."""
+        ids = set(self.model_config.eos_token_ids) | set(generation_eos)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
     # ---- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        text = None
         if isinstance(prompt, dict):
             unknown = set(prompt) - {"prompt", "prompt_token_ids"}
             if unknown:
                 raise InvalidRequestError("prompt", f"unknown prompt keys {sorted(unknown)}")
             if "prompt_token_ids" in prompt:
+                text = prompt.get("prompt") if isinstance(prompt.get("prompt"), str) else None
                 prompt = prompt["prompt_token_ids"]
             else:
                 prompt = prompt.get("prompt")
@@ -99,19 +103,26 @@ class LLMEngine:
                 raise InvalidRequestError("prompt", "the prompt is empty")
             if self.tokenizer is None:
                 raise InvalidRequestError("prompt", "this model has no tokenizer; send prompt token ids")
-            return prompt, self.tokenizer(prompt).input_ids
+            ids = self.tokenizer(prompt).input_ids
+            if not ids:
+                raise InvalidRequestError("prompt", "the prompt tokenizes to nothing")
+            self._check_token_ids("prompt", ids)
+            return prompt, ids
         if isinstance(prompt, SequenceABC) and not isinstance(prompt, bytes):
             ids = list(prompt)
             if not ids:
                 raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
-            vocab = self.model_config.vocab_size
-            for t in ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise InvalidRequestError("prompt_token_ids", f"{t!r} is not a token id in [0, {vocab})")
-            return None, ids
+            self._check_token_ids("prompt_token_ids", ids)
+            return text, ids
         raise InvalidRequestError(
             "prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}"
         )
+
+    def _check_token_ids(self, field: str, ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequestError(field, f"{t!r} is not a token id in [0, {vocab})")
 
     def make_sequences(
         self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None
@@ -130,8 +141,17 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
                 "(prompt plus at least one generated token must fit)",
             )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, more than "
+                f"max_model_len {self.max_model_len} allows; at most {self.max_model_len - len(ids)} fit",
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError(
+                "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
+            )
         longest = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
-        longest = min(longest, self.max_model_len)
         capacity = self.block_manager.num_blocks * self.config.block_size
         if longest > capacity:
             raise InvalidRequestError(
@@ -181,12 +201,17 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine iteration. Not thread-safe: add, abort and step must all run on one thread."""
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not place any waiting request in an idle KV cache")
             return []
-        sampled_seqs, samples = self.runner.run(batch.scheduled)
+        try:
+            sampled_seqs, samples = self.runner.run(batch.scheduled)
+        except BaseException:
+            self._recover_from_failed_step()
+            raise
         updates = self.scheduler.postprocess(batch, sampled_seqs, samples)
         self.num_generation_tokens += len(updates)
         changed, stopped = self.output_processor.process(updates)
@@ -200,3 +225,10 @@ class LLMEngine:
             if state.finished:
                 self.output_processor.pop_finished(state.request_id)
         return outputs
+
+    def _recover_from_failed_step(self) -> None:
+        # Blocks are registered in the prefix cache when scheduled, before the forward pass writes them:
+        # after a failed pass their KV is garbage. Abort everything in flight and forget the cache.
+        for request_id in list(self.output_processor.requests):
+            self.abort_request(request_id)
+        self.block_manager.reset_prefix_cache()

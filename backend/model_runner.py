@@ -35,14 +35,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(
-        self, config: EngineConfig, files: ModelFiles, model_config: ModelConfig, max_model_len: int
+        self,
+        config: EngineConfig,
+        files: ModelFiles,
+        model_config: ModelConfig,
+        max_model_len: int,
+        eos_token_ids: set[int],
     ):
         self.config = config
         self.model_config = model_config
         self.block_size = config.block_size
+        self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        torch.manual_seed(config.seed)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -57,7 +62,7 @@ class ModelRunner:
         self.model = model.eval()
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
-        self.sampler = Sampler(model_config.eos_token_ids, seed=config.seed)
+        self.sampler = Sampler(eos_token_ids, seed=config.seed)
 
     def _kv_bytes_per_block(self) -> int:
         c = self.model_config
@@ -73,6 +78,8 @@ class ModelRunner:
         else:
             budget = self.config.kv_cache_memory_gb * (1 << 30)
         num = int(budget // self._kv_bytes_per_block())
+        # more than max_num_seqs full-length sequences can never be resident at once
+        num = min(num, self.config.max_num_seqs * -(-self.max_model_len // self.block_size))
         if num < 1:
             raise ValueError("not enough memory for even one KV-cache block; raise kv_cache_memory_gb")
         return num

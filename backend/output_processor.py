@@ -129,7 +129,9 @@ class OutputProcessor:
                 continue
             seq = update.seq
             stop = st.detokenizer.update(
-                update.new_token_ids, stop_terminated=update.finished and seq.finish_reason == "stop"
+                update.new_token_ids,
+                stop_terminated=update.finished and seq.finish_reason == "stop",
+                finished=update.finished,
             )
             if stop is not None and not update.finished:
                 stopped.append((update.seq, stop))

@@ -100,7 +100,8 @@ def test_hit_never_covers_the_last_token():
     assert bm.get_computed_blocks(make_seq(range(33))) == ([0, 1], 32)
     assert bm.get_computed_blocks(make_seq(range(16))) == ([], 0)
     assert bm.get_computed_blocks(make_seq(range(17))) == ([0], 16)
-    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (32 + 32 + 33 + 16 + 17, 16 + 32 + 16)
+    # only admissions count (a lookup that is retried or never admitted is not a query)
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (32 + 32, 16)
 
 
 def test_identical_prompts_admitted_in_the_same_step_are_not_cached_twice():
@@ -149,7 +150,7 @@ def test_freed_cached_blocks_are_hit_until_reused_then_evicted():
     assert list(bm.free_queue) == [4, 3, 5, 1, 0, 2]
     assert bm.get_computed_blocks(make_seq(range(49))) == ([0, 1], 32)
     assert bm.get_computed_blocks(make_seq(range(2000, 2017))) == ([2], 16)
-    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (48 + 32 + 40 + 16 + 49 + 17, 32 + 32 + 16)
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (48 + 32 + 40 + 16, 32)  # admissions only
 
 
 def test_failed_allocation_changes_nothing():

@@ -258,3 +258,14 @@ def test_prompt_context_of_any_length(tokenizer, prompt):
     deltas, _ = stream(detok, tokenizer.encode(text))
     assert "".join(deltas) == text
     assert len(detok.token_ids) <= 5 + len(tokenizer.encode(text))  # only the prompt's tail is kept
+
+
+def test_stop_string_completed_by_a_final_partial_character_is_caught_on_finish(tokenizer):
+    # " \xf0" (id 459) completes "Hello " but starts a 4-byte character that never completes
+    params = SamplingParams(stop=["Hello "])
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:", add_special_tokens=False), params)
+    assert detok.update(tokenizer.encode("Hello", add_special_tokens=False)) is None
+    assert detok.update([459]) is None  # held back: the tail is an incomplete character
+    assert detok.update([], finished=True) == "Hello "
+    assert detok.stop_string == "Hello " and detok.output_text == ""
+    assert detok.get_delta(finished=True) == ""

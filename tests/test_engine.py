@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from model_factory import make_hf_model
-from pagetron.backend import LLM, SamplingParams
+from pagetron.backend import LLM, ConfigError, EngineConfig, InvalidRequestError, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +57,116 @@ def test_max_tokens_none_runs_to_max_model_len(tiny_llama):
 def test_max_model_len_above_the_model_limit_is_a_config_error(tiny_llama):
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(tiny_llama, max_model_len=100_000)
+
+
+def _force_logits(llm, favourite: int, runner_up: int):
+    """Make the model always prefer ``favourite``, then ``runner_up``."""
+
+    def compute_logits(hidden):
+        logits = torch.zeros(hidden.shape[0], llm.engine.model_config.vocab_size)
+        logits[:, favourite], logits[:, runner_up] = 10.0, 5.0
+        return logits
+
+    llm.engine.runner.model.compute_logits = compute_logits
+
+
+def test_one_eos_set_for_min_tokens_and_stopping(tmp_path):
+    # config EOS 0, tokenizer EOS 2 (<|im_end|>), generation_config adds 5: all three stop and all are masked
+    folder = make_hf_model(
+        tmp_path,
+        "llama",
+        num_kv_heads=2,
+        tie_word_embeddings=False,
+        vocab_size=49152,
+        with_tokenizer=True,
+        eos_token_id=0,
+    )
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 5]}))
+    llm = LLM(str(folder), block_size=4, num_kv_blocks=64)
+    assert llm.engine.eos_token_ids == {0, 2, 5}
+    for eos in (2, 5):
+        _force_logits(llm, favourite=eos, runner_up=7)
+        [out] = llm.generate(
+            [[9, 10, 11]], SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3), use_tqdm=False
+        )
+        assert out.outputs[0].token_ids == [7, 7, 7, eos] and out.outputs[0].finish_reason == "stop"
+
+
+def test_generate_ignores_other_requests_and_cleans_up_when_interrupted(tiny_llama):
+    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64)
+    other = llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
+    [out] = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 5
+    assert other not in llm.engine.output_processor.requests  # it finished on the way
+    real_step = llm.engine.step
+    calls = iter(range(3))
+
+    def interrupted_step():
+        if next(calls, None) is None:
+            raise KeyboardInterrupt
+        return real_step()
+
+    llm.engine.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == 64
+
+
+def test_failed_forward_pass_aborts_in_flight_work_and_forgets_the_prefix_cache(tiny_llama):
+    prompt, params = list(range(10, 23)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64)
+    [expected] = llm.generate([prompt], params, use_tqdm=False)
+    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64)
+    engine, real_run = llm.engine, llm.engine.runner.run
+
+    def failing_run(scheduled):
+        raise RuntimeError("device lost")
+
+    engine.runner.run = failing_run
+    engine.add_request(prompt, params)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert not engine.has_unfinished_requests() and engine.block_manager.cached_blocks == {}
+    engine.runner.run = real_run
+    [again] = llm.generate([prompt], params, use_tqdm=False)
+    assert again.outputs[0].token_ids == expected.outputs[0].token_ids and again.num_cached_tokens == 0
+
+
+def test_request_validation_names_the_field(tiny_llama):
+    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64, max_model_len=32)
+    cases = [
+        ([1, 2, 3], SamplingParams(max_tokens=30), "max_tokens"),  # 3 + 30 > 32: never clipped silently
+        ([1, 2, 3], SamplingParams(stop=["x"]), "stop"),  # no tokenizer to match stop strings with
+        ([1, True], SamplingParams(), "prompt_token_ids"),
+        ({"prompt_token_ids": [1], "images": []}, SamplingParams(), "prompt"),
+        (None, SamplingParams(), "prompt"),
+    ]
+    for prompt, params, field in cases:
+        with pytest.raises(InvalidRequestError) as e:
+            llm.generate([prompt], params, use_tqdm=False)
+        assert e.value.field == field, (prompt, params)
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(None, use_tqdm=False)
+    assert e.value.field == "prompts"
+    [out] = llm.generate(
+        {"prompt": "kept", "prompt_token_ids": [4, 5]}, SamplingParams(max_tokens=2), use_tqdm=False
+    )
+    assert (out.prompt, out.prompt_token_ids) == ("kept", [4, 5])
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        ({"max_num_batched_tokens": 4, "max_num_seqs": 8}, "max_num_batched_tokens"),
+        ({"kv_cache_memory_gb": float("inf")}, "kv_cache_memory_gb"),
+        ({"kv_cache_memory_gb": float("nan")}, "kv_cache_memory_gb"),
+        ({"block_size": 12}, "block_size"),
+        ({"enable_prefix_caching": "yes"}, "enable_prefix_caching"),
+        ({"max_model_len": 0}, "max_model_len"),
+    ],
+)
+def test_bad_engine_arguments_name_the_key(args, key):
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(**args)
+    assert e.value.key == key

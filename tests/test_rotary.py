@@ -52,3 +52,17 @@ def test_inv_freq_and_attention_factor_match_transformers(scaling):
 def test_unsupported_scaling_is_a_clear_error():
     with pytest.raises(ValueError, match="dynamic"):
         rope_inv_freq(32, 10000.0, {"rope_type": "dynamic", "factor": 2.0})
+
+
+def test_scaled_rope_without_original_length_falls_back_like_transformers():
+    from pagetron.backend.loader.errors import ModelLoadError
+    from pagetron.backend.loader.hf_config import normalize_rope
+
+    theta, scaling = normalize_rope(
+        {"max_position_embeddings": 2048, "rope_scaling": {"type": "yarn", "factor": 4.0}}
+    )
+    assert scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+    with pytest.raises(ModelLoadError, match="low_freq_factor"):
+        normalize_rope(
+            {"max_position_embeddings": 2048, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+        )

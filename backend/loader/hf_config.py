@@ -66,6 +66,26 @@ def normalize_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None
     rope_type = rope_type or legacy_type or "default"
     if rope_type == "default":
         return float(theta), None
+    if rope_type in ("llama3", "yarn"):
+        # transformers falls back to these when a config leaves them out
+        params.setdefault(
+            "original_max_position_embeddings",
+            config.get("original_max_position_embeddings") or config.get("max_position_embeddings"),
+        )
+        if (
+            params.get("factor") is None
+            and rope_type == "yarn"
+            and params["original_max_position_embeddings"]
+        ):
+            params["factor"] = config["max_position_embeddings"] / params["original_max_position_embeddings"]
+    required = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+        "yarn": ("factor",),
+    }.get(rope_type, ())
+    missing = [key for key in required if params.get(key) is None]
+    if missing:
+        raise ModelLoadError(f"rope scaling {rope_type!r} needs {', '.join(missing)} in the config")
     return float(theta), {"rope_type": rope_type, **params}
 
 

@@ -33,6 +33,8 @@ class ModelFiles:
     weight_files: list[Path] = field(default_factory=list, repr=False)
     # "safetensors" (a GGUF is served from its converted cache folder) or "dummy"
     load_format: str = "safetensors"
+    # extra end-of-generation ids from generation_config.json (instruct models list end-of-turn ids there)
+    generation_eos_token_ids: list[int] = field(default_factory=list)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF parameter name, tensor) one at a time, in the checkpoint's dtype; no lm_head when tied."""
@@ -151,4 +153,19 @@ def load_model_files(
         source=str(path),
         weight_files=weight_files,
         load_format="dummy" if load_format == "dummy" else "safetensors",
+        generation_eos_token_ids=_generation_eos_ids(path if kind != "gguf" else None),
     )
+
+
+def _generation_eos_ids(folder: Path | None) -> list[int]:
+    file = folder / "generation_config.json" if folder is not None else None
+    if file is None or not file.is_file():
+        return []
+    try:
+        eos = json.loads(file.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ModelLoadError(f"{file}: not a valid generation config ({e})") from None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ModelLoadError(f"{file}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return ids
