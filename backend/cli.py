@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(chat)
     add_engine_args(chat)
 
+    serve = sub.add_parser("serve", help="serve a model from the real Triton Inference Server")
+    from pagetron.backend.commands.serve import add_serve_arguments
+
+    add_serve_arguments(serve)
+    add_engine_args(serve)
+
     bench = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
     bench_sub = bench.add_subparsers(dest="workload", required=True)
     smoke = bench_sub.add_parser("cpu-smoke", help="engine vs HF generate() batch 1, SmolLM2 on CPU")
@@ -95,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.commands.generate import run_generate
 
             return run_generate(ns)
+        if ns.command == "serve":
+            from pagetron.backend.commands.serve import run_serve
+
+            return run_serve(ns)
         if ns.command == "chat":
             from pagetron.backend.commands.chat import run_chat
 

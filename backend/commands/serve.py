@@ -1,0 +1,88 @@
+"""`pagetron serve`: the real tritonserver with model `llm` serving the given (or default) model."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from pagetron.backend.cli import engine_args
+from pagetron.backend.loader import pagetron_cache_dir
+from pagetron.backend.serving.launcher import TritonServer, prepare_model_repository
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    args = engine_args(ns)
+    repository = prepare_model_repository(
+        pagetron_cache_dir() / "serve" / f"repo-{ns.grpc_port}",
+        args,
+        {"stall_timeout_s": str(ns.stall_timeout_s)},
+    )
+    server = TritonServer(
+        repository,
+        http_port=ns.http_port,
+        grpc_port=ns.grpc_port,
+        metrics_port=ns.metrics_port,
+        host=ns.host,
+        model_control_mode=ns.model_control_mode,
+        exit_timeout_s=ns.exit_timeout_s,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"pagetron: starting tritonserver (model repository {repository})", file=sys.stderr, flush=True)
+    server.start()
+    try:
+        while not stop.is_set() and not server.is_ready():
+            if server.process.poll() is not None:
+                print(f"pagetron: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+        if not stop.is_set():
+            _print_ready(server)
+        while not stop.is_set() and server.process.poll() is None:
+            stop.wait(0.5)
+    finally:
+        print(
+            "pagetron: shutting down (in-flight requests finish or are cancelled)",
+            file=sys.stderr,
+            flush=True,
+        )
+        code = server.stop()
+    return 0 if code in (0, None) or stop.is_set() else code
+
+
+def _print_ready(server: TritonServer) -> None:
+    print(
+        f"""
+Pagetron is serving model 'llm' through Triton Inference Server
+  HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
+
+  curl -X POST http://{server.http_url}/v2/models/llm/generate \\
+       -d '{{"text_input": "What is the capital of France?", "parameters": {{"max_tokens": 32, "temperature": 0}}}}'
+
+  pagetron client --url {server.grpc_url} --stream "What is the capital of France?"
+""",
+        flush=True,
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit"],
+        default="explicit",
+        help="explicit lets an unhealthy model unload itself, so readiness tells the truth",
+    )
+    parser.add_argument("--exit-timeout-s", type=int, default=30)
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=30.0,
+        help="an engine that makes no progress this long with work pending is declared dead",
+    )

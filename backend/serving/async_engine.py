@@ -1,0 +1,243 @@
+"""The engine behind a server: one thread owns the LLMEngine, another sends responses, a watchdog keeps
+readiness honest. Independent of Triton: responses leave through a ``ResponseSink``."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine
+from pagetron.backend.output_processor import OutputKind
+from pagetron.backend.outputs import RequestOutput
+from pagetron.backend.sampling_params import SamplingParamsError
+from pagetron.backend.serving.request_parser import ParsedRequest
+from pagetron.backend.serving.step_stats import StepStats, StepStatsCollector
+
+logger = logging.getLogger(__name__)
+
+CANCEL_SWEEP_INTERVAL_S = 0.1
+
+
+class ErrorCode:
+    INVALID_ARG = "INVALID_ARG"
+    UNAVAILABLE = "UNAVAILABLE"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go (a Triton response sender in production)."""
+
+    def is_cancelled(self) -> bool: ...
+
+    def send(self, output: RequestOutput, final: bool) -> None: ...
+
+    def send_error(self, message: str, code: str) -> None: ...  # always the final response
+
+
+@dataclass
+class LiveRequest:
+    request_id: str
+    parsed: ParsedRequest
+    sink: ResponseSink
+    arrival_time: float = field(default_factory=time.monotonic)
+    last_token_time: float | None = None
+    num_generated: int = 0
+    finished: bool = False  # the final response (or error) has been queued; nothing more may follow
+
+
+class AsyncEngine:
+    """Thread-safe front of an LLMEngine. Every engine call happens on the engine thread."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        stall_timeout_s: float = 30.0,
+        on_step: Callable[[StepStats], None] | None = None,
+        on_unhealthy: Callable[[str], None] | None = None,
+    ):
+        self.engine = engine
+        self.stall_timeout_s = stall_timeout_s
+        self.on_step = on_step
+        self.on_unhealthy = on_unhealthy
+        self._inbox: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()
+        self._live: dict[str, LiveRequest] = {}
+        self._lock = threading.Lock()  # guards _live and LiveRequest.finished
+        self._stop = threading.Event()
+        self._last_progress = time.monotonic()
+        self.unhealthy_reason: str | None = None
+        self._stats = StepStatsCollector(engine)
+        self._threads = [
+            threading.Thread(target=self._engine_loop, name="pagetron-engine", daemon=True),
+            threading.Thread(target=self._output_loop, name="pagetron-output", daemon=True),
+            threading.Thread(target=self._watchdog_loop, name="pagetron-watchdog", daemon=True),
+        ]
+
+    # ---- called from any thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_reason is None
+
+    def submit(self, request_id: str, parsed: ParsedRequest, sink: ResponseSink) -> None:
+        if not self.healthy:
+            sink.send_error(f"the engine is unavailable: {self.unhealthy_reason}", ErrorCode.UNAVAILABLE)
+            return
+        live = LiveRequest(request_id, parsed, sink)
+        with self._lock:
+            self._live[request_id] = live
+        self._inbox.put(("add", live))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def num_live_requests(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the threads; requests still in flight end with an UNAVAILABLE error."""
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._threads[0].join(timeout)
+        self._fail_all("the model is being unloaded", ErrorCode.UNAVAILABLE)
+        self._outbox.put(None)
+        self._threads[1].join(timeout)
+
+    # ---- engine thread ------------------------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        next_sweep = 0.0
+        try:
+            while not self._stop.is_set() and self.healthy:
+                busy = self.engine.has_unfinished_requests()
+                self._drain_inbox(block=not busy)
+                if time.monotonic() >= next_sweep:
+                    self._abort_cancelled()
+                    next_sweep = time.monotonic() + CANCEL_SWEEP_INTERVAL_S
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._last_progress = time.monotonic()
+        except BaseException as e:  # the engine is broken: nothing in flight may hang
+            logger.exception("engine thread died")
+            self._mark_unhealthy(f"engine thread died: {type(e).__name__}: {e}")
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=CANCEL_SWEEP_INTERVAL_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                self._abort(payload, "the request was cancelled", ErrorCode.CANCELLED)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, live: LiveRequest) -> None:
+        with self._lock:
+            if live.finished:
+                return
+        try:
+            self.engine.add_request(live.parsed.prompt, live.parsed.params, live.request_id, OutputKind.DELTA)
+        except (InvalidRequestError, SamplingParamsError) as e:
+            self._finish_with_error(live.request_id, str(e), ErrorCode.INVALID_ARG)
+
+    def _abort(self, request_id: str, message: str, code: str) -> None:
+        self.engine.abort_request(request_id)
+        self._finish_with_error(request_id, message, code)
+
+    def _abort_cancelled(self) -> None:
+        with self._lock:
+            live = [r for r in self._live.values() if not r.finished]
+        for r in live:
+            if r.sink.is_cancelled():
+                self._abort(r.request_id, "the request was cancelled", ErrorCode.CANCELLED)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # a broken engine: fail what is in flight, stop taking work
+            logger.exception("engine step failed")
+            reason = f"engine step failed: {type(e).__name__}: {e}"
+            self._fail_all(reason, ErrorCode.INTERNAL)
+            self._mark_unhealthy(reason)
+            return
+        now = time.monotonic()
+        stats = self._stats.begin()
+        with self._lock:
+            for out in outputs:
+                live = self._live.get(out.request_id)
+                if live is None or live.finished:
+                    continue
+                live.num_generated = self._stats.observe(
+                    stats, out, live.arrival_time, live.last_token_time, live.num_generated, now
+                )
+                live.last_token_time = now
+                if out.finished:
+                    live.finished = True
+                    del self._live[out.request_id]
+                self._outbox.put((live, out))
+        if self.on_step is not None:
+            self.on_step(stats)
+
+    # ---- output thread ------------------------------------------------------------------------------
+    def _output_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            live, payload = item
+            try:
+                if isinstance(payload, RequestOutput):
+                    live.sink.send(payload, final=payload.finished)
+                else:
+                    message, code = payload
+                    live.sink.send_error(message, code)
+            except Exception:
+                logger.exception("sending a response for %s failed", live.request_id)
+
+    def _finish_with_error(self, request_id: str, message: str, code: str) -> None:
+        with self._lock:
+            live = self._live.pop(request_id, None)
+            if live is None or live.finished:
+                return
+            live.finished = True
+        self._outbox.put((live, (message, code)))
+
+    def _fail_all(self, message: str, code: str) -> None:
+        with self._lock:
+            ids = list(self._live)
+        for request_id in ids:
+            self._finish_with_error(request_id, message, code)
+
+    # ---- watchdog -----------------------------------------------------------------------------------
+    def _watchdog_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            if not self.healthy:
+                continue
+            if not self._threads[0].is_alive():
+                self._mark_unhealthy("the engine thread is not running")
+            elif self.num_live_requests() and time.monotonic() - self._last_progress > self.stall_timeout_s:
+                self._mark_unhealthy(f"the engine made no progress for {self.stall_timeout_s:.0f} s")
+
+    def _mark_unhealthy(self, reason: str) -> None:
+        if self.unhealthy_reason is not None:
+            return
+        self.unhealthy_reason = reason
+        logger.error("engine unhealthy: %s", reason)
+        self._fail_all(f"the engine is unavailable: {reason}", ErrorCode.UNAVAILABLE)
+        if self.on_unhealthy is not None:
+            self.on_unhealthy(reason)

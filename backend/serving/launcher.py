@@ -1,0 +1,213 @@
+"""Starts the real tritonserver (from the nvidia-pytriton wheel) with Pagetron's model repository.
+
+The Python-backend stub builds sys.path from the ``python3`` first on PATH (PYTHONPATH is ignored), so
+the server runs with this interpreter's bin/ first on PATH; the backend directory holds links to the
+wheel's libtriton_python.so, its utils module and the stub that matches this Python version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pagetron.backend.loader import pagetron_cache_dir
+
+REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
+MODEL_NAME = "llm"
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise LaunchError("tritonserver is not installed: `pip install --no-deps nvidia-pytriton==0.7.0`")
+    return Path(spec.submodule_search_locations[0]) / "tritonserver"
+
+
+def build_backend_dir(dest: Path) -> Path:
+    """dest/python/ with the Python backend, its utils and the stub for this interpreter (as links)."""
+    root = pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = {
+        "libtriton_python.so": root / "backends/python/libtriton_python.so",
+        "triton_python_backend_utils.py": root / "backends/python/triton_python_backend_utils.py",
+        "triton_python_backend_stub": root / f"python_backend_stubs/{version}/triton_python_backend_stub",
+    }
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        if not source.exists():
+            raise LaunchError(f"{source} is missing (no Python {version} stub in this nvidia-pytriton?)")
+        link = python_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source)
+    return dest
+
+
+def stub_python_bin(dest: Path) -> Path:
+    """The bin/ whose ``python3`` the stub must find first on PATH.
+
+    The stub embeds the system's libpython3.X, so the stdlib on its sys.path must be the system
+    Python's too. When this interpreter is not the system one (a pyenv or conda build), a small venv of
+    the system python3.X is made at ``dest`` whose site-packages chains to this environment's.
+    """
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if sys.base_prefix == "/usr":
+        return Path(sys.executable).parent
+    system_python = Path(f"/usr/bin/python{version}")
+    if not system_python.exists():
+        raise LaunchError(
+            f"the Triton Python stub embeds the system libpython{version}; install python{version} and "
+            f"python{version}-venv (apt-get install -y python{version} python{version}-venv)"
+        )
+    site_packages = dest / "lib" / f"python{version}" / "site-packages"
+    if not (dest / "bin" / "python3").exists():
+        subprocess.run([str(system_python), "-m", "venv", "--without-pip", str(dest)], check=True)
+    link = site_packages / "pagetron-environment.pth"
+    ours = sysconfig.get_paths()["purelib"]
+    link.write_text(f"import site; site.addsitedir({ours!r})\n")
+    return dest / "bin"
+
+
+def prepare_model_repository(dest: Path, engine_args: dict, parameters: dict[str, str] | None = None) -> Path:
+    """A copy of model_repository/ whose llm/1/engine_args.json holds ``engine_args`` (merged over the
+    template's) and whose config.pbtxt gets ``parameters`` overrides."""
+    if not (REPO_TEMPLATE / MODEL_NAME).is_dir():
+        raise LaunchError(f"model repository template not found at {REPO_TEMPLATE}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(REPO_TEMPLATE, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    args_file = dest / MODEL_NAME / "1" / "engine_args.json"
+    merged = {**json.loads(args_file.read_text()), **engine_args}
+    args_file.write_text(json.dumps(merged, indent=2) + "\n")
+    if parameters:
+        config = dest / MODEL_NAME / "config.pbtxt"
+        text = config.read_text()
+        for key, value in parameters.items():
+            entry = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+            lines = [line for line in text.splitlines() if f'key: "{key}"' not in line]
+            text = "\n".join(lines) + "\n" + entry + "\n"
+        config.write_text(text)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process (in its own process group, so its stubs go down with it)."""
+
+    repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    model_control_mode: str = "none"  # "none" or "explicit" (then the llm model is loaded at start)
+    exit_timeout_s: int = 30
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def command(self, backend_dir: Path) -> list[str]:
+        cmd = [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--model-control-mode={self.model_control_mode}",
+        ]
+        if self.model_control_mode == "explicit":
+            cmd.append(f"--load-model={MODEL_NAME}")
+        return cmd
+
+    def start(self) -> TritonServer:
+        backend_dir = build_backend_dir(pagetron_cache_dir() / "triton_backends")
+        python_bin = stub_python_bin(pagetron_cache_dir() / "stub_env")
+        env = dict(os.environ)
+        env["PATH"] = f"{python_bin}{os.pathsep}{env.get('PATH', '')}"
+        env.update(self.env)
+        log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115 (owned by the process)
+        self.process = subprocess.Popen(
+            self.command(backend_dir),
+            env=env,
+            stdout=log or None,
+            stderr=subprocess.STDOUT if log else None,
+            start_new_session=True,
+        )
+        return self
+
+    def is_ready(self, model: str | None = MODEL_NAME) -> bool:
+        path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise LaunchError(f"tritonserver exited with code {self.process.returncode} while starting")
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        raise LaunchError(f"model {MODEL_NAME!r} was not ready after {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGINT (Triton finishes or cancels in-flight requests and unloads), then SIGKILL the group."""
+        if self.process is None:
+            return None
+        timeout_s = self.exit_timeout_s + 15 if timeout_s is None else timeout_s
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # stubs left in the group, if any
+        except ProcessLookupError:
+            pass
+        return self.process.wait()

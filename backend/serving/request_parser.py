@@ -1,0 +1,108 @@
+"""Turns the tensors (and HTTP parameters) of one Triton request into a validated generation request.
+
+Independent of Triton's Python API so it can be tested directly: inputs arrive as a dict of numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pagetron.backend.llm_engine import InvalidRequestError
+from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
+
+BOOL_INPUTS = (
+    "stream",
+    "exclude_input_in_output",
+    "return_finish_reason",
+    "return_cumulative_logprob",
+    "return_logprobs",
+    "return_num_input_tokens",
+    "return_num_output_tokens",
+)
+# HTTP generate turns every JSON key that is not an input into a parameter; these are not sampling keys
+_NON_SAMPLING_PARAMETERS = {"triton_enable_empty_final_response", "sequence_id", "priority", "timeout"}
+
+
+@dataclass
+class ParsedRequest:
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: bool = False
+    exclude_input_in_output: bool = True
+    return_finish_reason: bool = False
+    return_cumulative_logprob: bool = False
+    return_logprobs: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+
+
+def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None = None) -> ParsedRequest:
+    """Raises InvalidRequestError / SamplingParamsError naming the offending input or key."""
+    prompt = _prompt(inputs)
+    flags = {name: _bool(inputs, name) for name in BOOL_INPUTS if name in inputs}
+    params = _sampling_params(inputs, parameters)
+    if flags.get("return_logprobs") and params.logprobs is None:
+        params.logprobs = 0  # the sampled token's logprob, as Triton's vLLM backend does
+    return ParsedRequest(prompt=prompt, params=params, **flags)
+
+
+def _prompt(inputs: dict[str, np.ndarray]) -> str | list[int]:
+    has_text, has_ids = "text_input" in inputs, "input_ids" in inputs
+    if has_text == has_ids:
+        raise InvalidRequestError("text_input", "give exactly one of text_input or input_ids")
+    if has_ids:
+        ids = np.asarray(inputs["input_ids"]).reshape(-1)
+        if ids.size == 0:
+            raise InvalidRequestError("input_ids", "the prompt is empty")
+        return [int(t) for t in ids]
+    values = np.asarray(inputs["text_input"], dtype=object).reshape(-1)
+    if values.size != 1:
+        raise InvalidRequestError("text_input", f"expected exactly one prompt, got {values.size}")
+    raw = values[0]
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequestError(
+                "text_input", f"is not valid UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
+    if not isinstance(raw, str):
+        raise InvalidRequestError("text_input", f"expected a string, got {type(raw).__name__}")
+    if not raw:
+        raise InvalidRequestError("text_input", "the prompt is empty")
+    return raw
+
+
+def _bool(inputs: dict[str, np.ndarray], name: str) -> bool:
+    values = np.asarray(inputs[name]).reshape(-1)
+    if values.size != 1 or values.dtype != np.bool_:
+        raise InvalidRequestError(name, f"expected one BOOL, got {values.size} of {values.dtype}")
+    return bool(values[0])
+
+
+def _sampling_params(inputs: dict[str, np.ndarray], parameters: str | dict | None) -> SamplingParams:
+    merged: dict[str, Any] = {}
+    if parameters:
+        try:
+            http = json.loads(parameters) if isinstance(parameters, str) else dict(parameters)
+        except json.JSONDecodeError as e:
+            raise SamplingParamsError("parameters", f"are not valid JSON: {e}") from None
+        merged.update({k: v for k, v in http.items() if k not in _NON_SAMPLING_PARAMETERS})
+    if "sampling_parameters" in inputs:
+        values = np.asarray(inputs["sampling_parameters"], dtype=object).reshape(-1)
+        if values.size != 1:
+            raise SamplingParamsError("sampling_parameters", f"expected one JSON string, got {values.size}")
+        raw = values[0]
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            tensor_params = json.loads(text) if text else {}
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise SamplingParamsError("sampling_parameters", f"is not valid JSON: {e}") from None
+        if not isinstance(tensor_params, dict):
+            raise SamplingParamsError("sampling_parameters", "must be a JSON object")
+        merged.update(tensor_params)
+    return SamplingParams.from_dict(merged)

@@ -1,0 +1,72 @@
+"""Output tensors of one response, named and typed like Triton's vLLM backend (plus output_ids)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from pagetron.backend.outputs import CompletionOutput, RequestOutput
+from pagetron.backend.serving.request_parser import ParsedRequest
+
+
+class ResponseBuilder:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def merge(pending: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+        """Joins a DELTA output onto what a non-streaming request has gathered so far."""
+        if pending is None:
+            return delta
+        merged = []
+        for old, new in zip(pending.outputs, delta.outputs):
+            merged.append(
+                dataclasses.replace(
+                    new,
+                    text=old.text + new.text,
+                    token_ids=old.token_ids + new.token_ids,
+                    logprobs=None if new.logprobs is None else (old.logprobs or []) + new.logprobs,
+                )
+            )
+        return dataclasses.replace(delta, outputs=merged)
+
+    def tensors(self, parsed: ParsedRequest, out: RequestOutput) -> dict[str, np.ndarray]:
+        outputs = sorted(out.outputs, key=lambda o: o.index)
+        texts = [o.text for o in outputs]
+        if not parsed.stream and not parsed.exclude_input_in_output:
+            prompt = out.prompt if out.prompt is not None else self._decode(out.prompt_token_ids)
+            texts = [prompt + t for t in texts]
+        tensors = {
+            "text_output": np.array([t.encode("utf-8") for t in texts], dtype=np.object_),
+            "output_ids": np.array([t for o in outputs for t in o.token_ids], dtype=np.int32),
+        }
+        if parsed.return_finish_reason:
+            reasons = [(o.finish_reason or "").encode() for o in outputs]
+            tensors["finish_reason"] = np.array(reasons, dtype=np.object_)
+        if parsed.return_cumulative_logprob:
+            values = [o.cumulative_logprob or 0.0 for o in outputs]
+            tensors["cumulative_logprob"] = np.array(values, dtype=np.float32)
+        if parsed.return_logprobs:
+            tensors["logprobs"] = np.array([_logprobs_json(o).encode() for o in outputs], dtype=np.object_)
+        if parsed.return_num_input_tokens:
+            tensors["num_input_tokens"] = np.array([len(out.prompt_token_ids)], dtype=np.uint32)
+        if parsed.return_num_output_tokens:
+            tensors["num_output_tokens"] = np.array([len(o.token_ids) for o in outputs], dtype=np.uint32)
+        return tensors
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
+
+def _logprobs_json(output: CompletionOutput) -> str:
+    """Per generated token: {token_id: {"logprob", "rank", "decoded_token"}}, as the vLLM backend sends it."""
+    steps = [
+        {
+            str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for tid, lp in s.items()
+        }
+        for s in output.logprobs or []
+    ]
+    return json.dumps(steps)

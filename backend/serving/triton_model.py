@@ -1,0 +1,188 @@
+"""Pagetron as a decoupled Triton Python-backend model (model_repository/llm/1/model.py re-exports this).
+
+initialize() builds the engine from engine_args.json next to model.py and warms it up (a real one-token
+generation) before the model may report READY; execute() validates and queues, returning at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+
+import triton_python_backend_utils as pb_utils
+
+from pagetron.backend.config import EngineConfig
+from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine
+from pagetron.backend.outputs import RequestOutput
+from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
+from pagetron.backend.serving.async_engine import AsyncEngine, ErrorCode, ResponseSink
+from pagetron.backend.serving.fault_injection import install_fault_injection
+from pagetron.backend.serving.request_parser import BOOL_INPUTS, ParsedRequest, parse_request
+from pagetron.backend.serving.responses import ResponseBuilder
+from pagetron.backend.serving.triton_metrics import TritonMetrics
+
+ENGINE_ARGS_FILE = "engine_args.json"
+INPUT_NAMES = ("text_input", "input_ids", "sampling_parameters", *BOOL_INPUTS)
+WARMUP_TIMEOUT_S = 600.0
+
+
+class _TritonLogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        else:
+            pb_utils.Logger.log_info(message)
+
+
+class TritonSink(ResponseSink):
+    """One request's response sender. Streaming sends each delta; otherwise deltas are joined, sent once."""
+
+    def __init__(self, sender, parsed: ParsedRequest, builder: ResponseBuilder):
+        self.sender, self.parsed, self.builder = sender, parsed, builder
+        self.pending: RequestOutput | None = None
+
+    def is_cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+    def send(self, output: RequestOutput, final: bool) -> None:
+        if not self.parsed.stream:
+            self.pending = self.builder.merge(self.pending, output)
+            if not final:
+                return
+            output = self.pending
+        tensors = [pb_utils.Tensor(k, v) for k, v in self.builder.tensors(self.parsed, output).items()]
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def send_error(self, message: str, code: str) -> None:
+        error = pb_utils.TritonError(message, _triton_error_code(code))
+        self.sender.send(
+            pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        logging.getLogger("pagetron").addHandler(_TritonLogHandler())
+        logging.getLogger("pagetron").setLevel(logging.INFO)
+        self.model_name = args["model_name"]
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("model 'llm' must use the decoupled transaction policy")
+        parameters = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        args_path = os.path.join(args["model_repository"], args["model_version"], ENGINE_ARGS_FILE)
+        config = EngineConfig.from_json_file(args_path) if os.path.exists(args_path) else EngineConfig()
+        self.engine = LLMEngine(config)
+        install_fault_injection(self.engine)
+        self.builder = ResponseBuilder(self.engine.tokenizer)
+        self.metrics = _optional_metrics(self.model_name, args["model_version"], self.engine.max_model_len)
+        self.async_engine = AsyncEngine(
+            self.engine,
+            stall_timeout_s=float(parameters.get("stall_timeout_s", "30")),
+            on_step=self.metrics.record if self.metrics else None,
+            on_unhealthy=self._unload_self,
+        )
+        self.async_engine.start()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """A real one-token generation through the whole serving path: READY means a token came out."""
+        done = threading.Event()
+        result: dict = {}
+
+        class WarmupSink(ResponseSink):
+            def is_cancelled(self) -> bool:
+                return False
+
+            def send(self, output: RequestOutput, final: bool) -> None:
+                if final:
+                    result["output"] = output
+                    done.set()
+
+            def send_error(self, message: str, code: str) -> None:
+                result["error"] = message
+                done.set()
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        prompt = "Hello" if self.engine.tokenizer is not None else [1]
+        self.async_engine.submit("warmup", ParsedRequest(prompt=prompt, params=params), WarmupSink())
+        if not done.wait(WARMUP_TIMEOUT_S) or "error" in result:
+            self.async_engine.shutdown()
+            raise pb_utils.TritonModelException(
+                f"warm-up generation failed: {result.get('error', 'timeout')}"
+            )
+        pb_utils.Logger.log_info("pagetron: warm-up generated a token; the model is ready")
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = {}
+                for name in INPUT_NAMES:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        inputs[name] = tensor.as_numpy()
+                parsed = parse_request(inputs, request.parameters())
+            except (InvalidRequestError, SamplingParamsError) as e:
+                error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                sender.send(
+                    pb_utils.InferenceResponse(error=error),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+                continue
+            sink = TritonSink(sender, parsed, self.builder)
+            self.async_engine.submit(uuid.uuid4().hex, parsed, sink)
+        return None
+
+    def _unload_self(self, reason: str) -> None:
+        # Takes effect under --model-control-mode=explicit: the model stops being READY; elsewhere it is
+        # still reported unhealthy through every request's UNAVAILABLE error.
+        try:
+            pb_utils.unload_model(self.model_name)
+        except Exception as e:  # e.g. not in explicit model-control mode
+            pb_utils.Logger.log_warn(f"pagetron: could not unload model after '{reason}': {e}")
+
+    def finalize(self) -> None:
+        self.async_engine.shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
+        del self.engine, self.async_engine
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+def _triton_error_code(code: str) -> int:
+    # pb_utils gets its C++ attributes only after model.py is imported: look them up lazily
+    return {
+        ErrorCode.INVALID_ARG: pb_utils.TritonError.INVALID_ARG,
+        ErrorCode.UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
+        ErrorCode.CANCELLED: pb_utils.TritonError.CANCELLED,
+        ErrorCode.INTERNAL: pb_utils.TritonError.INTERNAL,
+    }[code]
+
+
+def _optional_metrics(model_name: str, version: str, max_model_len: int) -> TritonMetrics | None:
+    try:
+        return TritonMetrics({"model": model_name, "version": version}, max_model_len)
+    except pb_utils.TritonModelException as e:
+        if "metrics not supported" in str(e).lower():
+            pb_utils.Logger.log_info("pagetron: metrics are disabled on this server")
+            return None
+        raise
+
+
+__all__ = ["TritonPythonModel"]

@@ -1,0 +1,77 @@
+"""A generation request for the `llm` model and the exact input tensors it becomes (see serving notes)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+RETURN_FLAGS = (
+    "return_finish_reason",
+    "return_cumulative_logprob",
+    "return_logprobs",
+    "return_num_input_tokens",
+    "return_num_output_tokens",
+)
+
+# Asks the server for an empty response carrying the final flag when the model's last data response
+# lacked it, so a client can always tell when a request is done.
+EMPTY_FINAL_RESPONSE_PARAM = "triton_enable_empty_final_response"
+# Errors come back as gRPC status codes (INVALID_ARGUMENT, ...) and close the stream, instead of a bare
+# error string inside an otherwise OK stream (Triton >= 24.08).
+STREAM_HEADERS = {"triton_grpc_error": "true"}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """`prompt` is text (sent as text_input) or token ids (sent as input_ids)."""
+
+    prompt: str | Sequence[int]
+    sampling_params: Mapping[str, Any] = field(default_factory=dict)
+    stream: bool = True
+    exclude_input_in_output: bool = True
+    return_finish_reason: bool = True
+    return_cumulative_logprob: bool = False
+    return_logprobs: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = True
+    request_id: str = ""
+
+    def input_arrays(self) -> dict[str, np.ndarray]:
+        """Tensor name -> numpy array, in send order. BYTES as object arrays of bytes, BOOL as np.bool_."""
+        arrays: dict[str, np.ndarray] = {}
+        if isinstance(self.prompt, str):
+            arrays["text_input"] = _bytes_array(self.prompt)
+        else:
+            arrays["input_ids"] = np.asarray(list(self.prompt), dtype=np.int32)
+        arrays["stream"] = _bool_array(self.stream)
+        if self.sampling_params:
+            arrays["sampling_parameters"] = _bytes_array(json.dumps(dict(self.sampling_params)))
+        arrays["exclude_input_in_output"] = _bool_array(self.exclude_input_in_output)
+        for flag in RETURN_FLAGS:
+            if getattr(self, flag):
+                arrays[flag] = _bool_array(True)
+        return arrays
+
+    def infer_inputs(self) -> list[Any]:
+        """The arrays as tritonclient.grpc.InferInput objects (used by the sync and asyncio clients)."""
+        from tritonclient.grpc import InferInput
+        from tritonclient.utils import np_to_triton_dtype
+
+        inputs = []
+        for name, array in self.input_arrays().items():
+            tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+
+def _bytes_array(text: str) -> np.ndarray:
+    return np.array([text.encode("utf-8")], dtype=np.object_)
+
+
+def _bool_array(value: bool) -> np.ndarray:
+    return np.array([value], dtype=np.bool_)
