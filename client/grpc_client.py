@@ -65,12 +65,7 @@ class TritonLLMClient:
             headers=STREAM_HEADERS,
         )
         try:
-            self._client.async_stream_infer(
-                self.model,
-                request.infer_inputs(),
-                request_id=request.request_id,
-                parameters={EMPTY_FINAL_RESPONSE_PARAM: True},
-            )
+            self._send(request, responses)
             while not finished:
                 result, error = _next_response(responses, deadline, timeout)
                 if error is not None:
@@ -82,6 +77,24 @@ class TritonLLMClient:
         finally:
             # A request that did not finish (error, timeout, caller stopped iterating) is cancelled.
             self._client.stop_stream(cancel_requests=not finished)
+
+    def _send(self, request: GenerateRequest, responses: queue.Queue[tuple[Any, Any]]) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            self._client.async_stream_infer(
+                self.model,
+                request.infer_inputs(),
+                request_id=request.request_id,
+                parameters={EMPTY_FINAL_RESPONSE_PARAM: True},
+            )
+        except InferenceServerException as e:
+            # The stream already failed (e.g. connection refused); its callback holds the real reason.
+            try:
+                _, error = responses.get(timeout=1.0)
+            except queue.Empty:
+                error = e
+            raise TritonRequestError.from_client_exception(error or e) from None
 
     def complete(self, request: GenerateRequest, timeout: float | None = None) -> GenerationResult:
         result = GenerationResult()

@@ -60,9 +60,9 @@ Pagetron is serving model 'llm' through Triton Inference Server
   HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
 
   curl -X POST http://{server.http_url}/v2/models/llm/generate \\
-       -d '{{"text_input": "What is the capital of France?", "parameters": {{"max_tokens": 32, "temperature": 0}}}}'
+       -d '{{"text_input": "The capital of France is", "parameters": {{"max_tokens": 32}}}}'
 
-  pagetron client --url {server.grpc_url} --stream "What is the capital of France?"
+  pagetron client --url {server.grpc_url} --stream "The capital of France is"
 """,
         flush=True,
     )

@@ -1,0 +1,61 @@
+"""A real tritonserver serving the bundled SmolLM2 as model `llm` on free loopback ports, torn down by pid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from grpc_helpers import SERVER_ENGINE_ARGS
+from pagetron.backend.serving.launcher import TritonServer, free_port, prepare_model_repository
+
+
+def start_server(
+    tmp_dir: Path,
+    engine_args: dict | None = None,
+    parameters: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    model_control_mode: str = "explicit",
+    wait: bool = True,
+) -> TritonServer:
+    repository = prepare_model_repository(
+        tmp_dir / "repo", {**SERVER_ENGINE_ARGS, **(engine_args or {})}, parameters
+    )
+    server = TritonServer(
+        repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        model_control_mode=model_control_mode,
+        exit_timeout_s=5,
+        env=env or {},
+        log_path=tmp_dir / "tritonserver.log",
+    )
+    server.start()
+    if wait:
+        try:
+            server.wait_ready(timeout_s=240)
+        except Exception:
+            server.stop()
+            print((tmp_dir / "tritonserver.log").read_text()[-5000:])
+            raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("triton"))
+    yield server
+    server.stop()
+    assert not _alive(server.pid)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
