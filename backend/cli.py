@@ -1,4 +1,4 @@
-"""The `pagetron` command: generate, chat, bench."""
+"""The `pagetron` command: offline generate and chat, serve through Triton, clients, benchmarks."""
 
 from __future__ import annotations
 
@@ -95,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     smoke.add_argument("--max-tokens", type=int, default=64)
     add_engine_args(smoke)
 
+    from pagetron.client.cli import add_client_commands
+
+    add_client_commands(sub)
+
     ns = parser.parse_args(argv)
+    if hasattr(ns, "func"):
+        return ns.func(ns)
     try:
         if ns.command == "generate":
             from pagetron.backend.commands.generate import run_generate

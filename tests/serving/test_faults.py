@@ -1,0 +1,104 @@
+"""Readiness tells the truth: an engine fault (exception or hang) fails in-flight requests with a clear
+error and the model stops being READY within seconds; explicit unload frees the stub and load works again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from conftest import start_server
+
+from grpc_helpers import stream_generate
+
+
+def wait_until(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def stub_pids(server) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-g", str(server.pid), "-f", "triton_python_backend_stub"], capture_output=True, text=True
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def probe(server, timeout: float = 10) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pagetron.backend.cli",
+            "probe",
+            "--url",
+            server.grpc_url,
+            "--timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+    )
+
+
+@pytest.mark.parametrize(
+    "fault, expected_error",
+    [("raise-after:3", "engine step failed"), ("hang-after:3", "made no progress")],
+)
+def test_engine_fault_fails_requests_and_drops_readiness(tmp_path, fault, expected_error):
+    server = start_server(tmp_path, parameters={"stall_timeout_s": "2"}, env={"PAGETRON_FAULT": fault})
+    try:
+        assert server.is_ready() and probe(server).returncode == 0
+        started = time.monotonic()
+        r = stream_generate(
+            server.grpc_url, "Hello there", {"max_tokens": 20, "ignore_eos": True}, stream=True, timeout=30
+        )
+        assert r.error is not None and expected_error in r.error
+        assert time.monotonic() - started < 15  # a clear error, not a hang
+        assert wait_until(lambda: not server.is_ready(), 15), "the model kept reporting READY"
+        assert probe(server).returncode != 0
+        after = stream_generate(server.grpc_url, "Hello", {"max_tokens": 2}, timeout=30)
+        assert after.error is not None
+    finally:
+        server.stop()
+
+
+def test_explicit_unload_frees_the_stub_and_load_serves_again(tmp_path):
+    server = start_server(tmp_path)
+    try:
+        [stub] = stub_pids(server)
+        base = f"http://{server.http_url}/v2/repository/models/llm"
+        urllib.request.urlopen(
+            urllib.request.Request(f"{base}/unload", data=b"{}", method="POST"), timeout=60
+        )
+        assert wait_until(lambda: not server.is_ready(), 30)
+        assert wait_until(lambda: stub not in stub_pids(server), 30), (
+            "the stub (and the engine's memory) stayed"
+        )
+        urllib.request.urlopen(urllib.request.Request(f"{base}/load", data=b"{}", method="POST"), timeout=300)
+        assert server.is_ready()
+        r = stream_generate(
+            server.grpc_url,
+            "Once upon a time, there was a little girl named",
+            {"temperature": 0, "max_tokens": 3},
+        )
+        assert r.error is None and r.text == " Emma who loved"
+        index = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST"
+                )
+            ).read()
+        )
+        assert [m["state"] for m in index if m["name"] == "llm"] == ["READY"]
+    finally:
+        server.stop()
