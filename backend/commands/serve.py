@@ -8,16 +8,17 @@ import sys
 import threading
 
 from pagetron.backend.cli import engine_args
-from pagetron.backend.loader import pagetron_cache_dir
-from pagetron.backend.serving.launcher import TritonServer, prepare_model_repository
 
 
 def run_serve(ns: argparse.Namespace) -> int:
+    from pagetron.backend.loader import pagetron_cache_dir
+    from pagetron.backend.serving.launcher import TritonServer, prepare_model_repository
+
     args = engine_args(ns)
     repository = prepare_model_repository(
         pagetron_cache_dir() / "serve" / f"repo-{ns.grpc_port}",
         args,
-        {"stall_timeout_s": str(ns.stall_timeout_s)},
+        {"stall_timeout_s": str(ns.stall_timeout_s), "drain_grace_s": str(ns.drain_grace_s)},
     )
     server = TritonServer(
         repository,
@@ -49,11 +50,11 @@ def run_serve(ns: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        code = server.stop()
+        code = server.stop(timeout_s=ns.drain_grace_s + ns.exit_timeout_s + 10)
     return 0 if code in (0, None) or stop.is_set() else code
 
 
-def _print_ready(server: TritonServer) -> None:
+def _print_ready(server) -> None:
     print(
         f"""
 Pagetron is serving model 'llm' through Triton Inference Server
@@ -80,6 +81,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="explicit lets an unhealthy model unload itself, so readiness tells the truth",
     )
     parser.add_argument("--exit-timeout-s", type=int, default=30)
+    parser.add_argument(
+        "--drain-grace-s",
+        type=float,
+        default=20.0,
+        help="on Ctrl-C, in-flight requests get this long to finish before they are cancelled",
+    )
     parser.add_argument(
         "--stall-timeout-s",
         type=float,

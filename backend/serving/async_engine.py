@@ -4,6 +4,7 @@ readiness honest. Independent of Triton: responses leave through a ``ResponseSin
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -60,9 +61,18 @@ class AsyncEngine:
         stall_timeout_s: float = 30.0,
         on_step: Callable[[StepStats], None] | None = None,
         on_unhealthy: Callable[[str], None] | None = None,
+        drain_file: str | None = None,
+        drain_grace_s: float = 20.0,
     ):
         self.engine = engine
         self.stall_timeout_s = stall_timeout_s
+        # NOTE: Triton does not finalize a decoupled model while its streams are open, so a server stop
+        # with long generations in flight would hit its exit timeout. The launcher creates drain_file
+        # first: new requests are then refused, running ones get drain_grace_s to finish, the rest are
+        # cancelled, and drain_file + ".done" tells the launcher it may stop the server.
+        self.drain_file = drain_file
+        self.drain_grace_s = drain_grace_s
+        self._drain_deadline: float | None = None
         self.on_step = on_step
         self.on_unhealthy = on_unhealthy
         self._inbox: queue.Queue = queue.Queue()
@@ -91,6 +101,9 @@ class AsyncEngine:
     def submit(self, request_id: str, parsed: ParsedRequest, sink: ResponseSink) -> None:
         if not self.healthy:
             sink.send_error(f"the engine is unavailable: {self.unhealthy_reason}", ErrorCode.UNAVAILABLE)
+            return
+        if self._drain_deadline is not None:
+            sink.send_error("the server is shutting down", ErrorCode.UNAVAILABLE)
             return
         live = LiveRequest(request_id, parsed, sink)
         with self._lock:
@@ -141,6 +154,9 @@ class AsyncEngine:
                 self._add(payload)
             elif kind == "abort":
                 self._abort(payload, "the request was cancelled", ErrorCode.CANCELLED)
+            elif kind == "abort_all":
+                for request_id in list(self.engine.output_processor.requests):
+                    self._abort(request_id, payload, ErrorCode.UNAVAILABLE)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -226,6 +242,7 @@ class AsyncEngine:
     # ---- watchdog -----------------------------------------------------------------------------------
     def _watchdog_loop(self) -> None:
         while not self._stop.wait(0.5):
+            self._check_drain()
             if not self.healthy:
                 continue
             if not self._threads[0].is_alive():
@@ -241,3 +258,19 @@ class AsyncEngine:
         self._fail_all(f"the engine is unavailable: {reason}", ErrorCode.UNAVAILABLE)
         if self.on_unhealthy is not None:
             self.on_unhealthy(reason)
+
+    def _check_drain(self) -> None:
+        if self.drain_file is None or not os.path.exists(self.drain_file):
+            return
+        now = time.monotonic()
+        if self._drain_deadline is None:
+            logger.info(
+                "draining: %d requests in flight get %.0f s", self.num_live_requests(), self.drain_grace_s
+            )
+            self._drain_deadline = now + self.drain_grace_s
+        if self.num_live_requests() and now >= self._drain_deadline:
+            self._inbox.put(("abort_all", "the server is shutting down"))
+            self._fail_all("the server is shutting down", ErrorCode.UNAVAILABLE)
+        if not self.num_live_requests() and not os.path.exists(self.drain_file + ".done"):
+            with open(self.drain_file + ".done", "w") as f:
+                f.write("drained\n")

@@ -195,13 +195,27 @@ class TritonServer:
             time.sleep(0.5)
         raise LaunchError(f"model {MODEL_NAME!r} was not ready after {timeout_s:.0f} s")
 
+    def drain(self, timeout_s: float) -> bool:
+        """Asks the model to finish or cancel its in-flight requests; True once it reports it is done."""
+        drain_file = self.repository / MODEL_NAME / "DRAINING"
+        drain_file.touch()
+        done = Path(f"{drain_file}.done")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
+            if done.exists():
+                return True
+            time.sleep(0.2)
+        return done.exists()
+
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """SIGINT (Triton finishes or cancels in-flight requests and unloads), then SIGKILL the group."""
+        """Drains the model, SIGINTs the server (it unloads the model and stops its stub), then SIGKILLs
+        whatever is left of its process group."""
         if self.process is None:
             return None
         timeout_s = self.exit_timeout_s + 15 if timeout_s is None else timeout_s
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
+            self.drain(timeout_s)
+            self.process.send_signal(signal.SIGINT)  # the server only: it stops its stubs itself
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:

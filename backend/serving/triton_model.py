@@ -25,6 +25,7 @@ from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.triton_metrics import TritonMetrics
 
 ENGINE_ARGS_FILE = "engine_args.json"
+DRAIN_FILE = "DRAINING"  # created in the model's folder by the launcher before it stops the server
 INPUT_NAMES = ("text_input", "input_ids", "sampling_parameters", *BOOL_INPUTS)
 WARMUP_TIMEOUT_S = 600.0
 
@@ -87,6 +88,8 @@ class TritonPythonModel:
             stall_timeout_s=float(parameters.get("stall_timeout_s", "30")),
             on_step=self.metrics.record if self.metrics else None,
             on_unhealthy=self._unload_self,
+            drain_file=os.path.join(args["model_repository"], DRAIN_FILE),
+            drain_grace_s=float(parameters.get("drain_grace_s", "20")),
         )
         self.async_engine.start()
         self._warm_up()

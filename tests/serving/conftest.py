@@ -19,6 +19,7 @@ def start_server(
     model_control_mode: str = "explicit",
     wait: bool = True,
 ) -> TritonServer:
+    parameters = {"drain_grace_s": "3", **(parameters or {})}  # keeps server stops short
     repository = prepare_model_repository(
         tmp_dir / "repo", {**SERVER_ENGINE_ARGS, **(engine_args or {})}, parameters
     )

@@ -8,7 +8,10 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,7 +293,7 @@ def test_client_cli_reports_connection_error(capsys):
 # ---- against the real tritonserver -------------------------------------------------------------------
 
 GREEDY_PROMPT = "Once upon a time, there was a little girl named"
-GREEDY = {"max_tokens": 12, "temperature": 0.0}
+GREEDY = {"max_tokens": 8, "temperature": 0.0}
 
 
 def test_stream_and_non_stream_greedy_agree(triton_server):
@@ -299,8 +302,8 @@ def test_stream_and_non_stream_greedy_agree(triton_server):
     single = complete(url, GREEDY_PROMPT, GREEDY, stream=False)
     assert streamed.text.startswith(" Emma who loved to play")
     assert single.text == streamed.text
-    assert single.token_ids == streamed.token_ids and len(single.token_ids[0]) == 12
-    assert single.num_output_tokens == streamed.num_output_tokens == [12]
+    assert single.token_ids == streamed.token_ids and len(single.token_ids[0]) == 8
+    assert single.num_output_tokens == streamed.num_output_tokens == [8]
     assert single.finish_reasons == streamed.finish_reasons == ["length"]
     assert single.num_responses == 1 and streamed.num_responses > 1
     assert streamed.num_input_tokens == 11
@@ -308,7 +311,7 @@ def test_stream_and_non_stream_greedy_agree(triton_server):
 
 def test_stream_chunks_arrive_incrementally(triton_server):
     chunks = list(generate(triton_server.grpc_url, GREEDY_PROMPT, GREEDY))
-    assert sum(c.num_tokens for c in chunks) == 12
+    assert sum(c.num_tokens for c in chunks) == 8
     assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1].finish_reason == "length"
 
@@ -317,14 +320,15 @@ def test_token_id_prompt_and_early_break(triton_server):
     url = triton_server.grpc_url
     ids = complete(url, GREEDY_PROMPT, GREEDY).token_ids[0]
     with TritonLLMClient(url) as client:
+        assert client.is_ready(timeout=5)
         streamed = client.complete(GenerateRequest(ids, GREEDY, return_num_input_tokens=True))
         single = client.complete(GenerateRequest(ids, GREEDY, stream=False))
         stream = client.generate(GenerateRequest(ids, {"max_tokens": 200, "ignore_eos": True}))
         first = next(stream)
         stream.close()  # cancels the request on the server
         again = client.complete(GenerateRequest(GREEDY_PROMPT, GREEDY, stream=False))
-    assert streamed.num_input_tokens == 12
-    assert single.token_ids == streamed.token_ids and single.num_output_tokens == [12]
+    assert streamed.num_input_tokens == 8
+    assert single.token_ids == streamed.token_ids and single.num_output_tokens == [8]
     assert first.num_tokens >= 1
     assert again.text.startswith(" Emma who loved to play")
 
@@ -381,3 +385,18 @@ def test_probe_healthy_then_stopped_server(triton_server, capsys):
 async def _ready(url: str) -> bool:
     async with AsyncTritonLLMClient(url) as client:
         return await client.is_ready(timeout=5)
+
+
+def test_pagetron_probe_command_exit_status(triton_server):
+    """The installed `pagetron probe` entry point, as a Kubernetes exec probe runs it."""
+    pagetron = str(Path(sys.executable).parent / "pagetron")
+    healthy = subprocess.run(
+        [pagetron, "probe", "--url", triton_server.grpc_url], capture_output=True, text=True
+    )
+    assert healthy.returncode == 0 and healthy.stdout.startswith("ok:")
+    closed = f"localhost:{free_port()}"
+    failed = subprocess.run(
+        [pagetron, "probe", "--url", closed, "--timeout", "3"], capture_output=True, text=True
+    )
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.startswith(f"{closed}: [UNAVAILABLE]") and failed.stderr.count("\n") == 1

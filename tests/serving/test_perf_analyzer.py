@@ -27,10 +27,8 @@ GREEDY_TEXT = {
 
 def test_perf_analyzer_streaming_smoke(triton_server, tmp_path):
     out = tmp_path / "perf_analyzer"
-    command = [
-        sys.executable, str(RUNNER), "--url", triton_server.grpc_url, "--concurrency", "1:2",
-        "--request-count", str(REQUESTS_PER_LEVEL), "--timeout", "60", "--out", str(out),
-    ]  # fmt: skip
+    command = [sys.executable, str(RUNNER), "--url", triton_server.grpc_url, "--concurrency", "1:2"]
+    command += ["--request-count", str(REQUESTS_PER_LEVEL), "--timeout", "60", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
 
