@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     smoke.add_argument("--num-prompts", type=int, default=32)
     smoke.add_argument("--max-tokens", type=int, default=64)
     add_engine_args(smoke)
+    served = bench_sub.add_parser("served-vs-offline", help="throughput through tritonserver vs offline")
+    from pagetron.backend.benchmarks.served_vs_offline import add_arguments as add_served_arguments
+
+    add_served_arguments(served)
+    add_engine_args(served)
 
     from pagetron.client.cli import add_client_commands
 
@@ -115,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.commands.chat import run_chat
 
             return run_chat(ns)
+        if ns.workload == "served-vs-offline":
+            from pagetron.backend.benchmarks.served_vs_offline import run_served_vs_offline
+
+            return run_served_vs_offline(ns)
         from pagetron.backend.benchmarks.cpu_smoke import run_cpu_smoke
 
         return run_cpu_smoke(ns)

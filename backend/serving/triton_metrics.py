@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import triton_python_backend_utils as pb_utils
 
 from pagetron.backend.serving.step_stats import StepStats
 
+FLUSH_INTERVAL_S = 0.25
 _COUNTERS = {
     "num_prompt_tokens": ("vllm:prompt_tokens_total", "Number of prefill tokens processed."),
     "num_generation_tokens": ("vllm:generation_tokens_total", "Number of generation tokens processed."),
@@ -100,12 +102,27 @@ class TritonMetrics:
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
-        while (stats := self._queue.get()) is not None:
-            for key, metric in self.counters.items():
-                if value := getattr(stats, key):
-                    metric.increment(value)
-            for key, metric in self.gauges.items():
-                metric.set(getattr(stats, key))
-            for key, metric in self.histograms.items():
-                for value in getattr(stats, key):
+        # Steps are coalesced: one increment per counter and one set per gauge per flush, whatever the
+        # number of steps since the last one.
+        while True:
+            batch = [self._queue.get()]
+            time.sleep(FLUSH_INTERVAL_S)
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            stop = None in batch
+            steps = [s for s in batch if s is not None]
+            if steps:
+                self._apply(steps)
+            if stop:
+                return
+
+    def _apply(self, steps: list[StepStats]) -> None:
+        for key, metric in self.counters.items():
+            if total := sum(getattr(s, key) for s in steps):
+                metric.increment(total)
+        for key, metric in self.gauges.items():
+            metric.set(getattr(steps[-1], key))
+        for key, metric in self.histograms.items():
+            for s in steps:
+                for value in getattr(s, key):
                     metric.observe(value)

@@ -120,7 +120,12 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"warm-up generation failed: {result.get('error', 'timeout')}"
             )
-        pb_utils.Logger.log_info("pagetron: warm-up generated a token; the model is ready")
+        import torch
+
+        pb_utils.Logger.log_info(
+            f"pagetron: warm-up generated a token; ready ({self.engine.runner.device}, "
+            f"{torch.get_num_threads()} torch threads, {self.engine.block_manager.num_blocks} KV blocks)"
+        )
 
     def execute(self, requests: list) -> None:
         for request in requests:

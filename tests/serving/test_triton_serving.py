@@ -170,7 +170,10 @@ def test_cancel_mid_stream_frees_kv_and_spares_other_streams(triton_server, offl
     for _ in range(3):
         result, error = got.get(timeout=60)
         assert error is None
-    assert scrape_metrics(triton_server.metrics_url)["vllm:gpu_cache_usage_perc"] > 0
+    deadline = time.monotonic() + 5  # the gauges are refreshed a few times a second
+    while scrape_metrics(triton_server.metrics_url)["vllm:gpu_cache_usage_perc"] == 0:
+        assert time.monotonic() < deadline, "the KV-usage gauge never rose"
+        time.sleep(0.1)
     client.stop_stream(cancel_requests=True)
     client.close()
     thread.join(120)
@@ -192,7 +195,12 @@ def test_metrics_move_by_exactly_the_tokens_generated(triton_server):
         stream_generate(triton_server.grpc_url, p, {"temperature": 0, "max_tokens": 7, "ignore_eos": True})
         for p in ([5, 6, 7, 8], [9, 10, 11])
     ]
-    time.sleep(0.5)  # metrics are applied by their own thread
+    expected = before["vllm:generation_tokens_total"] + 14
+    deadline = time.monotonic() + 5  # metrics are applied by their own thread, a few times a second
+    while (after := scrape_metrics(triton_server.metrics_url))["vllm:generation_tokens_total"] < expected:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)  # and nothing more arrives
     after = scrape_metrics(triton_server.metrics_url)
     assert all(len(r.token_ids) == 7 for r in results)
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == 14
