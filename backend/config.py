@@ -11,6 +11,7 @@ from typing import Any
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0  # CPU KV pool size when num_kv_blocks is not given
     gpu_memory_utilization: float = 0.90
     enforce_eager: bool = False
+    attention_backend: str = "auto"  # auto: OpenAI-Triton kernels on CUDA, torch references on CPU
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -44,6 +46,10 @@ class EngineConfig:
             raise ConfigError("load_format", f"must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ConfigError("dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            raise ConfigError(
+                "attention_backend", f"must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
         if self.device not in _DEVICES:
             raise ConfigError("device", f"must be one of {_DEVICES}, got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -118,6 +124,7 @@ _TYPES: dict[str, type] = {
     "kv_cache_memory_gb": float,
     "gpu_memory_utilization": float,
     "enforce_eager": bool,
+    "attention_backend": str,
 }
 
 

@@ -27,6 +27,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda":
+        raise ValueError("engine argument 'attention_backend': the Triton kernels need a CUDA device")
+    return name
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -60,6 +68,9 @@ class ModelRunner:
         else:
             model.load_weights(files.weights())
         self.model = model.eval()
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
+        for attn in self.model.attention_layers():
+            attn.backend = self.attention_backend
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
         self.sampler = Sampler(eos_token_ids, seed=config.seed)
@@ -73,8 +84,9 @@ class ModelRunner:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
+            activations = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.config.gpu_memory_utilization - (total - free)
+            budget = total * self.config.gpu_memory_utilization - (total - free) - activations
         else:
             budget = self.config.kv_cache_memory_gb * (1 << 30)
         num = int(budget // self._kv_bytes_per_block())
@@ -83,6 +95,39 @@ class ModelRunner:
         if num < 1:
             raise ValueError("not enough memory for even one KV-cache block; raise kv_cache_memory_gb")
         return num
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of a forward pass at max_num_batched_tokens plus the logits and sampler buffers of
+        max_num_seqs rows, measured with attention skipped (the KV cache does not exist yet)."""
+        c, dev = self.config, self.device
+        n = c.max_num_batched_tokens
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        empty = torch.zeros(0, 0, dtype=torch.int32, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(n, dtype=torch.int64, device=dev),
+            num_decode_tokens=0,
+            decode_block_tables=empty,
+            decode_context_lens=empty[0],
+            prefill_block_tables=empty,
+            prefill_query_start_loc=[0, n],
+            prefill_seq_lens=[n],
+            skip_attention=True,
+        )
+        ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        positions = torch.arange(n, device=dev) % self.max_model_len
+        hidden = self.model(ids, positions, meta)
+        rows = min(c.max_num_seqs, n)
+        logits = self.model.compute_logits(hidden[:rows])
+        # the sampler's worst case: a sorted copy, its indices and softmax of [rows, vocab] in fp32
+        scratch = [torch.empty_like(logits) for _ in range(3)] + [torch.empty_like(logits, dtype=torch.int64)]
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        del hidden, logits, scratch
+        torch.cuda.empty_cache()
+        return int(peak * 1.1)  # headroom for allocator fragmentation
 
     def _allocate_kv_cache(self) -> None:
         c = self.model_config
@@ -119,8 +164,11 @@ class ModelRunner:
                 [s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.int32, device=dev
             ),
             prefill_block_tables=self._block_tables([s for s, _ in prefills]),
-            prefill_query_start_loc=_cumsum([n for _, n in prefills]),
-            prefill_seq_lens=[s.num_computed_tokens + n for s, n in prefills],
+            prefill_query_start_loc=(query_start := _cumsum([n for _, n in prefills])),
+            prefill_seq_lens=(seq_lens := [s.num_computed_tokens + n for s, n in prefills]),
+            prefill_query_start_loc_t=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            prefill_seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_prefill_query_len=max((n for _, n in prefills), default=0),
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=dev),

@@ -1,4 +1,8 @@
-"""Paged attention layer: writes the new K/V into the cache, then attends over the cached context."""
+"""Paged attention layer: writes the new K/V into the cache, then attends over the cached context.
+
+Two backends with one meaning: "torch" (the references in pagetron.kernels.attention_ref, the CPU path)
+and "triton" (OpenAI-Triton kernels, CUDA only, imported lazily so CPU runs never compile them).
+"""
 
 from __future__ import annotations
 
@@ -25,20 +29,28 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # [num_prefill_seqs, max_blocks] int32
     prefill_query_start_loc: list[int]  # offsets into the prefill part of the tokens
     prefill_seq_lens: list[int]
+    # the same on the device, for kernels that must not sync the host
+    prefill_query_start_loc_t: torch.Tensor | None = None  # [num_prefill_seqs + 1] int32
+    prefill_seq_lens_t: torch.Tensor | None = None  # [num_prefill_seqs] int32
+    max_prefill_query_len: int = 0
+    skip_attention: bool = False  # profiling run: no cache, attention returns its query
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: str = "torch"):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.backend = backend
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D], k and v: [T, Hkv, D] -> [T, Hq, D]."""
+        if meta.skip_attention:
+            return q
         write_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         num_decode = meta.num_decode_tokens
         if num_decode == q.shape[0]:
@@ -48,11 +60,30 @@ class Attention(nn.Module):
         return torch.cat((self._decode(q[:num_decode], meta), self._prefill(q[num_decode:], meta)))
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.backend == "triton":
+            from pagetron.kernels.paged_decode_attention import paged_decode_attention
+
+            return paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+            )
         return paged_decode_attention_ref(
             q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
         )
 
     def _prefill(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.backend == "triton":
+            from pagetron.kernels.paged_prefill_attention import paged_prefill_attention
+
+            return paged_prefill_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.prefill_block_tables,
+                meta.prefill_query_start_loc_t,
+                meta.prefill_seq_lens_t,
+                self.scale,
+                meta.max_prefill_query_len,
+            )
         return paged_prefill_attention_ref(
             q,
             self.k_cache,
