@@ -51,7 +51,12 @@ class Attention(nn.Module):
         """q: [T, Hq, D], k and v: [T, Hkv, D] -> [T, Hq, D]."""
         if meta.skip_attention:
             return q
-        write_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if self.backend == "triton":
+            from pagetron.kernels.kv_cache_write import write_kv_cache
+
+            write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            write_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         num_decode = meta.num_decode_tokens
         if num_decode == q.shape[0]:
             return self._decode(q, meta)
