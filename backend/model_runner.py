@@ -7,6 +7,7 @@ import logging
 import torch
 
 from pagetron.backend.config import EngineConfig
+from pagetron.backend.cuda_graphs import DecodeGraphs
 from pagetron.backend.layers.attention import AttentionMetadata
 from pagetron.backend.loader import ModelFiles
 from pagetron.backend.models.llama import LlamaForCausalLM
@@ -73,6 +74,11 @@ class ModelRunner:
             attn.backend = self.attention_backend
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
+            max_blocks = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, min(config.max_num_seqs, 512), max_blocks, self.device)
+            self.graphs.capture()
         self.sampler = Sampler(eos_token_ids, seed=config.seed)
 
     def _kv_bytes_per_block(self) -> int:
@@ -170,11 +176,14 @@ class ModelRunner:
             prefill_seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             max_prefill_query_len=max((n for _, n in prefills), default=0),
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta,
-        )
+        ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        if self.graphs is not None and not prefills and len(decodes) <= self.graphs.max_batch:
+            hidden = self.graphs.run(
+                ids_t, positions_t, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens
+            )
+        else:
+            hidden = self.model(ids_t, positions_t, meta)
         if not sample_seqs:
             return [], SamplerOutput([], [], [])
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
