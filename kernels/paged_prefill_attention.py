@@ -162,9 +162,9 @@ def paged_prefill_attention(
 
     query: [T, Hq, D] (new tokens of all sequences, flattened); k_cache, v_cache: [num_blocks, block_size,
     Hkv, D]; block_tables: [S, max_blocks] int32; query_start_loc: [S + 1] int32 (offsets into ``query``);
-    seq_lens: [S] int32 (context length including the new tokens); max_query_len: the longest q_len, as
-    a host int (it sizes the grid). ``out`` ([T, Hq, D]) receives the result if given; block_m and
-    block_n override the tile shape (tests, tuning). Returns [T, Hq, D].
+    seq_lens: [S] int32 (context length including the new tokens); max_query_len: a host int at least the
+    longest q_len (it sizes the grid; a smaller one leaves rows unwritten). ``out`` ([T, Hq, D]) receives
+    the result if given; block_m and block_n override the tile shape (tests, tuning). Returns [T, Hq, D].
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -177,7 +177,8 @@ def paged_prefill_attention(
     assert query.dtype == k_cache.dtype == v_cache.dtype, "query and KV cache must share a dtype"
     assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share a layout"
-    assert block_tables.dtype == query_start_loc.dtype == seq_lens.dtype == torch.int32
+    for index in (block_tables, query_start_loc, seq_lens):
+        assert index.dtype == torch.int32 and index.stride(-1) == 1, "index tensors: int32, unit last stride"
 
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
