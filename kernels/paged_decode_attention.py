@@ -38,14 +38,33 @@ _INTERPRETED = triton.knobs.runtime.interpret
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr,
-    out_ptr, m_ptr, l_ptr, acc_ptr,
-    qk_scale, num_q_heads,
-    stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    stride_tb, stride_tn,
-    stride_ob, stride_oh, stride_od,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    lens_ptr,
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    qk_scale,
+    num_q_heads,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_tb,
+    stride_tn,
+    stride_ob,
+    stride_oh,
+    stride_od,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # GROUP rounded up to a power of two >= 16
     HEAD_DIM: tl.constexpr,
@@ -141,9 +160,15 @@ def _split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    out_ptr, m_ptr, l_ptr, acc_ptr, lens_ptr,
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    lens_ptr,
     num_q_heads,
-    stride_ob, stride_oh, stride_od,
+    stride_ob,
+    stride_oh,
+    stride_od,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -211,15 +236,19 @@ def _is_power_of_two(x: int) -> bool:
 
 def _check_inputs(query, k_cache, v_cache, block_tables, context_lens, num_splits) -> None:
     if query.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(f"query must be [B, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got "
-                         f"{tuple(query.shape)} and {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"query must be [B, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got "
+            f"{tuple(query.shape)} and {tuple(k_cache.shape)}"
+        )
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
     batch, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if not (query.dtype == k_cache.dtype == v_cache.dtype) or query.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"query and caches must share one dtype of {_SUPPORTED_DTYPES}; got "
-                         f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"query and caches must share one dtype of {_SUPPORTED_DTYPES}; got "
+            f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     if cache_head_dim != head_dim:
         raise ValueError(f"query head_dim {head_dim} != cache head_dim {cache_head_dim}")
     if not _is_power_of_two(head_dim) or not 16 <= head_dim <= 256:
@@ -229,11 +258,14 @@ def _check_inputs(query, k_cache, v_cache, block_tables, context_lens, num_split
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
-        raise ValueError(f"block_tables and context_lens must be int32; got {block_tables.dtype}, "
-                         f"{context_lens.dtype}")
+        raise ValueError(
+            f"block_tables and context_lens must be int32; got {block_tables.dtype}, {context_lens.dtype}"
+        )
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(context_lens.shape) != (batch,):
-        raise ValueError(f"block_tables must be [{batch}, max_blocks] and context_lens [{batch}]; got "
-                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+        raise ValueError(
+            f"block_tables must be [{batch}, max_blocks] and context_lens [{batch}]; got "
+            f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}"
+        )
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
 
@@ -264,10 +296,22 @@ def paged_decode_attention(
     group = num_q_heads // num_kv_heads
 
     _split_kernel[(batch, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, context_lens,
-        out, m, exp_sum, acc,
-        scale * _LOG2E, num_q_heads,
-        *query.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        m,
+        exp_sum,
+        acc,
+        scale * _LOG2E,
+        num_q_heads,
+        *query.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *block_tables.stride(),
+        *out.stride(),
         GROUP=group,
         GROUP_PAD=max(_MIN_DOT_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -281,7 +325,11 @@ def paged_decode_attention(
     )
     if num_splits > 1:
         _merge_kernel[(batch, num_q_heads)](
-            out, m, exp_sum, acc, context_lens,
+            out,
+            m,
+            exp_sum,
+            acc,
+            context_lens,
             num_q_heads,
             *out.stride(),
             HEAD_DIM=head_dim,

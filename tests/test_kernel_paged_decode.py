@@ -111,7 +111,13 @@ def test_fp32_matches_reference_for_any_split_count(
     num_q_heads, num_kv_heads, block_size, context_lens, pad_blocks
 ):
     query, k_cache, v_cache, tables, lens = make_case(
-        context_lens, num_q_heads, num_kv_heads, 64, block_size, torch.float32, seed=block_size + num_q_heads,
+        context_lens,
+        num_q_heads,
+        num_kv_heads,
+        64,
+        block_size,
+        torch.float32,
+        seed=block_size + num_q_heads,
         pad_blocks=pad_blocks,
     )
     expected = reference_fp32(query, k_cache, v_cache, tables, lens, 0.125)
@@ -205,10 +211,21 @@ def bad_inputs(**change):
     "change,message",
     [
         ({"v_cache": lambda a: a["v_cache"][:-1]}, "differ in shape"),
-        ({"k_cache": lambda a: a["k_cache"].repeat(1, 3, 1, 1)[:, :24],
-          "v_cache": lambda a: a["v_cache"].repeat(1, 3, 1, 1)[:, :24]}, "block_size must be a power of two"),
-        ({"query": lambda a: a["query"][..., :48], "k_cache": lambda a: a["k_cache"][..., :48],
-          "v_cache": lambda a: a["v_cache"][..., :48]}, "head_dim must be a power of two"),
+        (
+            {
+                "k_cache": lambda a: a["k_cache"].repeat(1, 3, 1, 1)[:, :24],
+                "v_cache": lambda a: a["v_cache"].repeat(1, 3, 1, 1)[:, :24],
+            },
+            "block_size must be a power of two",
+        ),
+        (
+            {
+                "query": lambda a: a["query"][..., :48],
+                "k_cache": lambda a: a["k_cache"][..., :48],
+                "v_cache": lambda a: a["v_cache"][..., :48],
+            },
+            "head_dim must be a power of two",
+        ),
         ({"query": lambda a: a["query"][:, :3]}, "not a multiple of num_kv_heads"),
         ({"query": lambda a: a["query"].half()}, "share one dtype"),
         ({"block_tables": lambda a: a["block_tables"].long()}, "must be int32"),
@@ -234,8 +251,12 @@ def reference_fp32_chunked(query, k_cache, v_cache, tables, lens, scale, chunk=1
         local = torch.arange(used.numel(), device=rows.device, dtype=torch.int32).view(rows.shape)
         outs.append(
             paged_decode_attention_ref(
-                query[start : start + chunk].float(), k_cache[used].float(), v_cache[used].float(),
-                local, lens[start : start + chunk], scale,
+                query[start : start + chunk].float(),
+                k_cache[used].float(),
+                v_cache[used].float(),
+                local,
+                lens[start : start + chunk],
+                scale,
             )
         )
     return torch.cat(outs)
@@ -277,7 +298,9 @@ def test_cuda_model_shapes_bf16(model, batch, monkeypatch):
     eager_ms = triton.testing.do_bench(run, return_mode="median")  # includes Python launch overhead
     ref_ms = triton.testing.do_bench(
         lambda: paged_decode_attention_ref(query, k_cache, v_cache, tables, lens, scale),
-        warmup=5, rep=20, return_mode="median",
+        warmup=5,
+        rep=20,
+        return_mode="median",
     )
     num_splits = pda.default_num_splits(batch, num_kv_heads, tables.shape[1] * 16, pda._num_sms(query.device))
     kv_bytes = sum(context_lens) * num_kv_heads * head_dim * 2 * k_cache.element_size()
