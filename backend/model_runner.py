@@ -116,7 +116,7 @@ class ModelRunner:
             slot_mapping=torch.zeros(n, dtype=torch.int64, device=dev),
             num_decode_tokens=0,
             decode_block_tables=empty,
-            decode_context_lens=empty[0],
+            decode_context_lens=torch.zeros(0, dtype=torch.int32, device=dev),
             prefill_block_tables=empty,
             prefill_query_start_loc=[0, n],
             prefill_seq_lens=[n],

@@ -8,7 +8,10 @@ must be written).
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernel module is imported: run on the CPU
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernel module is imported: run on the CPU
 
 import importlib.util  # noqa: E402
 import random  # noqa: E402
@@ -16,7 +19,6 @@ from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 from pagetron.kernels import paged_prefill_attention as kernel_module  # noqa: E402
