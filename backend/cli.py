@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     smoke.add_argument("--num-prompts", type=int, default=32)
     smoke.add_argument("--max-tokens", type=int, default=64)
     add_engine_args(smoke)
+    gpu = bench_sub.add_parser("gpu", help="workloads T and P on a GPU, with HF baselines in the same run")
+    from pagetron.backend.benchmarks.gpu_workloads import add_arguments as add_gpu_arguments
+
+    add_gpu_arguments(gpu)
     served = bench_sub.add_parser("served-vs-offline", help="throughput through tritonserver vs offline")
     from pagetron.backend.benchmarks.served_vs_offline import add_arguments as add_served_arguments
 
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.commands.chat import run_chat
 
             return run_chat(ns)
+        if ns.workload == "gpu":
+            from pagetron.backend.benchmarks.gpu_workloads import run_gpu_bench
+
+            return run_gpu_bench(ns)
         if ns.workload == "served-vs-offline":
             from pagetron.backend.benchmarks.served_vs_offline import run_served_vs_offline
 
