@@ -213,7 +213,7 @@ class TritonServer:
         if self.process is None:
             return None
         timeout_s = self.exit_timeout_s + 15 if timeout_s is None else timeout_s
-        if self.process.poll() is None:
+        if self.process.poll() is None and self.is_ready():  # an unloaded model has nothing to drain
             self.drain(timeout_s)
             self.process.send_signal(signal.SIGINT)  # the server only: it stops its stubs itself
             try:
