@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -162,6 +163,8 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         dev = self.device
+        query_start = list(itertools.accumulate((n for _, n in prefills), initial=0))
+        seq_lens = [s.num_computed_tokens + n for s, n in prefills]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decode_tokens=len(decodes),
@@ -170,8 +173,8 @@ class ModelRunner:
                 [s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.int32, device=dev
             ),
             prefill_block_tables=self._block_tables([s for s, _ in prefills]),
-            prefill_query_start_loc=(query_start := _cumsum([n for _, n in prefills])),
-            prefill_seq_lens=(seq_lens := [s.num_computed_tokens + n for s, n in prefills]),
+            prefill_query_start_loc=query_start,
+            prefill_seq_lens=seq_lens,
             prefill_query_start_loc_t=torch.tensor(query_start, dtype=torch.int32, device=dev),
             prefill_seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             max_prefill_query_len=max((n for _, n in prefills), default=0),
@@ -193,13 +196,6 @@ class ModelRunner:
         width = max((len(s.block_table) for s in seqs), default=0)
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int32, device=self.device).view(len(seqs), width)
-
-
-def _cumsum(values: list[int]) -> list[int]:
-    out = [0]
-    for v in values:
-        out.append(out[-1] + v)
-    return out
 
 
 @torch.no_grad()

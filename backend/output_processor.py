@@ -74,7 +74,7 @@ class RequestState:
                 CompletionOutput(
                     index=seq.index,
                     text=delta if delta_only else st.text,
-                    token_ids=new_token_ids if delta_only else list(seq.output_token_ids),
+                    token_ids=list(new_token_ids) if delta_only else list(seq.output_token_ids),
                     cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
                     logprobs=logprobs,
                     finish_reason=seq.finish_reason,

@@ -11,28 +11,23 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 from pagetron.backend import LLM, SamplingParams
+from pagetron.backend.benchmarks.gpu_workloads import write_config
 
 SETUPS = {  # name -> engine arguments
     "torch": {"attention_backend": "torch", "enforce_eager": True},
     "triton-eager": {"attention_backend": "triton", "enforce_eager": True},
     "triton": {"attention_backend": "triton"},
 }
-LLAMA2_13B = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=5120, intermediate_size=13824,
-    num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-    max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-    hidden_act="silu", bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
 
 
 def parity(tmp: str, setup: str) -> list[tuple[str, str]]:
@@ -73,10 +68,7 @@ def parity(tmp: str, setup: str) -> list[tuple[str, str]]:
 
 
 def throughput(tmp: str, setup: str, requests: int, output_len: int) -> list[tuple[str, str]]:
-    folder = os.path.join(tmp, "llama2-13b")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(LLAMA2_13B, f)
+    folder = str(write_config("llama2-13b", Path(tmp) / "llama2-13b"))
     started = time.time()
     llm = LLM(folder, load_format="dummy", max_num_seqs=256, max_num_batched_tokens=8192, **SETUPS[setup])
     start_s = time.time() - started

@@ -45,7 +45,8 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None =
     prompt = _prompt(inputs)
     flags = {name: _bool(inputs, name) for name in BOOL_INPUTS if name in inputs}
     params = _sampling_params(inputs, parameters)
-    if flags.get("return_logprobs") and params.logprobs is None:
+    wants_logprobs = flags.get("return_logprobs") or flags.get("return_cumulative_logprob")
+    if wants_logprobs and params.logprobs is None:
         params.logprobs = 0  # the sampled token's logprob, as Triton's vLLM backend does
     return ParsedRequest(prompt=prompt, params=params, **flags)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -17,20 +16,20 @@ class ResponseBuilder:
 
     @staticmethod
     def merge(pending: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-        """Joins a DELTA output onto what a non-streaming request has gathered so far."""
+        """Joins a DELTA output onto what a non-streaming request has gathered so far, in place (the
+        delta's lists are its own, so extending them costs only the new tokens)."""
         if pending is None:
             return delta
-        merged = []
         for old, new in zip(pending.outputs, delta.outputs):
-            merged.append(
-                dataclasses.replace(
-                    new,
-                    text=old.text + new.text,
-                    token_ids=old.token_ids + new.token_ids,
-                    logprobs=None if new.logprobs is None else (old.logprobs or []) + new.logprobs,
-                )
-            )
-        return dataclasses.replace(delta, outputs=merged)
+            old.text += new.text
+            old.token_ids.extend(new.token_ids)
+            if new.logprobs is not None:
+                old.logprobs = old.logprobs if old.logprobs is not None else []
+                old.logprobs.extend(new.logprobs)
+            old.cumulative_logprob = new.cumulative_logprob
+            old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+        pending.finished, pending.num_cached_tokens = delta.finished, delta.num_cached_tokens
+        return pending
 
     def tensors(self, parsed: ParsedRequest, out: RequestOutput) -> dict[str, np.ndarray]:
         outputs = sorted(out.outputs, key=lambda o: o.index)

@@ -1,0 +1,48 @@
+"""Triton request tensors to a generation request: prompt forms, flags, merged sampling parameters."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pagetron.backend.llm_engine import InvalidRequestError
+from pagetron.backend.sampling_params import SamplingParamsError
+from pagetron.backend.serving.request_parser import parse_request
+
+
+def text(value: bytes) -> np.ndarray:
+    return np.array([value], dtype=np.object_)
+
+
+def test_sampling_parameters_tensor_wins_over_http_parameters_and_strings_are_numbers():
+    parsed = parse_request(
+        {
+            "text_input": text(b"Hi"),
+            "sampling_parameters": text(json.dumps({"max_tokens": "7"}).encode()),
+            "stream": np.array([True]),
+        },
+        json.dumps({"max_tokens": 3, "temperature": "0.5"}),
+    )
+    assert (parsed.prompt, parsed.stream, parsed.params.max_tokens, parsed.params.temperature) == (
+        "Hi",
+        True,
+        7,
+        0.5,
+    )
+
+
+@pytest.mark.parametrize("flag", ["return_logprobs", "return_cumulative_logprob"])
+def test_asking_for_logprobs_or_their_sum_turns_on_sampled_token_logprobs(flag):
+    parsed = parse_request({"input_ids": np.array([5, 6], dtype=np.int32), flag: np.array([True])})
+    assert parsed.prompt == [5, 6] and parsed.params.logprobs == 0
+
+
+def test_bad_inputs_name_the_field():
+    with pytest.raises(InvalidRequestError, match="text_input"):
+        parse_request({"text_input": text(b"\xff")})
+    with pytest.raises(InvalidRequestError, match="text_input"):
+        parse_request({})
+    with pytest.raises(InvalidRequestError, match="stream"):
+        parse_request({"text_input": text(b"Hi"), "stream": np.array([1], dtype=np.int32)})
+    with pytest.raises(SamplingParamsError, match="sampling_parameters"):
+        parse_request({"text_input": text(b"Hi"), "sampling_parameters": text(b"{no")})
