@@ -81,6 +81,14 @@ class BlockManager:
         num_hit_tokens = len(hit_blocks) * self.block_size
         return hit_blocks, num_hit_tokens
 
+    def num_blocks_to_take(self, seq: Sequence, num_new_tokens: int, hits: list[int] | None = None) -> int:
+        """Free blocks that ``allocate_slots(seq, num_new_tokens, hits)`` would take: new blocks plus
+        prefix hits that sit in the free queue."""
+        hits = hits or []
+        num_covered_tokens = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
+        num_new_blocks = max(0, -(-num_covered_tokens // self.block_size) - len(seq.block_table) - len(hits))
+        return num_new_blocks + sum(1 for block_id in hits if self.ref_counts[block_id] == 0)
+
     def allocate_slots(
         self, seq: Sequence, num_new_tokens: int, new_computed_blocks: list[int] | None = None
     ) -> bool:
@@ -97,10 +105,8 @@ class BlockManager:
             raise ValueError("prefix-cache hits can only start an empty block table")
         bs = self.block_size
         num_covered_tokens = seq.num_computed_tokens + len(hits) * bs + num_new_tokens
-        num_required_blocks = -(-num_covered_tokens // bs)
-        num_new_blocks = max(0, num_required_blocks - len(seq.block_table) - len(hits))
-        num_free_hits = sum(1 for block_id in hits if self.ref_counts[block_id] == 0)
-        if num_new_blocks + num_free_hits > self.num_free_blocks:
+        num_new_blocks = max(0, -(-num_covered_tokens // bs) - len(seq.block_table) - len(hits))
+        if self.num_blocks_to_take(seq, num_new_tokens, hits) > self.num_free_blocks:
             return False
 
         if hits:

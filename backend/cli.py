@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     from pagetron.backend.benchmarks.gpu_workloads import add_arguments as add_gpu_arguments
 
     add_gpu_arguments(gpu)
+    gpu_served = bench_sub.add_parser(
+        "gpu-served", help="workload L through tritonserver on a GPU, vs offline"
+    )
+    from pagetron.backend.benchmarks.gpu_served import add_arguments as add_gpu_served_arguments
+
+    add_gpu_served_arguments(gpu_served)
     served = bench_sub.add_parser("served-vs-offline", help="throughput through tritonserver vs offline")
     from pagetron.backend.benchmarks.served_vs_offline import add_arguments as add_served_arguments
 
@@ -128,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.benchmarks.gpu_workloads import run_gpu_bench
 
             return run_gpu_bench(ns)
+        if ns.workload == "gpu-served":
+            from pagetron.backend.benchmarks.gpu_served import run_gpu_served
+
+            return run_gpu_served(ns)
         if ns.workload == "served-vs-offline":
             from pagetron.backend.benchmarks.served_vs_offline import run_served_vs_offline
 

@@ -12,6 +12,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model dtype; fp8: float8 e4m3, scales 1.0
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    # admit a request only if the free KV blocks cover the expected growth of all running ones (scheduler)
+    reserve_kv_for_growth: bool = True
+    kv_cache_dtype: str = "auto"
     num_kv_blocks: int | None = None  # fixes the KV pool size (tests use it to force preemption)
     kv_cache_memory_gb: float = 2.0  # CPU KV pool size when num_kv_blocks is not given
     gpu_memory_utilization: float = 0.90
@@ -49,6 +53,10 @@ class EngineConfig:
         if self.attention_backend not in _ATTENTION_BACKENDS:
             raise ConfigError(
                 "attention_backend", f"must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
             )
         if self.device not in _DEVICES:
             raise ConfigError("device", f"must be one of {_DEVICES}, got {self.device!r}")
@@ -120,6 +128,8 @@ _TYPES: dict[str, type] = {
     "max_num_batched_tokens": int,
     "enable_chunked_prefill": bool,
     "enable_prefix_caching": bool,
+    "reserve_kv_for_growth": bool,
+    "kv_cache_dtype": str,
     "num_kv_blocks": int,
     "kv_cache_memory_gb": float,
     "gpu_memory_utilization": float,

@@ -51,6 +51,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            reserve_kv_for_growth=config.reserve_kv_for_growth,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._request_ids = itertools.count()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagetron.backend.config import EngineConfig
@@ -58,6 +60,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_cache_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.dtype
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -84,7 +87,7 @@ class ModelRunner:
 
     def _kv_bytes_per_block(self) -> int:
         c = self.model_config
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_cache_dtype).element_size()
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
@@ -139,7 +142,7 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         c = self.model_config
         shape = (2, c.num_layers, self.num_kv_blocks, self.block_size, c.num_kv_heads, c.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         logger.info("KV cache: %d blocks of %d tokens", self.num_kv_blocks, self.block_size)
@@ -148,54 +151,127 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SamplerOutput]:
         """Runs one forward over ``(sequence, number of new tokens)`` pairs and samples for every sequence
         whose chunk reaches its last known token. Returns those sequences and their samples, in order."""
-        decodes = [(s, n) for s, n in scheduled if n == 1]
+        batch = self._prepare(scheduled)
+        meta = batch.meta
+        if (
+            self.graphs is not None
+            and batch.num_prefills == 0
+            and meta.num_decode_tokens <= self.graphs.max_batch
+        ):
+            hidden = self.graphs.run(
+                batch.input_ids, batch.positions, meta.slot_mapping, meta.decode_block_tables,
+                meta.decode_context_lens,
+            )  # fmt: skip
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, meta)
+        if not batch.sample_seqs:
+            return [], SamplerOutput([], [], [])
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        return batch.sample_seqs, self.sampler(logits, batch.sample_seqs)
+
+    def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> PreparedBatch:
+        """Flattens a step into device tensors: decode tokens first, then the prefill chunks in order.
+
+        Built in numpy and sent in two host-to-device copies (one int64, one int32 buffer): per-tensor
+        copies of Python lists cost milliseconds at a few hundred sequences.
+        """
+        decodes = [s for s, n in scheduled if n == 1]
         prefills = [(s, n) for s, n in scheduled if n != 1]
-        ordered = decodes + prefills
-        input_ids, positions, slots, sample_rows, sample_seqs = [], [], [], [], []
         bs = self.block_size
-        for seq, n in ordered:
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
-            for pos in range(start, start + n):
-                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            positions.extend(range(start, start + n))
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
+        num_decode = len(decodes)
+        num_tokens = num_decode + sum(n for _, n in prefills)
+        # int64 buffer: [input ids | positions | slots | rows to sample]
+        longs = np.empty(3 * num_tokens + len(scheduled), dtype=np.int64)
+        ids, positions, slots = (longs[i * num_tokens : (i + 1) * num_tokens] for i in range(3))
+        sample_seqs: list[Sequence] = []
+        num_sampled = 0
+        sample_rows = longs[3 * num_tokens :]
+        for i, seq in enumerate(decodes):
+            pos = seq.num_computed_tokens
+            ids[i] = seq.token_ids[pos]
+            positions[i] = pos
+            slots[i] = seq.block_table[pos // bs] * bs + pos % bs
+            if pos + 1 == seq.num_tokens:  # else a one-token chunk in the middle of a chunked prefill
+                sample_rows[num_sampled] = i
+                num_sampled += 1
                 sample_seqs.append(seq)
-        dev = self.device
-        query_start = list(itertools.accumulate((n for _, n in prefills), initial=0))
-        seq_lens = [s.num_computed_tokens + n for s, n in prefills]
+        offset = num_decode
+        for seq, n in prefills:
+            start = seq.num_computed_tokens
+            ids[offset : offset + n] = seq.token_ids[start : start + n]
+            pos = np.arange(start, start + n, dtype=np.int64)
+            positions[offset : offset + n] = pos
+            slots[offset : offset + n] = (
+                np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs
+            )
+            offset += n
+            if start + n == seq.num_tokens:
+                sample_rows[num_sampled] = offset - 1
+                num_sampled += 1
+                sample_seqs.append(seq)
+        # int32 buffer: [decode context lens | decode block tables | query starts | seq lens | prefill tables]
+        decode_width = max((len(s.block_table) for s in decodes), default=0)
+        prefill_width = max((len(s.block_table) for s, _ in prefills), default=0)
+        num_prefills = len(prefills)
+        sizes = [
+            num_decode,
+            num_decode * decode_width,
+            num_prefills + 1,
+            num_prefills,
+            num_prefills * prefill_width,
+        ]
+        ints = np.zeros(sum(sizes), dtype=np.int32)
+        parts = np.split(ints, np.cumsum(sizes)[:-1])
+        context_lens, decode_tables, query_start, seq_lens, prefill_tables = parts
+        decode_tables = decode_tables.reshape(num_decode, decode_width)
+        prefill_tables = prefill_tables.reshape(num_prefills, prefill_width)
+        for i, seq in enumerate(decodes):
+            context_lens[i] = seq.num_computed_tokens + 1
+            decode_tables[i, : len(seq.block_table)] = seq.block_table
+        query_start_list = list(itertools.accumulate((n for _, n in prefills), initial=0))
+        seq_lens_list = [s.num_computed_tokens + n for s, n in prefills]
+        query_start[:] = query_start_list
+        seq_lens[:] = seq_lens_list
+        for i, (seq, _) in enumerate(prefills):
+            prefill_tables[i, : len(seq.block_table)] = seq.block_table
+        longs_t, ints_t = self._to_device(longs), self._to_device(ints)
+        ints_parts = torch.split(ints_t, sizes)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=self._block_tables([s for s, _ in decodes]),
-            decode_context_lens=torch.tensor(
-                [s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.int32, device=dev
-            ),
-            prefill_block_tables=self._block_tables([s for s, _ in prefills]),
-            prefill_query_start_loc=query_start,
-            prefill_seq_lens=seq_lens,
-            prefill_query_start_loc_t=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            prefill_seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            slot_mapping=longs_t[2 * num_tokens : 3 * num_tokens],
+            num_decode_tokens=num_decode,
+            decode_block_tables=ints_parts[1].view(num_decode, decode_width),
+            decode_context_lens=ints_parts[0],
+            prefill_block_tables=ints_parts[4].view(num_prefills, prefill_width),
+            prefill_query_start_loc=query_start_list,
+            prefill_seq_lens=seq_lens_list,
+            prefill_query_start_loc_t=ints_parts[2],
+            prefill_seq_lens_t=ints_parts[3],
             max_prefill_query_len=max((n for _, n in prefills), default=0),
         )
-        ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        if self.graphs is not None and not prefills and len(decodes) <= self.graphs.max_batch:
-            hidden = self.graphs.run(
-                ids_t, positions_t, meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens
-            )
-        else:
-            hidden = self.model(ids_t, positions_t, meta)
-        if not sample_seqs:
-            return [], SamplerOutput([], [], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        return sample_seqs, self.sampler(logits, sample_seqs)
+        return PreparedBatch(
+            input_ids=longs_t[:num_tokens],
+            positions=longs_t[num_tokens : 2 * num_tokens],
+            meta=meta,
+            num_prefills=num_prefills,
+            sample_rows=longs_t[3 * num_tokens : 3 * num_tokens + num_sampled],
+            sample_seqs=sample_seqs,
+        )
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max((len(s.block_table) for s in seqs), default=0)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device).view(len(seqs), width)
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    num_prefills: int
+    sample_rows: torch.Tensor  # rows of the hidden states to sample from, one per entry of sample_seqs
+    sample_seqs: list[Sequence]
 
 
 @torch.no_grad()

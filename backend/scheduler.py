@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from math import ceil
 
 from pagetron.backend.block_manager import BlockManager
 from pagetron.backend.sampler import SamplerOutput
 from pagetron.backend.sequence import Sequence, SequenceStatus
+
+USAGE_WINDOW = 64  # finished sequences whose used share of max_tokens sets the growth reservation
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: tuple[int, ...] | list[int] = (),
         enable_chunked_prefill: bool = True,
+        reserve_kv_for_growth: bool = True,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -48,9 +52,13 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.reserve_kv_for_growth = reserve_kv_for_growth
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # fractions of their allowed output that recently finished sequences used (see growth_ratio)
+        self._used_fractions: deque[float] = deque(maxlen=USAGE_WINDOW)
+        self._used_sum = 0.0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -82,6 +90,7 @@ class Scheduler:
         # NOTE: no new admissions in a step that had to preempt: memory is short, let running work drain.
         if batch.preempted:
             return batch
+        reserved = self._reserved_blocks(self.running) if self.reserve_kv_for_growth else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(seq)
@@ -89,6 +98,13 @@ class Scheduler:
             if num_new > budget and not self.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
+            if self.reserve_kv_for_growth:
+                taken = self.block_manager.num_blocks_to_take(seq, num_new, hit_blocks)
+                held = -(-(num_hit_tokens + num_new) // self.block_manager.block_size)
+                growth = self._growth_blocks(seq, held)
+                if self.running and self.block_manager.num_free_blocks - taken < reserved + growth:
+                    break
+                reserved += growth
             if not self.block_manager.allocate_slots(seq, num_new, hit_blocks):
                 break
             self.waiting.popleft()
@@ -99,6 +115,34 @@ class Scheduler:
             batch.scheduled.append((seq, num_new))
             budget -= num_new
         return batch
+
+    # NOTE on admission: a running sequence grows by one token per step, and when the pool runs dry the
+    # newest one is preempted and recomputed, which throws away its prefill. So a waiting sequence is
+    # admitted only if the blocks left free afterwards cover the expected growth of everything running:
+    # each sequence may still grow to its prompt + max_tokens (or max_model_len), scaled by the share of
+    # their allowance that recently finished sequences actually used (1.0 until one finishes). Requests
+    # that stop at EOS long before max_tokens thus soon reserve little; a workload that always runs to
+    # max_tokens reserves everything and is never preempted. Nothing is admitted past this check while
+    # blocks are short, but an idle engine always admits its first sequence.
+    @property
+    def growth_ratio(self) -> float:
+        if not self._used_fractions:
+            return 1.0
+        return self._used_sum / len(self._used_fractions)
+
+    def _reserved_blocks(self, seqs: list[Sequence]) -> int:
+        return sum(self._growth_blocks(seq, len(seq.block_table)) for seq in seqs)
+
+    def _growth_blocks(self, seq: Sequence, num_blocks_held: int) -> int:
+        """Blocks ``seq`` is expected to need beyond the ``num_blocks_held`` it has (or is about to get)."""
+        need = -(-self._final_len(seq) // self.block_manager.block_size) - num_blocks_held
+        return ceil(self.growth_ratio * need) if need > 0 else 0
+
+    def _final_len(self, seq: Sequence) -> int:
+        max_tokens = seq.sampling_params.max_tokens
+        if max_tokens is None:
+            return self.max_model_len
+        return min(seq.num_prompt_tokens + max_tokens, self.max_model_len)
 
     def _preempt(self, seq: Sequence) -> None:
         # Recompute preemption: drop the KV, keep the tokens; the sequence re-prefills prompt + output later.
@@ -148,6 +192,12 @@ class Scheduler:
             return
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        allowed = self._final_len(seq) - seq.num_prompt_tokens
+        if reason != "abort" and allowed > 0:
+            if len(self._used_fractions) == USAGE_WINDOW:
+                self._used_sum -= self._used_fractions[0]
+            self._used_fractions.append(min(1.0, seq.num_output_tokens / allowed))
+            self._used_sum += self._used_fractions[-1]
         self.block_manager.free(seq)
         if seq in self.running:
             self.running.remove(seq)

@@ -83,7 +83,7 @@ def test_smollm2_default_engine_matches_hf(smollm, smollm_prompts, max_tokens, h
     [
         ({"enable_prefix_caching": False, "max_num_seqs": 5}, "no_cache_hits"),
         ({"enable_prefix_caching": True, "max_num_seqs": 5}, "cache_hits"),
-        ({"num_kv_blocks": 24, "max_num_seqs": 16}, "preemption"),
+        ({"num_kv_blocks": 24, "max_num_seqs": 16, "reserve_kv_for_growth": False}, "preemption"),
         ({"max_num_batched_tokens": 16, "max_num_seqs": 6}, "chunked"),
     ],
     ids=["prefix-cache-off", "prefix-cache-on", "preemption", "chunked-prefill"],

@@ -9,10 +9,19 @@ from pagetron.backend.sequence import Sequence, SequenceStatus
 EOS = 2
 
 
-def make_scheduler(num_blocks=16, block_size=4, max_num_seqs=8, budget=64, chunked=True, max_model_len=64):
+def make_scheduler(
+    num_blocks=16, block_size=4, max_num_seqs=8, budget=64, chunked=True, max_model_len=64, reserve=False
+):
+    """Without the growth reservation by default: these tests pin batching and preemption mechanics."""
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True)
     return Scheduler(
-        bm, max_num_seqs, budget, max_model_len, eos_token_ids=[EOS], enable_chunked_prefill=chunked
+        bm,
+        max_num_seqs,
+        budget,
+        max_model_len,
+        eos_token_ids=[EOS],
+        enable_chunked_prefill=chunked,
+        reserve_kv_for_growth=reserve,
     )
 
 
@@ -140,3 +149,49 @@ def test_finish_from_outside_frees_blocks_and_drops_late_samples():
     assert sched.block_manager.num_free_blocks == 16
     updates = sched.postprocess(batch, [a], SamplerOutput([7], [0.0], [None]))
     assert updates == [] and a.output_token_ids == [] and not sched.has_unfinished()
+
+
+def test_growth_reservation_holds_a_request_back_instead_of_preempting_later():
+    # 6 blocks of 4; each request may grow to 4 + 12 = 16 tokens = 4 blocks, so two never fit at once
+    for reserve in (True, False):
+        sched = make_scheduler(num_blocks=6, block_size=4, reserve=reserve)
+        a, b = seq(4, max_tokens=12), seq(4, start=40, max_tokens=12)
+        sched.add(a)
+        sched.add(b)
+        batch, _ = step(sched)
+        if reserve:
+            # a is admitted into an idle engine; b would leave 4 free blocks for 3 + 3 of expected growth
+            assert batch.scheduled == [(a, 4)] and list(sched.waiting) == [b]
+        else:
+            assert batch.scheduled == [(a, 4), (b, 4)]
+        while sched.has_unfinished():
+            step(sched)
+        assert a.num_output_tokens == b.num_output_tokens == 12
+        assert sched.num_preemptions == (0 if reserve else 1)
+
+
+def test_growth_ratio_is_the_share_of_max_tokens_recent_finishes_used():
+    sched = make_scheduler(num_blocks=64, reserve=True)
+    assert sched.growth_ratio == 1.0  # nothing finished yet: reserve the whole allowance
+    a, b, c = seq(4, max_tokens=8), seq(4, start=30, max_tokens=4), seq(4, start=50, max_tokens=8)
+    for s in (a, b, c):
+        sched.add(s)
+    step(sched)  # one token each
+    sched.finish(c, "abort")  # aborts say nothing about how long outputs run
+    step(sched, token=EOS)  # a stops after 2 of 8 tokens, b after 2 of 4
+    assert a.finish_reason == b.finish_reason == "stop"
+    assert sched.growth_ratio == (2 / 8 + 2 / 4) / 2
+
+
+def test_learned_growth_ratio_admits_more_when_requests_stop_early():
+    sched = make_scheduler(num_blocks=8, block_size=4, reserve=True)
+    first = seq(4, max_tokens=28)
+    sched.add(first)
+    step(sched, token=EOS)  # used 1 of its 28 tokens: the ratio drops to 1/28
+    assert first.is_finished and sched.growth_ratio == 1 / 28
+    a, b = seq(4, start=30, max_tokens=28), seq(4, start=60, max_tokens=28)
+    sched.add(a)
+    sched.add(b)
+    batch, _ = step(sched)
+    # each may grow to 32 tokens = 8 blocks, but at 1/28 each reserves ceil(7 / 28) = 1 block
+    assert batch.scheduled == [(a, 4), (b, 4)]

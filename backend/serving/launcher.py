@@ -59,15 +59,23 @@ def build_backend_dir(dest: Path) -> Path:
     return dest
 
 
+STUB_SITE_ENV = "PAGETRON_STUB_SITE_PACKAGES"  # folders the stub imports from first (os.pathsep-separated)
+
+
 def stub_python_bin(dest: Path) -> Path:
     """The bin/ whose ``python3`` the stub must find first on PATH.
 
     The stub embeds the system's libpython3.X, so the stdlib on its sys.path must be the system
-    Python's too. When this interpreter is not the system one (a pyenv or conda build), a small venv of
-    the system python3.X is made at ``dest`` whose site-packages chains to this environment's.
+    Python's too, and it honours no PYTHONPATH. When this interpreter is not the system one (a pyenv or
+    conda build), or when PYTHONPATH or $PAGETRON_STUB_SITE_PACKAGES name folders the stub must see, a
+    small venv of the system python3.X is made at ``dest`` whose import path is: those stub folders, then
+    PYTHONPATH, then this environment's site-packages. The stub's numpy must be older than 2.
     """
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if sys.base_prefix == "/usr":
+    extra = [p for p in os.environ.get(STUB_SITE_ENV, "").split(os.pathsep) if p]
+    extra += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if sys.base_prefix == "/usr" and not extra:
+        _check_stub_numpy(_numpy_version_here())
         return Path(sys.executable).parent
     system_python = Path(f"/usr/bin/python{version}")
     if not system_python.exists():
@@ -78,10 +86,35 @@ def stub_python_bin(dest: Path) -> Path:
     site_packages = dest / "lib" / f"python{version}" / "site-packages"
     if not (dest / "bin" / "python3").exists():
         subprocess.run([str(system_python), "-m", "venv", "--without-pip", str(dest)], check=True)
-    link = site_packages / "pagetron-environment.pth"
     ours = sysconfig.get_paths()["purelib"]
-    link.write_text(f"import site; site.addsitedir({ours!r})\n")
+    lines = [str(Path(p).resolve()) for p in extra] + [f"import site; site.addsitedir({ours!r})"]
+    (site_packages / "pagetron-environment.pth").write_text("\n".join(lines) + "\n")
+    probe = subprocess.run(  # as the stub will see it: without PYTHONPATH
+        [str(dest / "bin" / "python3"), "-c", "import numpy; print(numpy.__version__)"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    _check_stub_numpy(probe.stdout.strip() if probe.returncode == 0 else None)
     return dest / "bin"
+
+
+def _numpy_version_here() -> str | None:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.__version__
+
+
+def _check_stub_numpy(version: str | None) -> None:
+    if version is None:
+        raise LaunchError("the Triton Python stub's environment has no numpy: install numpy<2")
+    if int(version.split(".")[0]) >= 2:
+        raise LaunchError(
+            f"the Triton Python stub would import numpy {version}: Triton 2.51's stub corrupts BYTES "
+            f"inputs with numpy 2; install numpy<2, or set {STUB_SITE_ENV} to a folder holding numpy<2"
+        )
 
 
 def prepare_model_repository(dest: Path, engine_args: dict, parameters: dict[str, str] | None = None) -> Path:

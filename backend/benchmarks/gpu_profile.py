@@ -1,0 +1,194 @@
+"""Where a workload-T run spends its time on a GPU: per-step host and device time by step kind, a kernel
+table (torch.profiler) for one prefill-heavy and one decode-only window, and the GEMM rates of the shape.
+
+  python -m pagetron.backend.benchmarks.gpu_profile --shape llama2-13b [--requests 512] [--json out.json]
+
+Timing synchronizes the device around the forward pass and the sampler (the step already waits for the
+sampled ids, so this moves little); the profiled windows are excluded from the step statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from pagetron.backend.benchmarks.gpu_workloads import SHAPES, params_count, workload_t, write_config
+
+PROFILED_STEPS = {"prefill": (2, 4), "decode": (400, 402)}  # [first, last) engine steps of each window
+
+
+class StepRecorder:
+    def __init__(self, llm):
+        self.engine, self.runner = llm.engine, llm.engine.runner
+        self.rows: list[dict] = []
+        self.current: dict = {}
+        self.tables: dict[str, str] = {}
+        self._profiler = None
+        self._wrap()
+
+    def _timed(self, key: str, fn, sync: bool):
+        def wrapper(*args, **kwargs):
+            if sync and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if sync and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    def _wrap(self) -> None:
+        runner, engine = self.runner, self.engine
+        model_forward = runner.model.forward
+        runner.model.forward = self._timed("forward_s", model_forward, sync=True)
+        if runner.graphs is not None:
+            runner.graphs.run = self._timed("forward_s", runner.graphs.run, sync=True)
+        runner.sampler = self._timed("sample_s", runner.sampler, sync=True)
+        engine.scheduler.schedule = self._timed("schedule_s", engine.scheduler.schedule, sync=False)
+        run = runner.run
+
+        def run_wrapper(scheduled):
+            self.current["decode_seqs"] = sum(1 for _, n in scheduled if n == 1)
+            self.current["prefill_tokens"] = sum(n for _, n in scheduled if n != 1)
+            return run(scheduled)
+
+        runner.run = self._timed("run_s", run_wrapper, sync=False)
+        step = engine.step
+
+        def step_wrapper():
+            index = len(self.rows)
+            for name, (first, last) in PROFILED_STEPS.items():
+                if index == first:
+                    self._profiler = torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    )
+                    self._profiler.__enter__()
+                if index == last and self._profiler is not None:
+                    self._profiler.__exit__(None, None, None)
+                    self.tables[name] = self._profiler.key_averages().table(
+                        sort_by="cuda_time_total", row_limit=18, max_name_column_width=60
+                    )
+                    self._profiler = None
+            self.current = {"profiled": any(f <= index < la for f, la in PROFILED_STEPS.values())}
+            start = time.perf_counter()
+            out = step()
+            self.current["step_s"] = time.perf_counter() - start
+            self.rows.append(self.current)
+            return out
+
+        engine.step = step_wrapper
+
+
+def summarize(rows: list[dict], flops_per_token: float) -> dict:
+    groups: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+    for r in rows:
+        if r.get("profiled") or "run_s" not in r:
+            continue
+        kind = "mixed" if r["prefill_tokens"] else "decode"
+        g = groups[kind]
+        g["steps"] += 1
+        for key in ("step_s", "schedule_s", "run_s", "forward_s", "sample_s"):
+            g[key] += r.get(key, 0.0)
+        g["decode_seqs"] += r["decode_seqs"]
+        g["prefill_tokens"] += r["prefill_tokens"]
+    out = {}
+    for kind, g in groups.items():
+        steps = g["steps"]
+        prep = g["run_s"] - g["forward_s"] - g["sample_s"]
+        other = g["step_s"] - g["run_s"] - g["schedule_s"]
+        tokens = g["decode_seqs"] + g["prefill_tokens"]
+        out[kind] = {
+            "steps": int(steps),
+            "total_s": round(g["step_s"], 2),
+            "forward_s": round(g["forward_s"], 2),
+            "ms_per_step": {
+                "step": round(1e3 * g["step_s"] / steps, 2),
+                "schedule": round(1e3 * g["schedule_s"] / steps, 2),
+                "prepare_inputs": round(1e3 * prep / steps, 2),
+                "forward": round(1e3 * g["forward_s"] / steps, 2),
+                "sample": round(1e3 * g["sample_s"] / steps, 2),
+                "postprocess": round(1e3 * other / steps, 2),
+            },
+            "avg_decode_seqs": round(g["decode_seqs"] / steps, 1),
+            "avg_prefill_tokens": round(g["prefill_tokens"] / steps, 1),
+            "forward_tflops": round(tokens * flops_per_token / max(g["forward_s"], 1e-9) / 1e12, 1),
+        }
+    return out
+
+
+def gemm_rates(shape: str, tokens: int = 8192) -> dict:
+    s = SHAPES[shape]
+    h, i = s["hidden_size"], s["intermediate_size"]
+    kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
+    shapes = {"qkv": (h, h + 2 * kv), "o": (h, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    out = {}
+    for name, (k, n) in shapes.items():
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            torch.nn.functional.linear(x, w)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / 20
+        out[name] = round(2 * tokens * k * n / seconds / 1e12, 1)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-13b")
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--engine-args", default="{}", help="JSON merged over the benchmark's engine args")
+    ns = parser.parse_args()
+
+    from pagetron.backend import LLM, SamplingParams
+
+    folder = write_config(ns.shape, Path(tempfile.mkdtemp()) / ns.shape)
+    args = {"max_num_seqs": 256, "max_num_batched_tokens": 8192, **json.loads(ns.engine_args)}
+    llm = LLM(str(folder), load_format="dummy", **args)
+    prompts = workload_t(SHAPES[ns.shape]["vocab_size"], requests=ns.requests)
+    llm.generate(
+        [{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False
+    )
+    recorder = StepRecorder(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
+    started = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    result = {
+        "shape": ns.shape,
+        "engine_args": args,
+        "seconds": round(seconds, 2),
+        "output_tok_s": round(ns.requests * ns.output_len / seconds, 1),
+        "preemptions": llm.engine.scheduler.num_preemptions,
+        "kv_blocks": llm.engine.block_manager.num_blocks,
+        "steps": summarize(recorder.rows, 2 * params_count(ns.shape)),
+    }
+    if torch.cuda.is_available():
+        result["gemm_tflops_at_8192_tokens"] = gemm_rates(ns.shape)
+    for name, table in recorder.tables.items():
+        print(f"--- kernels, {name} window ---\n{table}")
+    print(json.dumps(result, indent=2))
+    if ns.json_path:
+        Path(ns.json_path).write_text(
+            json.dumps({**result, "kernel_tables": recorder.tables}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
