@@ -76,6 +76,7 @@ class ModelRunner:
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         for attn in self.model.attention_layers():
             attn.backend = self.attention_backend
+        self.model.set_kernel_backend(self.attention_backend)  # fused norm/rotary/activation kernels
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
@@ -173,7 +174,8 @@ class ModelRunner:
         """Flattens a step into device tensors: decode tokens first, then the prefill chunks in order.
 
         Built in numpy and sent in two host-to-device copies (one int64, one int32 buffer): per-tensor
-        copies of Python lists cost milliseconds at a few hundred sequences.
+        copies of Python lists cost milliseconds at a few hundred sequences. Every part is a 16-byte
+        aligned view of its buffer.
         """
         decodes = [s for s, n in scheduled if n == 1]
         prefills = [(s, n) for s, n in scheduled if n != 1]
@@ -181,11 +183,14 @@ class ModelRunner:
         num_decode = len(decodes)
         num_tokens = num_decode + sum(n for _, n in prefills)
         # int64 buffer: [input ids | positions | slots | rows to sample]
-        longs = np.empty(3 * num_tokens + len(scheduled), dtype=np.int64)
-        ids, positions, slots = (longs[i * num_tokens : (i + 1) * num_tokens] for i in range(3))
+        long_offsets = _aligned_offsets([num_tokens] * 3 + [len(scheduled)], itemsize=8)
+        longs = np.zeros(long_offsets[-1], dtype=np.int64)
+        ids, positions, slots, sample_rows = (
+            longs[long_offsets[i] : long_offsets[i] + n]
+            for i, n in enumerate([num_tokens] * 3 + [len(scheduled)])
+        )
         sample_seqs: list[Sequence] = []
         num_sampled = 0
-        sample_rows = longs[3 * num_tokens :]
         for i, seq in enumerate(decodes):
             pos = seq.num_computed_tokens
             ids[i] = seq.token_ids[pos]
@@ -220,8 +225,9 @@ class ModelRunner:
             num_prefills,
             num_prefills * prefill_width,
         ]
-        ints = np.zeros(sum(sizes), dtype=np.int32)
-        parts = np.split(ints, np.cumsum(sizes)[:-1])
+        int_offsets = _aligned_offsets(sizes, itemsize=4)
+        ints = np.zeros(int_offsets[-1], dtype=np.int32)
+        parts = [ints[off : off + n] for off, n in zip(int_offsets, sizes)]
         context_lens, decode_tables, query_start, seq_lens, prefill_tables = parts
         decode_tables = decode_tables.reshape(num_decode, decode_width)
         prefill_tables = prefill_tables.reshape(num_prefills, prefill_width)
@@ -235,9 +241,10 @@ class ModelRunner:
         for i, (seq, _) in enumerate(prefills):
             prefill_tables[i, : len(seq.block_table)] = seq.block_table
         longs_t, ints_t = self._to_device(longs), self._to_device(ints)
-        ints_parts = torch.split(ints_t, sizes)
+        ints_parts = [ints_t[off : off + n] for off, n in zip(int_offsets, sizes)]
+        long_parts = [longs_t[off : off + num_tokens] for off in long_offsets[:3]]
         meta = AttentionMetadata(
-            slot_mapping=longs_t[2 * num_tokens : 3 * num_tokens],
+            slot_mapping=long_parts[2],
             num_decode_tokens=num_decode,
             decode_block_tables=ints_parts[1].view(num_decode, decode_width),
             decode_context_lens=ints_parts[0],
@@ -249,11 +256,11 @@ class ModelRunner:
             max_prefill_query_len=max((n for _, n in prefills), default=0),
         )
         return PreparedBatch(
-            input_ids=longs_t[:num_tokens],
-            positions=longs_t[num_tokens : 2 * num_tokens],
+            input_ids=long_parts[0],
+            positions=long_parts[1],
             meta=meta,
             num_prefills=num_prefills,
-            sample_rows=longs_t[3 * num_tokens : 3 * num_tokens + num_sampled],
+            sample_rows=longs_t[long_offsets[3] : long_offsets[3] + num_sampled],
             sample_seqs=sample_seqs,
         )
 
@@ -262,6 +269,17 @@ class ModelRunner:
         if self.device.type != "cuda":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
+
+
+def _aligned_offsets(sizes: list[int], itemsize: int) -> list[int]:
+    """Start offsets of consecutive parts of one buffer, each part starting on a 16-byte boundary, plus
+    the total length. Triton specializes kernels on pointer alignment: unaligned views of a packed buffer
+    would compile new variants (about a second each) whenever the parts' sizes change."""
+    per_line = 16 // itemsize
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + -(-n // per_line) * per_line)
+    return offsets
 
 
 @dataclass

@@ -10,6 +10,10 @@ running max ``m`` (log2 domain), sum of exponentials ``l`` and the unnormalised 
 Stage 2 merges the partials of each (sequence, query head). With one split, stage 1 writes the
 normalised output itself and stage 2 is skipped.
 
+With fp8 caches (``attention_ref``'s docstring) the e4m3 K/V tiles are converted to the query's dtype
+(exactly) before their ``tl.dot``s; ``k_scale`` is folded into the softmax scale on the host and
+``v_scale`` multiplies each split's accumulator once. Other caches compile without any of that.
+
 Host-side sizes come only from tensor shapes (never from device values), so a call can be captured in a
 CUDA graph.
 """
@@ -22,11 +26,19 @@ import torch
 import triton
 import triton.language as tl
 
+from pagetron.kernels.attention_ref import FP8_DTYPE, check_kv_scales
+
 _LOG2E = 1.4426950408889634
 # Launch shape of the split kernel: untuned first picks (try BLOCK_N 32/64/128, warps 4/8, stages 2-4).
 _BLOCK_N = 64  # context tokens per K/V tile
 _NUM_WARPS = 4
 _NUM_STAGES = 2
+# fp8 caches: half the bytes, but the e4m3 -> bf16 conversions add ~70% more instructions and the kernel
+# stops being memory-bound (ncu, 13B shape: DRAM 43% busy, issue slots 50%; bf16: DRAM 91%), so longer
+# tiles pay (H200, batch 170, ~760-token contexts: 13B MHA 666 -> 633 us, 8B GQA 161 -> 149 us; the bf16
+# kernel takes 599-614 and 137-146 us). 3 stages: 13B 610 us but 8B 144 us (mixed, not adopted).
+_FP8_BLOCK_N = 128
+_FP8_NUM_STAGES = 2
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: a KV head's group of query heads is padded up to this
 _MIN_TOKENS_PER_SPLIT = 128  # shorter splits cost more in partials and merging than they win
 _MAX_SPLITS = 64
@@ -36,7 +48,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = triton.knobs.runtime.interpret
 
 
-@triton.jit
+# The block-table row stride changes with the longest context of each step: specializing on it (as
+# Triton does for ints divisible by 16) would compile new variants mid-serving.
+@triton.jit(do_not_specialize=["stride_tb"])
 def _split_kernel(
     q_ptr,
     k_ptr,
@@ -47,7 +61,8 @@ def _split_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
-    qk_scale,
+    qk_scale,  # softmax scale * k_scale * log2(e)
+    v_scale,
     num_q_heads,
     stride_qb,
     stride_qh,
@@ -73,6 +88,7 @@ def _split_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would cost accuracy); unused for half types
     BF16_DOT_IN_FP32: tl.constexpr,  # interpreter only: it cannot tl.dot bf16 (triton-lang/triton#11584)
+    KV_FP8: tl.constexpr,  # float8e4nv caches: dequantize tiles to the query's dtype, scale the output
 ):
     # grid = (batch, num_kv_heads, NUM_SPLITS)
     seq = tl.program_id(0)
@@ -118,6 +134,8 @@ def _split_kernel(
             mask=valid[:, None],
             other=0.0,
         )
+        if KV_FP8:  # exact; k_scale is in qk_scale
+            k = k.to(q_ptr.dtype.element_ty)
         if BF16_DOT_IN_FP32:
             k = k.to(tl.float32)
         # [GROUP_PAD, BLOCK_N] scores in the log2 domain (qk_scale folds in log2(e)), so exp2 below.
@@ -133,6 +151,8 @@ def _split_kernel(
             mask=valid[:, None],
             other=0.0,
         )
+        if KV_FP8:  # exact; v_scale multiplies acc after the loop
+            v = v.to(q_ptr.dtype.element_ty)
         p = p.to(v.dtype)  # as on the GPU: the P @ V product takes bf16/fp16 operands
         if BF16_DOT_IN_FP32:
             p = p.to(tl.float32)
@@ -140,6 +160,8 @@ def _split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
         tl.store(
@@ -234,7 +256,7 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _check_inputs(query, k_cache, v_cache, block_tables, context_lens, num_splits) -> None:
+def _check_inputs(query, k_cache, v_cache, block_tables, context_lens, num_splits, k_scale, v_scale) -> None:
     if query.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(
             f"query must be [B, Hq, D] and the caches [num_blocks, block_size, Hkv, D]; got "
@@ -244,11 +266,16 @@ def _check_inputs(query, k_cache, v_cache, block_tables, context_lens, num_split
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
     batch, num_q_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if not (query.dtype == k_cache.dtype == v_cache.dtype) or query.dtype not in _SUPPORTED_DTYPES:
+    cache_dtype_ok = k_cache.dtype == v_cache.dtype and k_cache.dtype in (query.dtype, FP8_DTYPE)
+    if not cache_dtype_ok or query.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(
-            f"query and caches must share one dtype of {_SUPPORTED_DTYPES}; got "
-            f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+            f"query and caches must share one dtype of {_SUPPORTED_DTYPES} (or the caches both be "
+            f"{FP8_DTYPE}); got {query.dtype}, {k_cache.dtype}, {v_cache.dtype}"
         )
+    try:
+        check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    except AssertionError as error:
+        raise ValueError(str(error)) from None
     if cache_head_dim != head_dim:
         raise ValueError(f"query head_dim {head_dim} != cache head_dim {cache_head_dim}")
     if not _is_power_of_two(head_dim) or not 16 <= head_dim <= 256:
@@ -278,12 +305,17 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B] int32, each in [1, max_blocks * block_size]
     scale: float,
     num_splits: int | None = None,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache; returns [B, Hq, D] in query's dtype (fp32 accumulation).
 
-    ``num_splits`` None picks :func:`default_num_splits` from B, Hkv and max_blocks * block_size.
+    The caches are of query's dtype, or float8_e4m3fn with the scales ``k_scale``/``v_scale`` (1.0 for
+    other caches). ``num_splits`` None picks :func:`default_num_splits` from B, Hkv and
+    max_blocks * block_size.
     """
-    _check_inputs(query, k_cache, v_cache, block_tables, context_lens, num_splits)
+    _check_inputs(query, k_cache, v_cache, block_tables, context_lens, num_splits, k_scale, v_scale)
     batch, num_q_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_splits is None:
@@ -294,6 +326,8 @@ def paged_decode_attention(
         return out
     context_lens = context_lens.contiguous()  # the kernels index it as a flat array
     group = num_q_heads // num_kv_heads
+    kv_fp8 = k_cache.dtype == FP8_DTYPE
+    block_n = _FP8_BLOCK_N if kv_fp8 else _BLOCK_N  # the merge kernel must see the same tiles
 
     _split_kernel[(batch, num_kv_heads, num_splits)](
         query,
@@ -305,7 +339,8 @@ def paged_decode_attention(
         m,
         exp_sum,
         acc,
-        scale * _LOG2E,
+        scale * k_scale * _LOG2E,
+        v_scale,
         num_q_heads,
         *query.stride(),
         *k_cache.stride(),
@@ -316,12 +351,13 @@ def paged_decode_attention(
         GROUP_PAD=max(_MIN_DOT_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_N=_BLOCK_N,
+        BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         BF16_DOT_IN_FP32=_INTERPRETED and query.dtype == torch.bfloat16,
+        KV_FP8=kv_fp8,
         num_warps=_NUM_WARPS,
-        num_stages=_NUM_STAGES,
+        num_stages=_FP8_NUM_STAGES if kv_fp8 else _NUM_STAGES,
     )
     if num_splits > 1:
         _merge_kernel[(batch, num_q_heads)](
@@ -333,7 +369,7 @@ def paged_decode_attention(
             num_q_heads,
             *out.stride(),
             HEAD_DIM=head_dim,
-            BLOCK_N=_BLOCK_N,
+            BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,

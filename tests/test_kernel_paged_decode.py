@@ -2,10 +2,10 @@
 
 Without CUDA the kernels run in the Triton interpreter on small CPU shapes. With CUDA the same small tests
 run compiled on the GPU, plus real model shapes (run with ``-s`` to see the timing lines) and a CUDA graph
-capture without host syncs.
+capture without host syncs. fp8 caches are filled by the reference quantizer (the interpreter's own
+float -> fp8 conversion is wrong, see test_kernel_kv_cache_write.py; its fp8 loads and widening are exact).
 """
 
-import importlib.util
 import os
 
 import torch
@@ -16,23 +16,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernel_testing import compiled_copy  # noqa: E402
 from pagetron.kernels import paged_decode_attention as pda  # noqa: E402
-from pagetron.kernels.attention_ref import paged_decode_attention_ref  # noqa: E402
+from pagetron.kernels.attention_ref import FP8_DTYPE, paged_decode_attention_ref, quantize_fp8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def compiled_copy(module):
-    """A private copy of ``module`` whose kernels are compiled, not interpreted."""
-    spec = importlib.util.find_spec(module.__name__)
-    copy = importlib.util.module_from_spec(spec)
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec.loader.exec_module(copy)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    return copy
 
 
 if DEVICE == "cuda" and pda._INTERPRETED:  # another test module set TRITON_INTERPRET=1 before our import
@@ -184,6 +172,90 @@ def test_empty_batch():
     assert out.shape == (0, 4, 64)
 
 
+# ---- fp8 (float8_e4m3fn) caches ----
+
+# (k_scale, v_scale): vLLM's uncalibrated default, and scales fitted to the data below (K ~ 2 N(0, 1) and
+# V ~ N(0, 1) stored as about 100 N(0, 1): e4m3's whole range, a few values clamped at 448)
+FP8_SCALES = [{"k_scale": 1.0, "v_scale": 1.0}, {"k_scale": 0.021, "v_scale": 0.0097}]
+
+
+def make_fp8_case(context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed, scales, **kw):
+    """make_case's layout with fp8 caches quantized by the reference (scales: k_scale, v_scale); query in
+    ``dtype``."""
+    query, k_cache, v_cache, tables, lens = make_case(
+        context_lens, num_q_heads, num_kv_heads, head_dim, block_size, torch.float32, seed, **kw
+    )
+    k_cache = quantize_fp8(2 * k_cache, scales["k_scale"])
+    v_cache = quantize_fp8(v_cache, scales["v_scale"])
+    return query.to(dtype), k_cache, v_cache, tables, lens
+
+
+def reference_fp8(query, k_cache, v_cache, tables, lens, scale, scales):
+    """The reference on the same fp8 caches, dequantized and computed in fp32."""
+    return paged_decode_attention_ref(query.float(), k_cache, v_cache, tables, lens, scale, **scales)
+
+
+@pytest.mark.parametrize("scales", FP8_SCALES, ids=["unit_scales", "fitted_scales"])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,block_size,context_lens,pad_blocks", FP32_CASES)
+def test_fp8_cache_fp32_query_matches_reference_for_any_split_count(
+    num_q_heads, num_kv_heads, block_size, context_lens, pad_blocks, scales
+):
+    seed = block_size + num_q_heads
+    query, k_cache, v_cache, tables, lens = make_fp8_case(
+        context_lens,
+        num_q_heads,
+        num_kv_heads,
+        64,
+        block_size,
+        torch.float32,
+        seed,
+        scales,
+        pad_blocks=pad_blocks,
+    )
+    assert k_cache.dtype == FP8_DTYPE
+    expected = reference_fp8(query, k_cache, v_cache, tables, lens, 0.125, scales)
+    single = pda.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125, num_splits=1, **scales)
+    split = pda.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125, num_splits=3, **scales)
+    default = pda.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125, **scales)
+    assert single.dtype == torch.float32 and single.shape == query.shape
+    # The same fp32 values (the kernel folds the scales): rounding only, as in the fp32 test above.
+    for out in (single, split, default):
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scales", FP8_SCALES, ids=["unit_scales", "fitted_scales"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_fp8_cache_half_query_matches_reference(num_q_heads, num_kv_heads, dtype, scales):
+    query, k_cache, v_cache, tables, lens = make_fp8_case(
+        [203, 1, 128], num_q_heads, num_kv_heads, 64, 32, dtype, 9, scales
+    )
+    expected = reference_fp8(query, k_cache, v_cache, tables, lens, 0.125, scales)
+    max_v = v_cache.float().abs().max().item() * scales["v_scale"]
+    for num_splits in (1, 4):
+        out = pda.paged_decode_attention(
+            query, k_cache, v_cache, tables, lens, 0.125, num_splits=num_splits, **scales
+        )
+        assert out.dtype == dtype
+        # e4m3 -> bf16/fp16 is exact, so as in the half-precision test above: the roundings of P and of
+        # the output to the half type.
+        torch.testing.assert_close(out.float(), expected, atol=torch.finfo(dtype).eps * max_v, rtol=0)
+        assert relative_error(out, expected) < 5e-3
+
+
+def test_fp8_cache_splits_without_work_and_strided_caches():
+    # K and V as views of one fp8 KV tensor; 8 splits over one tile each leave most partials unwritten.
+    scales = {"k_scale": 0.5, "v_scale": 0.25}
+    query, k_cache, v_cache, tables, lens = make_fp8_case([1, 5, 70], 8, 2, 64, 16, torch.float32, 3, scales)
+    kv = torch.empty(k_cache.shape[0], 16, 2, 2, 64, device=DEVICE, dtype=FP8_DTYPE)
+    kv[:, :, 0], kv[:, :, 1] = k_cache, v_cache
+    k_view, v_view = kv[:, :, 0], kv[:, :, 1]
+    assert not k_view.is_contiguous()
+    out = pda.paged_decode_attention(query, k_view, v_view, tables, lens, 0.125, num_splits=8, **scales)
+    expected = reference_fp8(query, k_cache, v_cache, tables, lens, 0.125, scales)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     "batch,num_kv_heads,max_context_len,expected",
     [
@@ -228,6 +300,16 @@ def bad_inputs(**change):
         ),
         ({"query": lambda a: a["query"][:, :3]}, "not a multiple of num_kv_heads"),
         ({"query": lambda a: a["query"].half()}, "share one dtype"),
+        ({"k_cache": lambda a: a["k_cache"].to(FP8_DTYPE)}, "share one dtype"),  # v_cache stays fp32
+        ({"k_scale": lambda a: 0.5}, "fp8 caches only"),
+        (
+            {
+                "k_cache": lambda a: a["k_cache"].to(FP8_DTYPE),
+                "v_cache": lambda a: a["v_cache"].to(FP8_DTYPE),
+                "v_scale": lambda a: -1.0,
+            },
+            "bad scales",
+        ),
         ({"block_tables": lambda a: a["block_tables"].long()}, "must be int32"),
         ({"context_lens": lambda a: a["context_lens"][:1]}, r"context_lens \[2\]"),
     ],
@@ -242,21 +324,28 @@ def test_invalid_inputs_are_clear_errors(change, message):
 MODEL_SHAPES = {"llama2-13b": (40, 40, 128), "llama3-8b": (32, 8, 128)}
 
 
-def reference_fp32_chunked(query, k_cache, v_cache, tables, lens, scale, chunk=16):
-    """fp32 reference over a few sequences at a time: upcasting the whole cache would not fit."""
+def reference_fp32_chunked(query, k_cache, v_cache, tables, lens, scale, chunk=16, **scales):
+    """fp32 reference over a few sequences at a time: upcasting the whole cache would not fit.
+
+    fp8 caches stay fp8 (the reference dequantizes them with the scales to the fp32 query's dtype).
+    """
     outs = []
     for start in range(0, query.shape[0], chunk):
         rows = tables[start : start + chunk].long()
         used = rows.flatten()
         local = torch.arange(used.numel(), device=rows.device, dtype=torch.int32).view(rows.shape)
+        keys, values = k_cache[used], v_cache[used]
+        if keys.dtype != FP8_DTYPE:
+            keys, values = keys.float(), values.float()
         outs.append(
             paged_decode_attention_ref(
                 query[start : start + chunk].float(),
-                k_cache[used].float(),
-                v_cache[used].float(),
+                keys,
+                values,
                 local,
                 lens[start : start + chunk],
                 scale,
+                **scales,
             )
         )
     return torch.cat(outs)
@@ -332,4 +421,51 @@ def test_cuda_graph_replay_without_host_sync():
     lens.copy_(torch.tensor([17, 555, 1, 1100], dtype=torch.int32))
     graph.replay()
     expected = reference_fp32(query, k_cache, v_cache, tables, lens, 0.088)
+    assert relative_error(out, expected) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("model", list(MODEL_SHAPES))
+def test_cuda_fp8_model_shapes(model):
+    """fp8 caches on the real head layouts, batch 64, contexts up to 2000 tokens: split and single-pass
+    kernels against the fp32 reference on the same fp8 data (no timings here)."""
+    num_q_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
+    context_lens = random_lens(64, 2000, seed=64)
+    scales = FP8_SCALES[1]
+    query, k_cache, v_cache, tables, lens = make_fp8_case(
+        context_lens, num_q_heads, num_kv_heads, head_dim, 16, torch.bfloat16, 64, scales
+    )
+    scale = head_dim**-0.5
+    expected = reference_fp32_chunked(query, k_cache, v_cache, tables, lens, scale, **scales)
+    num_splits = pda.default_num_splits(64, num_kv_heads, tables.shape[1] * 16, pda._num_sms(query.device))
+    for splits in sorted({num_splits, 1, 4}):
+        out = pda.paged_decode_attention(
+            query, k_cache, v_cache, tables, lens, scale, num_splits=splits, **scales
+        )
+        assert out.dtype == torch.bfloat16 and not out.isnan().any()
+        # the bf16 roundings of P and of the output, as in test_cuda_model_shapes_bf16
+        assert relative_error(out, expected) < 1e-2, splits
+
+
+@needs_cuda
+def test_cuda_fp8_graph_replay_without_host_sync():
+    scales = {"k_scale": 0.02, "v_scale": 0.01}
+    query, k_cache, v_cache, tables, lens = make_fp8_case(
+        [300, 1, 1000, 64], 32, 8, 128, 16, torch.bfloat16, 5, scales, pad_blocks=10
+    )
+    pda.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.088, **scales)  # compile first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pda.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.088, **scales)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pda.paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.088, **scales)
+    query.copy_(torch.randn_like(query))
+    lens.copy_(torch.tensor([17, 555, 1, 1100], dtype=torch.int32))
+    graph.replay()
+    expected = reference_fp8(query, k_cache, v_cache, tables, lens, 0.088, scales)
     assert relative_error(out, expected) < 1e-2

@@ -3,7 +3,8 @@
 On CPU the kernel runs in Triton's interpreter on small shapes; on CUDA a compiled copy runs on the
 Llama-2-13B and Llama-3-8B attention shapes. Inputs are random, cache slots outside every sequence's
 context are NaN (the kernel must never use them) and the output buffer starts as NaN (every element
-must be written).
+must be written). fp8 caches are quantized by the reference (the interpreter reads an fp8 NaN as 480: a
+stray read there shows as a wrong result rather than a NaN).
 """
 
 import os
@@ -22,7 +23,7 @@ import pytest  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 from pagetron.kernels import paged_prefill_attention as kernel_module  # noqa: E402
-from pagetron.kernels.attention_ref import paged_prefill_attention_ref  # noqa: E402
+from pagetron.kernels.attention_ref import FP8_DTYPE, paged_prefill_attention_ref, quantize_fp8  # noqa: E402
 
 HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 1)]  # (Hq, Hkv): MHA, GQA, MQA
 TILES = [None, (32, 16)]  # the default (BLOCK_M, BLOCK_N), and small tiles: many query and key tiles
@@ -36,6 +37,8 @@ class Batch:
     block_tables: torch.Tensor
     query_start_loc: list[int]
     seq_lens: list[int]
+    k_scale: float = 1.0  # fp8 caches only
+    v_scale: float = 1.0
 
     def device_args(self) -> tuple:
         device = self.query.device
@@ -49,15 +52,33 @@ class Batch:
         )
 
     def reference(self, scale: float) -> torch.Tensor:
-        """The reference in fp32 on the same (possibly bf16-rounded) values."""
+        """The reference in fp32 on the same (possibly bf16-rounded) values; fp8 caches dequantized."""
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if k_cache.dtype != FP8_DTYPE:
+            k_cache, v_cache = k_cache.float(), v_cache.float()
         return paged_prefill_attention_ref(
             self.query.float(),
-            self.k_cache.float(),
-            self.v_cache.float(),
+            k_cache,
+            v_cache,
             self.block_tables,
             self.query_start_loc,
             self.seq_lens,
             scale,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+
+    def to_fp8(self, dtype: torch.dtype, k_scale: float, v_scale: float) -> "Batch":
+        """The same batch with the query in ``dtype`` and caches quantized to fp8 (NaN slots stay NaN)."""
+        return Batch(
+            self.query.to(dtype),
+            quantize_fp8(self.k_cache, k_scale),
+            quantize_fp8(self.v_cache, v_scale),
+            self.block_tables,
+            self.query_start_loc,
+            self.seq_lens,
+            k_scale,
+            v_scale,
         )
 
 
@@ -114,6 +135,8 @@ def run_kernel(batch, scale, tiles=None, max_query_len=None, kernel=None):
         out=out,
         block_m=block_m,
         block_n=block_n,
+        k_scale=batch.k_scale,
+        v_scale=batch.v_scale,
     )
     assert result is out
     assert not out.isnan().any(), "an output element was never written (or a NaN slot was read)"
@@ -179,6 +202,45 @@ def test_bf16_matches_reference(heads, block_size, tiles):
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, **BF16_TOLERANCE)
     assert relative_error(out, ref) < BF16_MAX_REL_ERROR
+
+
+# fp8 caches with the uncalibrated default scales and with scales fitted to the data (|x| / scale up to
+# about 450: e4m3's whole range, the largest values clamped)
+FP8_SCALES = [(1.0, 1.0), (0.0113, 0.0097)]
+
+
+@pytest.mark.parametrize("scales", FP8_SCALES, ids=["unit_scales", "fitted_scales"])
+@pytest.mark.parametrize("tiles", TILES, ids=["default_tiles", "small_tiles"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=lambda h: f"hq{h[0]}_hkv{h[1]}")
+def test_fp8_cache_fp32_query_matches_reference(heads, block_size, tiles, scales):
+    # small_batch has cached prefixes (partial and whole blocks) and a sequence without one
+    batch = small_batch(*heads, block_size, torch.float32, seed=6).to_fp8(torch.float32, *scales)
+    scale = 64**-0.5
+    out = run_kernel(batch, scale, tiles)
+    # the same fp32 values (the kernel folds the scales): rounding only
+    torch.testing.assert_close(out, batch.reference(scale), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scales", FP8_SCALES, ids=["unit_scales", "fitted_scales"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=lambda h: f"hq{h[0]}_hkv{h[1]}")
+def test_fp8_cache_half_query_matches_reference(heads, dtype, scales):
+    batch = small_batch(*heads, 16, torch.float32, seed=7).to_fp8(dtype, *scales)
+    scale = 64**-0.5
+    out = run_kernel(batch, scale, (32, 16))
+    ref = batch.reference(scale)
+    assert out.dtype == dtype
+    # e4m3 -> bf16 / fp16 is exact: the roundings of P and of the output, as in the bf16 test above
+    torch.testing.assert_close(out.float(), ref, **BF16_TOLERANCE)
+    assert relative_error(out, ref) < BF16_MAX_REL_ERROR
+
+
+def test_fp8_cache_scales_must_be_one_otherwise():
+    batch = small_batch(4, 2, 16, torch.float32)
+    batch.k_scale = 0.5
+    with pytest.raises(AssertionError, match="fp8 caches only"):
+        run_kernel(batch, 0.1)
 
 
 def test_oversized_grid_and_strided_query():
@@ -269,3 +331,19 @@ def test_cuda_real_shapes_match_reference(model, compiled_kernel):
         f"triton {kernel_ms:.3f} ms ({tflops:.0f} TFLOP/s), torch reference {ref_ms:.3f} ms "
         f"({ref_ms / kernel_ms:.1f}x)"
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", MODEL_SHAPES)
+def test_cuda_fp8_real_shapes_match_reference(model, compiled_kernel):
+    """fp8 caches on the real head layouts, cached prefixes and contexts up to about 2000 tokens, against
+    the fp32 reference on the same fp8 data (no timings here)."""
+    num_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
+    rng = random.Random(8)
+    q_lens = [rng.randint(1, 1024) for _ in range(8)]
+    prefix_lens = [0, 1024, 16 * 37, 999, *(rng.randint(0, 1024) for _ in range(4))]
+    batch = make_batch(q_lens, prefix_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, "cuda", 9)
+    batch = batch.to_fp8(torch.bfloat16, *FP8_SCALES[1])
+    scale = head_dim**-0.5
+    out = run_kernel(batch, scale, kernel=compiled_kernel)
+    assert relative_error(out, batch.reference(scale)) < CUDA_MAX_REL_ERROR

@@ -2,6 +2,8 @@
 
 Two backends with one meaning: "torch" (the references in pagetron.kernels.attention_ref, the CPU path)
 and "triton" (OpenAI-Triton kernels, CUDA only, imported lazily so CPU runs never compile them).
+The caches are of the activations' dtype, or float8_e4m3fn with the per-layer scales ``k_scale`` and
+``v_scale`` (Python floats, 1.0 as in vLLM without calibration; 1.0 is the only value other caches take).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         self.backend = backend
 
     def forward(
@@ -51,12 +55,10 @@ class Attention(nn.Module):
         """q: [T, Hq, D], k and v: [T, Hkv, D] -> [T, Hq, D]."""
         if meta.skip_attention:
             return q
+        write = write_kv_cache_ref
         if self.backend == "triton":
-            from pagetron.kernels.kv_cache_write import write_kv_cache
-
-            write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        else:
-            write_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            from pagetron.kernels.kv_cache_write import write_kv_cache as write
+        write(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         num_decode = meta.num_decode_tokens
         if num_decode == q.shape[0]:
             return self._decode(q, meta)
@@ -65,36 +67,24 @@ class Attention(nn.Module):
         return torch.cat((self._decode(q[:num_decode], meta), self._prefill(q[num_decode:], meta)))
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        decode = paged_decode_attention_ref
         if self.backend == "triton":
-            from pagetron.kernels.paged_decode_attention import paged_decode_attention
-
-            return paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
-            )
-        return paged_decode_attention_ref(
-            q, self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
-        )
+            from pagetron.kernels.paged_decode_attention import paged_decode_attention as decode
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        return decode(q, self.k_cache, self.v_cache, tables, lens, self.scale, **scales)
 
     def _prefill(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        scales = {"k_scale": self.k_scale, "v_scale": self.v_scale}
         if self.backend == "triton":
             from pagetron.kernels.paged_prefill_attention import paged_prefill_attention
 
+            starts, lens = meta.prefill_query_start_loc_t, meta.prefill_seq_lens_t
+            tables, longest = meta.prefill_block_tables, meta.max_prefill_query_len
             return paged_prefill_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                meta.prefill_block_tables,
-                meta.prefill_query_start_loc_t,
-                meta.prefill_seq_lens_t,
-                self.scale,
-                meta.max_prefill_query_len,
+                q, self.k_cache, self.v_cache, tables, starts, lens, self.scale, longest, **scales
             )
+        starts, lens = meta.prefill_query_start_loc, meta.prefill_seq_lens
         return paged_prefill_attention_ref(
-            q,
-            self.k_cache,
-            self.v_cache,
-            meta.prefill_block_tables,
-            meta.prefill_query_start_loc,
-            meta.prefill_seq_lens,
-            self.scale,
+            q, self.k_cache, self.v_cache, meta.prefill_block_tables, starts, lens, self.scale, **scales
         )

@@ -1,4 +1,10 @@
-"""Rotary position embedding (rotate-half layout) with the rope scalings Llama-family configs use."""
+"""Rotary position embedding (rotate-half layout) with the rope scalings Llama-family configs use.
+
+Two backends: "torch" (pagetron.kernels.layers_ref.apply_rotary_ref, the CPU path: returns new tensors)
+and "triton" (pagetron.kernels.rotary_embedding, CUDA only, imported lazily: rotates q and k in place,
+computing in fp32 and rounding once, so in bf16 it differs from the torch path by that path's extra
+roundings).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import math
 
 import torch
 from torch import nn
+
+from pagetron.kernels.layers_ref import apply_rotary_ref
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -70,8 +78,16 @@ def _yarn_inv_freq(dim: int, base: float, factor: float, s: dict) -> tuple[torch
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        theta: float,
+        scaling: dict | None = None,
+        backend: str = "torch",
+    ):
         super().__init__()
+        self.backend = backend
         inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -81,12 +97,9 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T]."""
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] -> the rotated (q, k)."""
+        if self.backend == "triton":
+            from pagetron.kernels.rotary_embedding import apply_rotary
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+            return apply_rotary(positions, q, k, self.cos_cache, self.sin_cache)
+        return apply_rotary_ref(positions, q, k, self.cos_cache, self.sin_cache)

@@ -1,17 +1,25 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): the differences are config flags."""
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): the differences are config flags.
+
+The residual stream is carried beside the hidden states, as in vLLM: each norm adds its input to the
+residual first (fused_add_rms_norm), which is the same math and rounding as ``x = x + sublayer(norm(x))``.
+Norms, rotary and the MLP activation have a kernel ``backend``: "torch" (the CPU path) or "triton"
+(CUDA only), chosen for the whole model by ``set_kernel_backend``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagetron.backend.layers.attention import Attention, AttentionMetadata
 from pagetron.backend.layers.norm import RMSNorm
 from pagetron.backend.layers.rotary import RotaryEmbedding
 from pagetron.backend.models.model_config import ModelConfig
+from pagetron.kernels.layers_ref import silu_and_mul_ref
+
+KERNEL_BACKENDS = ("torch", "triton")
 
 
 class LlamaAttention(nn.Module):
@@ -40,15 +48,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: str = "torch"):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.backend == "triton":
+            from pagetron.kernels.silu_and_mul import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul_ref(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -59,9 +72,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (this layer's MLP output, the residual stream before it); the stream
+        after the layer is their sum, which the next norm computes. The first layer gets residual None."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -74,10 +100,12 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x, meta)
-        return self.norm(x)
+            hidden, residual = layer(positions, hidden, residual, meta)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 # HF checkpoint name fragment -> (our fused parameter, shard index)
@@ -106,6 +134,14 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def set_kernel_backend(self, name: str) -> None:
+        """Norms, rotary and the MLP activation use "torch" (references) or "triton" (CUDA kernels)."""
+        if name not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {name!r}")
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding, LlamaMLP)):
+                module.backend = name
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -13,6 +13,9 @@ for wheel in .whl/*.whl; do
     *) pip_install "$SITE" "$wheel" ;;
   esac
 done
-for wheel in .whl_pt/*.whl; do [ -e "$wheel" ] && pip_install /opt/pt "$wheel"; done
+# trimmed archives (one call can carry them all): the nvidia-pytriton wheel's tritonserver, Python backend
+# and 3.12 stub with their bundled libraries; tritonclient's Python package without perf_analyzer
+[ -e .whl_ptt/pytriton-trimmed.tar.xz ] && mkdir -p /opt/pt && tar -C /opt/pt -xJf .whl_ptt/pytriton-trimmed.tar.xz
+[ -e .whl_ptt/tritonclient-py.tar.xz ] && tar -C "$SITE" -xJf .whl_ptt/tritonclient-py.tar.xz
 export PYTHONPATH="$SITE:/opt/pt" PAGETRON_STUB_SITE_PACKAGES="$STUB_SITE"
 set +e

@@ -1,0 +1,38 @@
+# One H200 call: the CUDA kernel tests, workload T with a per-step profile (13B shape; bf16, then fp8 KV),
+# and workload L through tritonserver (13B shape). Results land in $OUT; a short table prints last.
+# Usage (device tool, carrying .whl and .whl_ptt): bash perf_analyzer_configs/h200/run_session.sh [parts]
+source perf_analyzer_configs/h200/env.sh
+PARTS=${1:-tests,profile,fp8,served}
+summary=()
+run() {  # name, command...: runs one part with its log under $OUT
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)")")
+}
+nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
+if [[ $PARTS == *tests* ]]; then
+  for t in tests/test_kernel_*.py tests/test_kv_cache_fp8.py; do
+    run "cuda-$(basename "$t" .py)" python3 -m pytest -q -p no:cacheprovider -k cuda "$t"
+  done
+fi
+if [[ $PARTS == *profile* ]]; then
+  run profile-13b-bf16 python3 -m pagetron.backend.benchmarks.gpu_profile --shape llama2-13b --json "$OUT/profile-13b-bf16.json"
+fi
+if [[ $PARTS == *fp8* ]]; then
+  run profile-13b-fp8 python3 -m pagetron.backend.benchmarks.gpu_profile --shape llama2-13b \
+    --engine-args '{"kv_cache_dtype": "fp8"}' --json "$OUT/profile-13b-fp8.json"
+fi
+if [[ $PARTS == *served* ]]; then
+  run served-13b python3 -m pagetron.backend.cli bench gpu-served --shape llama2-13b --json "$OUT/served-13b.json"
+fi
+for f in "$OUT"/profile-*.json; do
+  [ -e "$f" ] && python3 -c "
+import json, sys
+d = json.load(open('$f'))
+print('$(basename "$f")', d['seconds'], 's', d['output_tok_s'], 'tok/s preempt', d['preemptions'], 'blocks', d['kv_blocks'],
+      {k: (v['steps'], v['ms_per_step']['step'], v['ms_per_step']['forward']) for k, v in d['steps'].items()})"
+done
+[ -e "$OUT/served-13b.log" ] && tail -n 8 "$OUT/served-13b.log"
+printf '%s\n' "${summary[@]}"
