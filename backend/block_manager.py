@@ -81,13 +81,16 @@ class BlockManager:
         num_hit_tokens = len(hit_blocks) * self.block_size
         return hit_blocks, num_hit_tokens
 
+    def _num_new_blocks(self, seq: Sequence, num_new_tokens: int, hits: list[int]) -> int:
+        num_covered_tokens = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
+        return max(0, -(-num_covered_tokens // self.block_size) - len(seq.block_table) - len(hits))
+
     def num_blocks_to_take(self, seq: Sequence, num_new_tokens: int, hits: list[int] | None = None) -> int:
         """Free blocks that ``allocate_slots(seq, num_new_tokens, hits)`` would take: new blocks plus
         prefix hits that sit in the free queue."""
         hits = hits or []
-        num_covered_tokens = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
-        num_new_blocks = max(0, -(-num_covered_tokens // self.block_size) - len(seq.block_table) - len(hits))
-        return num_new_blocks + sum(1 for block_id in hits if self.ref_counts[block_id] == 0)
+        num_free_hits = sum(1 for block_id in hits if self.ref_counts[block_id] == 0)
+        return self._num_new_blocks(seq, num_new_tokens, hits) + num_free_hits
 
     def allocate_slots(
         self, seq: Sequence, num_new_tokens: int, new_computed_blocks: list[int] | None = None
@@ -103,11 +106,11 @@ class BlockManager:
         hits = new_computed_blocks or []
         if hits and (seq.block_table or seq.num_computed_tokens):
             raise ValueError("prefix-cache hits can only start an empty block table")
-        bs = self.block_size
-        num_covered_tokens = seq.num_computed_tokens + len(hits) * bs + num_new_tokens
-        num_new_blocks = max(0, -(-num_covered_tokens // bs) - len(seq.block_table) - len(hits))
         if self.num_blocks_to_take(seq, num_new_tokens, hits) > self.num_free_blocks:
             return False
+        bs = self.block_size
+        num_new_blocks = self._num_new_blocks(seq, num_new_tokens, hits)
+        num_covered_tokens = seq.num_computed_tokens + len(hits) * bs + num_new_tokens
 
         if hits:
             hashes = self._seq_block_hashes(seq, len(hits))

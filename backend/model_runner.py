@@ -17,6 +17,7 @@ from pagetron.backend.models.llama import LlamaForCausalLM
 from pagetron.backend.models.model_config import ModelConfig
 from pagetron.backend.sampler import Sampler, SamplerOutput
 from pagetron.backend.sequence import Sequence
+from pagetron.kernels.attention_ref import FP8_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.kv_cache_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.dtype
+        self.kv_cache_dtype = FP8_DTYPE if config.kv_cache_dtype.startswith("fp8") else self.dtype
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

@@ -58,7 +58,6 @@ class Scheduler:
         self.num_preemptions = 0
         # fractions of their allowed output that recently finished sequences used (see growth_ratio)
         self._used_fractions: deque[float] = deque(maxlen=USAGE_WINDOW)
-        self._used_sum = 0.0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -90,7 +89,9 @@ class Scheduler:
         # NOTE: no new admissions in a step that had to preempt: memory is short, let running work drain.
         if batch.preempted:
             return batch
-        reserved = self._reserved_blocks(self.running) if self.reserve_kv_for_growth else 0
+        ratio, reserved = self.growth_ratio, 0
+        if self.reserve_kv_for_growth:
+            reserved = sum(self._growth_blocks(s, len(s.block_table), ratio) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(seq)
@@ -101,7 +102,7 @@ class Scheduler:
             if self.reserve_kv_for_growth:
                 taken = self.block_manager.num_blocks_to_take(seq, num_new, hit_blocks)
                 held = -(-(num_hit_tokens + num_new) // self.block_manager.block_size)
-                growth = self._growth_blocks(seq, held)
+                growth = self._growth_blocks(seq, held, ratio)
                 if self.running and self.block_manager.num_free_blocks - taken < reserved + growth:
                     break
                 reserved += growth
@@ -128,15 +129,12 @@ class Scheduler:
     def growth_ratio(self) -> float:
         if not self._used_fractions:
             return 1.0
-        return self._used_sum / len(self._used_fractions)
+        return sum(self._used_fractions) / len(self._used_fractions)
 
-    def _reserved_blocks(self, seqs: list[Sequence]) -> int:
-        return sum(self._growth_blocks(seq, len(seq.block_table)) for seq in seqs)
-
-    def _growth_blocks(self, seq: Sequence, num_blocks_held: int) -> int:
+    def _growth_blocks(self, seq: Sequence, num_blocks_held: int, ratio: float) -> int:
         """Blocks ``seq`` is expected to need beyond the ``num_blocks_held`` it has (or is about to get)."""
         need = -(-self._final_len(seq) // self.block_manager.block_size) - num_blocks_held
-        return ceil(self.growth_ratio * need) if need > 0 else 0
+        return ceil(ratio * need) if need > 0 else 0
 
     def _final_len(self, seq: Sequence) -> int:
         max_tokens = seq.sampling_params.max_tokens
@@ -194,10 +192,7 @@ class Scheduler:
         seq.finish_reason = reason
         allowed = self._final_len(seq) - seq.num_prompt_tokens
         if reason != "abort" and allowed > 0:
-            if len(self._used_fractions) == USAGE_WINDOW:
-                self._used_sum -= self._used_fractions[0]
             self._used_fractions.append(min(1.0, seq.num_output_tokens / allowed))
-            self._used_sum += self._used_fractions[-1]
         self.block_manager.free(seq)
         if seq in self.running:
             self.running.remove(seq)

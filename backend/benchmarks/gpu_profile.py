@@ -24,6 +24,15 @@ PROFILED_STEPS = {"prefill": (2, 4), "decode": (400, 402)}  # [first, last) engi
 MIXED_PROFILE_AFTER = 300  # the first mixed step after this many steps is profiled too
 
 
+def _profiler() -> torch.profiler.profile:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    return torch.profiler.profile(activities=activities)
+
+
+def _kernel_table(prof: torch.profiler.profile) -> str:
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+
+
 class StepRecorder:
     def __init__(self, llm):
         self.engine, self.runner = llm.engine, llm.engine.runner
@@ -64,13 +73,9 @@ class StepRecorder:
             late_mixed = len(self.rows) >= MIXED_PROFILE_AFTER and decodes and self.current["prefill_tokens"]
             if late_mixed and "mixed" not in self.tables and self._profiler is None:
                 self.current["profiled"] = True
-                with torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                ) as prof:
+                with _profiler() as prof:
                     out = run(scheduled)
-                self.tables["mixed"] = prof.key_averages().table(
-                    sort_by="cuda_time_total", row_limit=18, max_name_column_width=60
-                )
+                self.tables["mixed"] = _kernel_table(prof)
                 return out
             return run(scheduled)
 
@@ -81,15 +86,11 @@ class StepRecorder:
             index = len(self.rows)
             for name, (first, last) in PROFILED_STEPS.items():
                 if index == first:
-                    self._profiler = torch.profiler.profile(
-                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                    )
+                    self._profiler = _profiler()
                     self._profiler.__enter__()
                 if index == last and self._profiler is not None:
                     self._profiler.__exit__(None, None, None)
-                    self.tables[name] = self._profiler.key_averages().table(
-                        sort_by="cuda_time_total", row_limit=18, max_name_column_width=60
-                    )
+                    self.tables[name] = _kernel_table(self._profiler)
                     self._profiler = None
             self.current = {
                 "profiled": any(f <= index < la for f, la in PROFILED_STEPS.values()),

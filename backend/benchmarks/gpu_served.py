@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import tempfile
 import time
@@ -27,16 +26,10 @@ def requests_for(concurrency: int) -> int:
 
 
 def serve_levels(engine_args: dict, config: BenchConfig, log_dir: Path) -> tuple[list[dict], float]:
-    from pagetron.backend.serving.launcher import TritonServer, free_port, prepare_model_repository
+    from pagetron.backend.serving.launcher import TritonServer, prepare_model_repository
 
     repo = prepare_model_repository(log_dir / "repo", engine_args)
-    server = TritonServer(
-        repo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_path=log_dir / "server.log",
-    )
+    server = TritonServer.on_free_ports(repo, log_path=log_dir / "server.log")
     started = time.perf_counter()
     server.start()
     levels = []
@@ -82,7 +75,6 @@ def run_gpu_served(ns: argparse.Namespace) -> int:
     served, startup_s = serve_levels(engine_args, config, tmp)
     top = max(config.concurrency)
     offline = offline_level(engine_args, replace(config, num_requests=requests_for(top)), top)
-    gc.collect()
     served_top = next(level for level in served if level["concurrency"] == top)
     result = {
         "workload": "L",

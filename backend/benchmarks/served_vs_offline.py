@@ -38,7 +38,7 @@ def offline_level(args: dict, config: BenchConfig, concurrency: int) -> dict:
 
 
 def run_served_vs_offline(ns: argparse.Namespace) -> int:
-    from pagetron.backend.serving.launcher import TritonServer, free_port, prepare_model_repository
+    from pagetron.backend.serving.launcher import TritonServer, prepare_model_repository
 
     args = engine_args(ns)
     levels = tuple(int(c) for c in ns.concurrency.split(","))
@@ -53,13 +53,7 @@ def run_served_vs_offline(ns: argparse.Namespace) -> int:
     offline = {c: offline_level(args, config, c) for c in levels}
     with tempfile.TemporaryDirectory() as tmp:
         repo = prepare_model_repository(Path(tmp) / "repo", {**args, "max_num_seqs": max(levels)})
-        server = TritonServer(
-            repo,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            log_path=Path(tmp) / "server.log",
-        ).start()
+        server = TritonServer.on_free_ports(repo, log_path=Path(tmp) / "server.log").start()
         try:
             server.wait_ready()
             served = asyncio.run(run_benchmark(BenchConfig(**{**config.__dict__, "url": server.grpc_url})))

@@ -160,6 +160,12 @@ class TritonServer:
     log_path: Path | None = None
     process: subprocess.Popen | None = None
 
+    @classmethod
+    def on_free_ports(cls, repository: Path, **kwargs) -> TritonServer:
+        return cls(
+            repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **kwargs
+        )
+
     @property
     def http_url(self) -> str:
         return f"{self.host}:{self.http_port}"
