@@ -86,6 +86,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, min(config.max_num_seqs, 512), max_blocks, self.device)
             self.graphs.capture()
         self.sampler = Sampler(eos_token_ids, seed=config.seed)
+        self._long_staging = HostStaging(np.int64, self.device)
+        self._int_staging = HostStaging(np.int32, self.device)
 
     def _kv_bytes_per_block(self) -> int:
         c = self.model_config
@@ -185,7 +187,7 @@ class ModelRunner:
         num_tokens = num_decode + sum(n for _, n in prefills)
         # int64 buffer: [input ids | positions | slots | rows to sample]
         long_offsets = _aligned_offsets([num_tokens] * 3 + [len(scheduled)], itemsize=8)
-        longs = np.zeros(long_offsets[-1], dtype=np.int64)
+        longs = self._long_staging.zeros(long_offsets[-1])
         ids, positions, slots, sample_rows = (
             longs[long_offsets[i] : long_offsets[i] + n]
             for i, n in enumerate([num_tokens] * 3 + [len(scheduled)])
@@ -227,7 +229,7 @@ class ModelRunner:
             num_prefills * prefill_width,
         ]
         int_offsets = _aligned_offsets(sizes, itemsize=4)
-        ints = np.zeros(int_offsets[-1], dtype=np.int32)
+        ints = self._int_staging.zeros(int_offsets[-1])
         parts = [ints[off : off + n] for off, n in zip(int_offsets, sizes)]
         context_lens, decode_tables, query_start, seq_lens, prefill_tables = parts
         decode_tables = decode_tables.reshape(num_decode, decode_width)
@@ -241,7 +243,7 @@ class ModelRunner:
         seq_lens[:] = seq_lens_list
         for i, (seq, _) in enumerate(prefills):
             prefill_tables[i, : len(seq.block_table)] = seq.block_table
-        longs_t, ints_t = self._to_device(longs), self._to_device(ints)
+        longs_t, ints_t = self._long_staging.to_device(longs), self._int_staging.to_device(ints)
         ints_parts = [ints_t[off : off + n] for off, n in zip(int_offsets, sizes)]
         long_parts = [longs_t[off : off + num_tokens] for off in long_offsets[:3]]
         meta = AttentionMetadata(
@@ -265,11 +267,42 @@ class ModelRunner:
             sample_seqs=sample_seqs,
         )
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
+
+class HostStaging:
+    """Host memory for one step's inputs of one dtype, reused from step to step.
+
+    On CUDA it is one pinned buffer, so the host-to-device copy is a single DMA without a pinning copy;
+    the buffer is rewritten only after the previous step's copy out of it has finished (a step that
+    samples nothing never waits on the device, so the next one could otherwise overwrite it in flight).
+    Elsewhere every step gets fresh memory, as the returned tensors alias it.
+    """
+
+    def __init__(self, dtype: np.dtype, device: torch.device):
+        self.dtype, self.device = np.dtype(dtype), device
+        self._pinned: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def zeros(self, n: int) -> np.ndarray:
         if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+            return np.zeros(n, dtype=self.dtype)
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._pinned is None or self._pinned.numel() < n:
+            capacity = max(n, 2 * (0 if self._pinned is None else self._pinned.numel()), 4096)
+            torch_dtype = torch.from_numpy(np.zeros(0, dtype=self.dtype)).dtype
+            self._pinned = torch.empty(capacity, dtype=torch_dtype, pin_memory=True)
+        array = self._pinned[:n].numpy()
+        array.fill(0)
+        return array
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` is the latest ``zeros`` result, filled in."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(array)
+        tensor = self._pinned[: array.shape[0]].to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return tensor
 
 
 def _aligned_offsets(sizes: list[int], itemsize: int) -> list[int]:

@@ -4,14 +4,14 @@ Each sequence has one new query token that attends over its cached K/V, read thr
 (layout and semantics: ``paged_decode_attention_ref`` in ``attention_ref``).
 
 Stage 1 runs one program per (sequence, KV head, split). A split walks its share of the context in tiles
-of ``_BLOCK_N`` tokens; all query heads that share the KV head are scored against a tile with one
+of ``BLOCK_N`` tokens; all query heads that share the KV head are scored against a tile with one
 ``tl.dot``, so every K/V element is read once. A split leaves an online-softmax partial per query head:
 running max ``m`` (log2 domain), sum of exponentials ``l`` and the unnormalised output ``acc``.
 Stage 2 merges the partials of each (sequence, query head). With one split, stage 1 writes the
 normalised output itself and stage 2 is skipped.
 
-With fp8 caches (``attention_ref``'s docstring) the e4m3 K/V tiles are converted to the query's dtype
-(exactly) before their ``tl.dot``s; ``k_scale`` is folded into the softmax scale on the host and
+With fp8 caches (``attention_ref``'s docstring) the e4m3 K/V tiles are converted exactly to fp16 (fp32
+for an fp32 query) before the ``tl.dot``s; ``k_scale`` is folded into the softmax scale on the host and
 ``v_scale`` multiplies each split's accumulator once. Other caches compile without any of that.
 
 Host-side sizes come only from tensor shapes (never from device values), so a call can be captured in a
@@ -29,16 +29,13 @@ import triton.language as tl
 from pagetron.kernels.attention_ref import FP8_DTYPE, check_kv_scales
 
 _LOG2E = 1.4426950408889634
-# Launch shape of the split kernel: untuned first picks (try BLOCK_N 32/64/128, warps 4/8, stages 2-4).
-_BLOCK_N = 64  # context tokens per K/V tile
-_NUM_WARPS = 4
-_NUM_STAGES = 2
-# fp8 caches: half the bytes, but the e4m3 -> bf16 conversions add ~70% more instructions and the kernel
-# stops being memory-bound (ncu, 13B shape: DRAM 43% busy, issue slots 50%; bf16: DRAM 91%), so longer
-# tiles pay (H200, batch 170, ~760-token contexts: 13B MHA 666 -> 633 us, 8B GQA 161 -> 149 us; the bf16
-# kernel takes 599-614 and 137-146 us). 3 stages: 13B 610 us but 8B 144 us (mixed, not adopted).
-_FP8_BLOCK_N = 128
-_FP8_NUM_STAGES = 2
+# Launch shapes of the split kernel, (BLOCK_N context tokens per K/V tile, warps, stages), by whether
+# the cache is fp8. ``decode_kernel_sweep`` (benchmarks) times the candidates; on an H200 at batch 256,
+# contexts 128-1300: bf16 13B MHA 811 us (4.8 TB/s of K/V), 8B GQA 188 us. fp8: the e4m3 -> bf16
+# conversions make the kernel instruction-bound (ncu, 13B: DRAM 43% busy; bf16: 91%), so longer tiles
+# pay: 13B 933 us (2.1 TB/s), 8B 208 us. The scoring with fp32 broadcast multiply-adds instead of a
+# tl.dot padded to 16 query rows was 2x slower for MHA and 8x for GQA (not kept).
+_LAUNCH = {False: (64, 4, 2), True: (128, 4, 2)}
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16: a KV head's group of query heads is padded up to this
 _MIN_TOKENS_PER_SPLIT = 128  # shorter splits cost more in partials and merging than they win
 _MAX_SPLITS = 64
@@ -46,6 +43,24 @@ _DEFAULT_NUM_SMS = 132  # H100 / H200; used off-GPU (the Triton interpreter)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read when the kernels below are decorated, as triton.jit does (it decides compiled vs interpreted then).
 _INTERPRETED = triton.knobs.runtime.interpret
+
+
+@triton.jit
+def _e4m3_to_f16(x):
+    """e4m3 -> fp16 (exact), one cvt.rn.f16x2.e4m3x2 per two values. As inline asm that is not pure,
+    Triton cannot sink it past the dot-operand layout change: it converts the tile as loaded and the fp16
+    tile takes the bf16 path through shared memory (ldmatrix). A plain ``.to`` was sunk there, which
+    read V one byte at a time and went through bf16 (SASS for sm_90: 1419 -> 674 instructions per
+    thread per 128-token tile; bf16 caches: 494 per 64-token tile)."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; "
+        "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        constraints="=r,=r,r",
+        args=[x],
+        dtype=tl.float16,
+        is_pure=False,
+        pack=4,
+    )
 
 
 # The block-table row stride changes with the longest context of each step: specializing on it (as
@@ -89,6 +104,7 @@ def _split_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would cost accuracy); unused for half types
     BF16_DOT_IN_FP32: tl.constexpr,  # interpreter only: it cannot tl.dot bf16 (triton-lang/triton#11584)
     KV_FP8: tl.constexpr,  # float8e4nv caches: dequantize tiles to the query's dtype, scale the output
+    ASM_CVT: tl.constexpr,  # compiled (not interpreted): convert fp8 tiles with inline asm
 ):
     # grid = (batch, num_kv_heads, NUM_SPLITS)
     seq = tl.program_id(0)
@@ -113,7 +129,14 @@ def _split_kernel(
         mask=head_ok[:, None],
         other=0.0,
     )
-    if BF16_DOT_IN_FP32:  # exact: bf16 values are fp32 values; the dot already accumulates in fp32
+    # fp8 caches with a half query: the dots take fp16 (e4m3 -> fp16 is one cvt per two values; -> bf16
+    # goes through fp16 and costs two more). q is scaled first (qk_scale is about 0.13 for head_dim 128)
+    # so that it stays far from fp16's 65504; fp16 keeps 3 more mantissa bits than bf16.
+    FP16_DOT: tl.constexpr = KV_FP8 and q_ptr.dtype.element_ty != tl.float32
+    DOT_TY: tl.constexpr = tl.float16 if FP16_DOT else q_ptr.dtype.element_ty
+    if FP16_DOT:
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+    elif BF16_DOT_IN_FP32:  # exact: bf16 values are fp32 values; the dot already accumulates in fp32
         q = q.to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -135,11 +158,13 @@ def _split_kernel(
             other=0.0,
         )
         if KV_FP8:  # exact; k_scale is in qk_scale
-            k = k.to(q_ptr.dtype.element_ty)
-        if BF16_DOT_IN_FP32:
+            k = _e4m3_to_f16(k) if ASM_CVT and FP16_DOT else k.to(DOT_TY)
+        if BF16_DOT_IN_FP32 and not FP16_DOT:
             k = k.to(tl.float32)
         # [GROUP_PAD, BLOCK_N] scores in the log2 domain (qk_scale folds in log2(e)), so exp2 below.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if not FP16_DOT:  # else q carries the scale
+            s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
@@ -152,9 +177,9 @@ def _split_kernel(
             other=0.0,
         )
         if KV_FP8:  # exact; v_scale multiplies acc after the loop
-            v = v.to(q_ptr.dtype.element_ty)
+            v = _e4m3_to_f16(v) if ASM_CVT and FP16_DOT else v.to(DOT_TY)
         p = p.to(v.dtype)  # as on the GPU: the P @ V product takes bf16/fp16 operands
-        if BF16_DOT_IN_FP32:
+        if BF16_DOT_IN_FP32 and not FP16_DOT:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
@@ -327,7 +352,7 @@ def paged_decode_attention(
     context_lens = context_lens.contiguous()  # the kernels index it as a flat array
     group = num_q_heads // num_kv_heads
     kv_fp8 = k_cache.dtype == FP8_DTYPE
-    block_n = _FP8_BLOCK_N if kv_fp8 else _BLOCK_N  # the merge kernel must see the same tiles
+    block_n, num_warps, num_stages = _LAUNCH[kv_fp8]  # the merge kernel must see the same tiles
 
     _split_kernel[(batch, num_kv_heads, num_splits)](
         query,
@@ -356,8 +381,9 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         BF16_DOT_IN_FP32=_INTERPRETED and query.dtype == torch.bfloat16,
         KV_FP8=kv_fp8,
-        num_warps=_NUM_WARPS,
-        num_stages=_FP8_NUM_STAGES if kv_fp8 else _NUM_STAGES,
+        ASM_CVT=not _INTERPRETED,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_kernel[(batch, num_q_heads)](

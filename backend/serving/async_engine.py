@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,11 +18,20 @@ from pagetron.backend.output_processor import OutputKind
 from pagetron.backend.outputs import RequestOutput
 from pagetron.backend.sampling_params import SamplingParamsError
 from pagetron.backend.serving.request_parser import ParsedRequest
+from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.step_stats import StepStats, StepStatsCollector
 
 logger = logging.getLogger(__name__)
 
+# NOTE: is_cancelled() is an IPC round trip to the Triton process, like a send: polled from the engine
+# thread it stalled every step that swept hundreds of live requests. A thread of its own polls instead
+# and queues an abort, which the engine thread handles before its next step.
 CANCEL_SWEEP_INTERVAL_S = 0.1
+# NOTE: a Triton response send releases the GIL while it waits on the server (~0.1 ms) and must take it
+# back afterwards; while the engine thread runs Python (scheduling, input building) that takes one
+# switch interval, 5 ms by default, so at hundreds of streams the output thread fell seconds behind.
+# The serving process belongs to the engine, so it shortens the interval for everyone in it.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class ErrorCode:
@@ -50,6 +60,35 @@ class LiveRequest:
     last_token_time: float | None = None
     num_generated: int = 0
     finished: bool = False  # the final response (or error) has been queued; nothing more may follow
+
+
+def coalesce(items: Iterable[tuple[LiveRequest, object]]) -> list[tuple[LiveRequest, object]]:
+    """Joins each request's queued streaming deltas into one, keeping every request's order.
+
+    NOTE: one response per request per step is what streaming promises, but sending costs the output
+    thread ~0.1 ms each (Python backend IPC): at hundreds of streams it falls behind the engine. Then
+    the deltas that queued up meanwhile go out as one response each (as vLLM's output collector
+    merges them), so its lag stays about one batch of sends and no token is dropped or reordered.
+    An error ends its request; anything queued for it after the error is not sent.
+    """
+    merged: list[tuple[LiveRequest, object]] = []
+    open_deltas: dict[str, int] = {}  # request id -> index in merged of its latest unfinished output
+    ended: set[str] = set()
+    for live, payload in items:
+        if live.request_id in ended:
+            continue
+        index = open_deltas.get(live.request_id)
+        if isinstance(payload, RequestOutput) and index is not None:
+            ResponseBuilder.merge(merged[index][1], payload)
+        else:
+            merged.append((live, payload))
+            index = len(merged) - 1
+        if isinstance(payload, RequestOutput) and not payload.finished:
+            open_deltas[live.request_id] = index
+        else:
+            open_deltas.pop(live.request_id, None)
+            ended.add(live.request_id)
+    return merged
 
 
 class AsyncEngine:
@@ -87,10 +126,12 @@ class AsyncEngine:
             threading.Thread(target=self._engine_loop, name="pagetron-engine", daemon=True),
             threading.Thread(target=self._output_loop, name="pagetron-output", daemon=True),
             threading.Thread(target=self._watchdog_loop, name="pagetron-watchdog", daemon=True),
+            threading.Thread(target=self._cancel_poll_loop, name="pagetron-cancel-poll", daemon=True),
         ]
 
     # ---- called from any thread ---------------------------------------------------------------------
     def start(self) -> None:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         for t in self._threads:
             t.start()
 
@@ -128,14 +169,10 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _engine_loop(self) -> None:
-        next_sweep = 0.0
         try:
             while not self._stop.is_set() and self.healthy:
                 busy = self.engine.has_unfinished_requests()
                 self._drain_inbox(block=not busy)
-                if time.monotonic() >= next_sweep:
-                    self._abort_cancelled()
-                    next_sweep = time.monotonic() + CANCEL_SWEEP_INTERVAL_S
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._last_progress = time.monotonic()
@@ -175,13 +212,6 @@ class AsyncEngine:
         self.engine.abort_request(request_id)
         self._finish_with_error(request_id, message, code)
 
-    def _abort_cancelled(self) -> None:
-        with self._lock:
-            live = [r for r in self._live.values() if not r.finished]
-        for r in live:
-            if r.sink.is_cancelled():
-                self._abort(r.request_id, "the request was cancelled", ErrorCode.CANCELLED)
-
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
@@ -212,18 +242,24 @@ class AsyncEngine:
     # ---- output thread ------------------------------------------------------------------------------
     def _output_loop(self) -> None:
         while True:
-            item = self._outbox.get()
-            if item is None:
+            items = [self._outbox.get()]
+            while True:  # everything queued while the previous responses were being sent
+                try:
+                    items.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in items
+            for live, payload in coalesce(item for item in items if item is not None):
+                try:
+                    if isinstance(payload, RequestOutput):
+                        live.sink.send(payload, final=payload.finished)
+                    else:
+                        message, code = payload
+                        live.sink.send_error(message, code)
+                except Exception:
+                    logger.exception("sending a response for %s failed", live.request_id)
+            if stop:
                 return
-            live, payload = item
-            try:
-                if isinstance(payload, RequestOutput):
-                    live.sink.send(payload, final=payload.finished)
-                else:
-                    message, code = payload
-                    live.sink.send_error(message, code)
-            except Exception:
-                logger.exception("sending a response for %s failed", live.request_id)
 
     def _finish_with_error(self, request_id: str, message: str, code: str) -> None:
         with self._lock:
@@ -238,6 +274,25 @@ class AsyncEngine:
             ids = list(self._live)
         for request_id in ids:
             self._finish_with_error(request_id, message, code)
+
+    # ---- cancellation poller ------------------------------------------------------------------------
+    def _cancel_poll_loop(self) -> None:
+        flagged: set[str] = set()  # aborts already queued
+        while not self._stop.wait(CANCEL_SWEEP_INTERVAL_S):
+            with self._lock:
+                live = [r for r in self._live.values() if not r.finished]
+            flagged &= {r.request_id for r in live}
+            for r in live:
+                if r.request_id in flagged:
+                    continue
+                try:
+                    cancelled = r.sink.is_cancelled()
+                except Exception:
+                    logger.exception("checking whether %s was cancelled failed", r.request_id)
+                    continue
+                if cancelled:
+                    flagged.add(r.request_id)
+                    self._inbox.put(("abort", r.request_id))
 
     # ---- watchdog -----------------------------------------------------------------------------------
     def _watchdog_loop(self) -> None:

@@ -23,6 +23,8 @@ class ResponseBuilder:
         for old, new in zip(pending.outputs, delta.outputs):
             old.text += new.text
             old.token_ids.extend(new.token_ids)
+            old.delta_text += new.delta_text
+            old.delta_token_ids = old.delta_token_ids + new.delta_token_ids
             if new.logprobs is not None:
                 old.logprobs = old.logprobs if old.logprobs is not None else []
                 old.logprobs.extend(new.logprobs)

@@ -1,6 +1,7 @@
 # One H200 call: the CUDA kernel tests, workload T with a per-step profile (13B shape; bf16, then fp8 KV),
 # and workload L through tritonserver (13B shape). Results land in $OUT; a short table prints last.
 # Usage (device tool, carrying .whl and .whl_ptt): bash perf_analyzer_configs/h200/run_session.sh [parts]
+# parts (comma-separated): tests, profile, fp8, served, bench-llama2-13b, bench-llama3-8b
 source perf_analyzer_configs/h200/env.sh
 PARTS=${1:-tests,profile,fp8,served}
 summary=()
@@ -24,6 +25,11 @@ if [[ $PARTS == *fp8* ]]; then
   run profile-13b-fp8 python3 -m pagetron.backend.benchmarks.gpu_profile --shape llama2-13b \
     --engine-args '{"kv_cache_dtype": "fp8"}' --json "$OUT/profile-13b-fp8.json"
 fi
+for shape in llama2-13b llama3-8b; do  # parts bench-llama2-13b, bench-llama3-8b: workloads T, P and HF baselines
+  if [[ $PARTS == *bench-$shape* ]]; then
+    run "bench-$shape" python3 -m pagetron.backend.cli bench gpu --shape "$shape" --json "$OUT/bench-$shape.json"
+  fi
+done
 if [[ $PARTS == *served* ]]; then
   run served-13b python3 -m pagetron.backend.cli bench gpu-served --shape llama2-13b --json "$OUT/served-13b.json"
 fi
@@ -35,4 +41,5 @@ print('$(basename "$f")', d['seconds'], 's', d['output_tok_s'], 'tok/s preempt',
       {k: (v['steps'], v['ms_per_step']['step'], v['ms_per_step']['forward']) for k, v in d['steps'].items()})"
 done
 [ -e "$OUT/served-13b.log" ] && tail -n 8 "$OUT/served-13b.log"
+for f in "$OUT"/bench-*.log; do [ -e "$f" ] && tail -n 12 "$f"; done
 printf '%s\n' "${summary[@]}"
