@@ -64,9 +64,18 @@ Pagetron is serving model 'llm' through Triton Inference Server
        -d '{{"text_input": "The capital of France is", "parameters": {{"max_tokens": 32}}}}'
 
   pagetron client --url {server.grpc_url} --stream "The capital of France is"
+
+  Model load/unload, shared memory, trace and logging APIs need the header 'admin-key: <key>'
+  ({_key_source(server)}).
 """,
         flush=True,
     )
+
+
+def _key_source(server) -> str:
+    if server.admin_key_file is not None:
+        return f"key generated into {server.admin_key_file}; set PAGETRON_ADMIN_KEY(_FILE) to choose one"
+    return "key from PAGETRON_ADMIN_KEY or PAGETRON_ADMIN_KEY_FILE"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

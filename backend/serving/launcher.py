@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +26,12 @@ from pagetron.backend.loader import pagetron_cache_dir
 
 REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
 MODEL_NAME = "llm"
+# Triton APIs that change what the server runs or lets clients map memory; each request to them must
+# carry ADMIN_HEADER with the admin key (Triton's restricted-API options, on HTTP and gRPC alike).
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "admin-key"
+ADMIN_KEY_ENV = "PAGETRON_ADMIN_KEY"
+ADMIN_KEY_FILE_ENV = "PAGETRON_ADMIN_KEY_FILE"
 
 
 class LaunchError(RuntimeError):
@@ -139,6 +146,30 @@ def prepare_model_repository(dest: Path, engine_args: dict, parameters: dict[str
     return dest
 
 
+def resolve_admin_key(generated_key_file: Path) -> tuple[str, Path | None]:
+    """The admin key from $PAGETRON_ADMIN_KEY, else from the file $PAGETRON_ADMIN_KEY_FILE names, else a
+    new random key written (owner-only) to ``generated_key_file``, which is returned with it."""
+    key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+    if not key and os.environ.get(ADMIN_KEY_FILE_ENV):
+        path = Path(os.environ[ADMIN_KEY_FILE_ENV])
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise LaunchError(f"{ADMIN_KEY_FILE_ENV}: cannot read {path}: {e}") from None
+        if not key:
+            raise LaunchError(f"{ADMIN_KEY_FILE_ENV}: {path} is empty")
+    if key:
+        if any(c in key for c in ",:= \t\n"):
+            raise LaunchError("the admin key may not contain ',', ':', '=' or whitespace")
+        return key, None
+    key = secrets.token_urlsafe(24)
+    generated_key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(generated_key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, generated_key_file
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,6 +189,8 @@ class TritonServer:
     exit_timeout_s: int = 30
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    admin_key: str | None = None  # None: resolve_admin_key() at start
+    admin_key_file: Path | None = None  # where a generated key was written
     process: subprocess.Popen | None = None
 
     @classmethod
@@ -179,6 +212,18 @@ class TritonServer:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that authorize a request to the restricted APIs (model load/unload, shared memory)."""
+        assert self.admin_key is not None, "the key is set when the server starts"
+        return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """The same for gRPC, where Triton expects the header name behind a fixed prefix."""
+        assert self.admin_key is not None, "the key is set when the server starts"
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+
+    @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
@@ -196,11 +241,15 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--model-control-mode={self.model_control_mode}",
         ]
+        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
+        cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if self.model_control_mode == "explicit":
             cmd.append(f"--load-model={MODEL_NAME}")
         return cmd
 
     def start(self) -> TritonServer:
+        if self.admin_key is None:
+            self.admin_key, self.admin_key_file = resolve_admin_key(self.repository.parent / "admin-key")
         backend_dir = build_backend_dir(pagetron_cache_dir() / "triton_backends")
         python_bin = stub_python_bin(pagetron_cache_dir() / "stub_env")
         env = dict(os.environ)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -72,19 +73,61 @@ def test_engine_fault_fails_requests_and_drops_readiness(tmp_path, fault, expect
         server.stop()
 
 
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_admin_apis_refuse_requests_without_the_key(tmp_path):
+    """Model control, shared memory, trace and logging need the admin key on HTTP and gRPC; inference
+    does not. The key was generated into an owner-only file beside the repository."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    server = start_server(tmp_path)
+    try:
+        assert server.admin_key_file == tmp_path / "admin-key"
+        assert server.admin_key_file.read_text().strip() == server.admin_key
+        assert server.admin_key_file.stat().st_mode & 0o777 == 0o600
+        base = f"http://{server.http_url}/v2"
+        wrong = {"admin-key": "not-the-key"}
+        for path in ("repository/models/llm/unload", "repository/index", "systemsharedmemory/status"):
+            assert http_status(f"{base}/{path}") == 403, path
+            assert http_status(f"{base}/{path}", wrong) == 403, path
+        assert http_status(f"{base}/repository/index", server.admin_headers) == 200
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.unload_model("llm")
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.register_system_shared_memory("x", "/pagetron-test", 64)
+        index = client.get_model_repository_index(headers=server.grpc_admin_headers)
+        assert [m.name for m in index.models] == ["llm"]
+        assert server.is_ready()  # nothing was unloaded
+        r = stream_generate(server.grpc_url, "Hello", {"max_tokens": 2})  # inference needs no key
+        assert r.error is None
+    finally:
+        server.stop()
+
+
 def test_explicit_unload_frees_the_stub_and_load_serves_again(tmp_path):
     server = start_server(tmp_path)
     try:
         [stub] = stub_pids(server)
         base = f"http://{server.http_url}/v2/repository/models/llm"
         urllib.request.urlopen(
-            urllib.request.Request(f"{base}/unload", data=b"{}", method="POST"), timeout=60
+            urllib.request.Request(f"{base}/unload", data=b"{}", method="POST", headers=server.admin_headers),
+            timeout=60,
         )
         assert wait_until(lambda: not server.is_ready(), 30)
         assert wait_until(lambda: stub not in stub_pids(server), 30), (
             "the stub (and the engine's memory) stayed"
         )
-        urllib.request.urlopen(urllib.request.Request(f"{base}/load", data=b"{}", method="POST"), timeout=300)
+        load = urllib.request.Request(f"{base}/load", data=b"{}", method="POST", headers=server.admin_headers)
+        urllib.request.urlopen(load, timeout=300)
         assert server.is_ready()
         r = stream_generate(
             server.grpc_url,
@@ -95,7 +138,10 @@ def test_explicit_unload_frees_the_stub_and_load_serves_again(tmp_path):
         index = json.loads(
             urllib.request.urlopen(
                 urllib.request.Request(
-                    f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST"
+                    f"http://{server.http_url}/v2/repository/index",
+                    data=b"{}",
+                    method="POST",
+                    headers=server.admin_headers,
                 )
             ).read()
         )
