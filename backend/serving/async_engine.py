@@ -102,8 +102,15 @@ class AsyncEngine:
         on_unhealthy: Callable[[str], None] | None = None,
         drain_file: str | None = None,
         drain_grace_s: float = 20.0,
+        max_queued_requests: int | None = 1024,
     ):
         self.engine = engine
+        # Backpressure: with max_num_seqs + max_queued_requests requests in flight (so at least this many
+        # waiting for the engine), a new one is refused at once with UNAVAILABLE rather than queued
+        # behind minutes of work. None: never refuse.
+        if max_queued_requests is not None and max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0 or None; got {max_queued_requests}")
+        self.max_queued_requests = max_queued_requests
         self.stall_timeout_s = stall_timeout_s
         # NOTE: Triton does not finalize a decoupled model while its streams are open, so a server stop
         # with long generations in flight would hit its exit timeout. The launcher creates drain_file
@@ -148,7 +155,21 @@ class AsyncEngine:
             return
         live = LiveRequest(request_id, parsed, sink)
         with self._lock:
-            self._live[request_id] = live
+            limit = None
+            if self.max_queued_requests is not None:
+                limit = self.engine.config.max_num_seqs + self.max_queued_requests
+            if limit is not None and len(self._live) >= limit:
+                refused = (
+                    f"the server is at capacity: {len(self._live)} requests in flight (max_num_seqs "
+                    f"{self.engine.config.max_num_seqs} + max_queued_requests {self.max_queued_requests}); "
+                    "retry later"
+                )
+            else:
+                refused = None
+                self._live[request_id] = live
+        if refused is not None:
+            sink.send_error(refused, ErrorCode.UNAVAILABLE)
+            return
         self._inbox.put(("add", live))
 
     def abort(self, request_id: str) -> None:

@@ -90,6 +90,7 @@ class TritonPythonModel:
             on_unhealthy=self._unload_self,
             drain_file=os.path.join(args["model_repository"], DRAIN_FILE),
             drain_grace_s=float(parameters.get("drain_grace_s", "20")),
+            max_queued_requests=_queue_limit(parameters.get("max_queued_requests", "1024")),
         )
         self.async_engine.start()
         self._warm_up()
@@ -171,6 +172,21 @@ class TritonPythonModel:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def _queue_limit(value: str) -> int | None:
+    """Model parameter max_queued_requests: a count >= 0, or "none" for an unbounded queue."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise pb_utils.TritonModelException(
+            f"parameter max_queued_requests: expected a count >= 0 or 'none', got {value!r}"
+        )
+    return limit
 
 
 def _triton_error_code(code: str) -> int:
