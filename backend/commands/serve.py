@@ -35,15 +35,28 @@ def run_serve(ns: argparse.Namespace) -> int:
     print(f"pagetron: starting tritonserver (model repository {repository})", file=sys.stderr, flush=True)
     server.start()
     try:
-        while not stop.is_set() and not server.is_ready():
-            if server.process.poll() is not None:
-                print(f"pagetron: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
-                return 1
-            stop.wait(0.5)
-        if not stop.is_set():
+        while not stop.is_set():
+            while not stop.is_set() and not server.is_ready():
+                if server.process.poll() is not None:
+                    code = server.process.returncode
+                    print(f"pagetron: tritonserver exited with code {code}", file=sys.stderr)
+                    return 1
+                stop.wait(0.5)
+            if stop.is_set():
+                break
             _print_ready(server)
-        while not stop.is_set() and server.process.poll() is None:
-            stop.wait(0.5)
+            if not _watch_until_stub_dies(server, stop):
+                break
+            # NOTE: Triton keeps reporting the model READY after its stub dies, and streams that were in
+            # flight never end; only a restart closes them (clients see the connection drop at once).
+            print(
+                "pagetron: the model's stub process died while the model reported READY; restarting "
+                "tritonserver (in-flight requests end with a connection error)",
+                file=sys.stderr,
+                flush=True,
+            )
+            server.kill()
+            server.start()
     finally:
         print(
             "pagetron: shutting down (in-flight requests finish or are cancelled)",
@@ -52,6 +65,20 @@ def run_serve(ns: argparse.Namespace) -> int:
         )
         code = server.stop(timeout_s=ns.drain_grace_s + ns.exit_timeout_s + 10)
     return 0 if code in (0, None) or stop.is_set() else code
+
+
+def _watch_until_stub_dies(server, stop: threading.Event) -> bool:
+    """Waits while the server runs; True once the model's stub is gone but the model still reports READY
+    (twice in a row, half a second apart). An unload (by an admin, or the model's own after a fault)
+    drops readiness first and is left alone."""
+    suspicious = 0
+    while not stop.is_set() and server.process.poll() is None:
+        stop.wait(0.5)
+        stub_gone_while_ready = not server.stub_pids() and server.is_ready()
+        suspicious = suspicious + 1 if stub_gone_while_ready else 0
+        if suspicious >= 2:
+            return True
+    return False
 
 
 def _print_ready(server) -> None:

@@ -265,6 +265,34 @@ class TritonServer:
         )
         return self
 
+    def stub_pids(self) -> list[int]:
+        """Python-backend stub processes in the server's process group (Linux /proc)."""
+        if self.process is None:
+            return []
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            process_group = int(stat.rsplit(")", 1)[1].split()[2])  # fields after "(comm)": state ppid pgrp
+            if process_group == self.process.pid and b"triton_python_backend_stub" in cmdline:
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def kill(self) -> None:
+        """SIGKILLs the server and its stubs at once: every open stream ends with a connection error."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
     def is_ready(self, model: str | None = MODEL_NAME) -> bool:
         path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
         try:
