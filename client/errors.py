@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 # gRPC status names -> the TRITONSERVER_Error code names the server uses in its own logs and docs.
@@ -9,6 +10,9 @@ _GRPC_TO_TRITON_CODE = {
     "INVALID_ARGUMENT": "INVALID_ARG",
     "UNIMPLEMENTED": "UNSUPPORTED",
 }
+
+
+_TAGGED = re.compile(r"^\[([A-Z_]+)\] (.*)$", re.DOTALL)  # "[INVALID_ARG] message", as the llm model sends
 
 
 def triton_code(status: str | None) -> str:
@@ -33,9 +37,17 @@ class TritonRequestError(RuntimeError):
     @classmethod
     def from_client_exception(cls, exc: Any) -> TritonRequestError:
         """From tritonclient's InferenceServerException (message() and status())."""
-        return cls(exc.message() or str(exc), triton_code(exc.status()))
+        return cls.tagged(exc.message() or str(exc), triton_code(exc.status()))
 
     @classmethod
     def from_rpc_error(cls, err: Any) -> TritonRequestError:
         """From a grpc.RpcError (what grpc.aio raises while iterating a stream)."""
-        return cls(err.details() or str(err), triton_code(err.code().name))
+        return cls.tagged(err.details() or str(err), triton_code(err.code().name))
+
+    @classmethod
+    def tagged(cls, message: str, code: str) -> TritonRequestError:
+        """Takes the code from a "[CODE] " prefix when the transport gave none (gRPC stream errors)."""
+        match = _TAGGED.match(message)
+        if match is None:
+            return cls(message, code)
+        return cls(match.group(2), match.group(1) if code == "UNKNOWN" else code)

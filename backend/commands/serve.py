@@ -45,16 +45,10 @@ def run_serve(ns: argparse.Namespace) -> int:
             if stop.is_set():
                 break
             _print_ready(server)
-            if not _watch_until_stub_dies(server, stop):
+            failure = _watch(server, stop)
+            if failure is None:
                 break
-            # NOTE: Triton keeps reporting the model READY after its stub dies, and streams that were in
-            # flight never end; only a restart closes them (clients see the connection drop at once).
-            print(
-                "pagetron: the model's stub process died while the model reported READY; restarting "
-                "tritonserver (in-flight requests end with a connection error)",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"pagetron: {failure}; restarting tritonserver", file=sys.stderr, flush=True)
             server.kill()
             server.start()
     finally:
@@ -67,18 +61,30 @@ def run_serve(ns: argparse.Namespace) -> int:
     return 0 if code in (0, None) or stop.is_set() else code
 
 
-def _watch_until_stub_dies(server, stop: threading.Event) -> bool:
-    """Waits while the server runs; True once the model's stub is gone but the model still reports READY
-    (twice in a row, half a second apart). An unload (by an admin, or the model's own after a fault)
-    drops readiness first and is left alone."""
+def _watch(server, stop: threading.Event) -> str | None:
+    """Waits while the server runs; returns why it must be restarted, or None once asked to stop.
+
+    NOTE: Triton keeps reporting the model READY after its stub dies, and the streams that were in
+    flight never end; only a restart closes them (clients see the connection drop at once). A stub gone
+    while the model reports READY twice in a row, half a second apart, is that case; an unload (by an
+    admin, or the model's own after a fault) drops readiness first and is left alone. A server that
+    exits by itself after it was ready (a crash) is restarted too.
+    """
     suspicious = 0
-    while not stop.is_set() and server.process.poll() is None:
+    while not stop.is_set():
         stop.wait(0.5)
+        if stop.is_set():
+            return None
+        if server.process.poll() is not None:
+            return f"tritonserver exited with code {server.process.returncode} (in-flight requests failed)"
         stub_gone_while_ready = not server.stub_pids() and server.is_ready()
         suspicious = suspicious + 1 if stub_gone_while_ready else 0
         if suspicious >= 2:
-            return True
-    return False
+            return (
+                "the model's stub process died while the model reported READY "
+                "(in-flight requests end with a connection error)"
+            )
+    return None
 
 
 def _print_ready(server) -> None:

@@ -52,11 +52,19 @@ def make_inputs(prompt: str | bytes | list[int] | None, sampling: dict | str | N
     return inputs
 
 
-def stream_generate(url: str, prompt, sampling: dict | str | None = None, timeout: float = 120, **flags):
-    """One request over a gRPC stream; collects every response until the final one."""
+def stream_generate(
+    url: str,
+    prompt,
+    sampling: dict | str | None = None,
+    timeout: float = 120,
+    headers: dict[str, str] | None = None,
+    **flags,
+):
+    """One request over a gRPC stream; collects every response until the final one. With the header
+    ``triton_grpc_error: true`` an error ends the stream with its gRPC status code (``error_code``)."""
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=headers)
     result = StreamResult()
     try:
         client.async_stream_infer("llm", make_inputs(prompt, sampling, return_finish_reason=True, **flags))
