@@ -47,9 +47,15 @@ class TritonSink(ResponseSink):
     def __init__(self, sender, parsed: ParsedRequest, builder: ResponseBuilder):
         self.sender, self.parsed, self.builder = sender, parsed, builder
         self.pending: RequestOutput | None = None
+        # NOTE: the final response frees the request's response factory inside Triton, and is_cancelled()
+        # on it afterwards segfaults tritonserver (seen under a perf_analyzer soak). The cancellation
+        # poller and the output thread race, so the final send and every poll take this lock.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def is_cancelled(self) -> bool:
-        return self.sender.is_cancelled()
+        with self._lock:
+            return not self._closed and self.sender.is_cancelled()
 
     def send(self, output: RequestOutput, final: bool) -> None:
         if not self.parsed.stream:
@@ -58,14 +64,21 @@ class TritonSink(ResponseSink):
                 return
             output = self.pending
         tensors = [pb_utils.Tensor(k, v) for k, v in self.builder.tensors(self.parsed, output).items()]
-        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        response = pb_utils.InferenceResponse(output_tensors=tensors)
+        if not final:
+            self.sender.send(response, flags=0)
+            return
+        with self._lock:
+            self._closed = True
+            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def send_error(self, message: str, code: str) -> None:
         error = pb_utils.TritonError(tagged(message, code), _triton_error_code(code))
-        self.sender.send(
-            pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        )
+        with self._lock:
+            self._closed = True
+            self.sender.send(
+                pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
 
 
 class TritonPythonModel:
