@@ -9,6 +9,8 @@ import threading
 
 from pagetron.backend.cli import engine_args
 
+MAX_RESTARTS_IN_A_ROW = 5
+
 
 def run_serve(ns: argparse.Namespace) -> int:
     from pagetron.backend.loader import pagetron_cache_dir
@@ -34,21 +36,29 @@ def run_serve(ns: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"pagetron: starting tritonserver (model repository {repository})", file=sys.stderr, flush=True)
     server.start()
+    restarts_in_a_row = 0  # restarts that have not reached READY yet
     try:
         while not stop.is_set():
             while not stop.is_set() and not server.is_ready():
                 if server.process.poll() is not None:
                     code = server.process.returncode
                     print(f"pagetron: tritonserver exited with code {code}", file=sys.stderr)
-                    return 1
+                    if restarts_in_a_row == 0 or restarts_in_a_row >= MAX_RESTARTS_IN_A_ROW:
+                        return 1  # a first start that fails is a configuration problem: no retry loop
+                    restarts_in_a_row += 1
+                    print("pagetron: restarting tritonserver", file=sys.stderr, flush=True)
+                    server.kill()
+                    server.start()
                 stop.wait(0.5)
             if stop.is_set():
                 break
             _print_ready(server)
+            restarts_in_a_row = 0
             failure = _watch(server, stop)
             if failure is None:
                 break
             print(f"pagetron: {failure}; restarting tritonserver", file=sys.stderr, flush=True)
+            restarts_in_a_row = 1
             server.kill()
             server.start()
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ SAMPLING_KEYS = [
 # Valid values this large would make a case run for seconds; smaller ones keep the run short.
 LONG_RUNNING = {"max_tokens": 8, "min_tokens": 8, "n": 3, "logprobs": 5}
 TRIED = {"inputs": 0, "outputs": 0, "invalid": 0}
+EXAMPLES = int(os.environ.get("PAGETRON_FUZZ_EXAMPLES", "300"))  # more by hand
 
 scalars = st.one_of(
     st.none(),
@@ -75,7 +77,7 @@ def as_json(params) -> str | None:
     return json.dumps(params, allow_nan=True)  # NaN and Infinity as JS literals, which strict JSON refuses
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(prompt=prompts, params=sampling)
 def test_fuzzed_requests_get_output_or_invalid_arg(triton_server, prompt, params):
     TRIED["inputs"] += 1
@@ -101,4 +103,4 @@ def test_the_server_is_whole_after_fuzzing(triton_server):
         f"\nfuzzing: {TRIED['inputs']} inputs tried, {TRIED['outputs']} valid outputs, "
         f"{TRIED['invalid']} INVALID_ARG, 0 crashes"
     )
-    assert TRIED["inputs"] >= 300
+    assert TRIED["inputs"] >= EXAMPLES

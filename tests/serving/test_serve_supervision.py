@@ -101,8 +101,9 @@ def test_stub_killed_under_load_then_sigterm(tmp_path):
         assert not pids_matching(f"tritonserver.*--grpc-port={ports['grpc']}")
         log.seek(0)
         text = log.read()
-        assert "stub process died while the model reported READY" in text
-        assert "tritonserver exited with code -9" in text
+        # a killed stub may also take tritonserver down with it (a boost lock_exception, seen in CI)
+        assert "stub process died while the model reported READY" in text or "exited with code -6" in text
+        assert "tritonserver exited with code -9" in text and text.count("restarting tritonserver") >= 2
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)

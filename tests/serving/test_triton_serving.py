@@ -114,6 +114,7 @@ def test_n_outputs_and_extra_outputs(triton_server):
         ("Hi", {"max_tokens": "many"}, "max_tokens"),
         ("Hi", {"top_p": 1.5}, "top_p"),
         ("Hi", {"max_tokens": 0}, "max_tokens"),
+        ("Hi", {"max_tokens": 4, "lora_name": "/etc/passwd"}, "lora_name"),  # no field reads a path
         ("Hi", "{not json", "sampling_parameters"),
         ("word " * 9000, {"max_tokens": 4}, "prompt"),
         (b"\xff\xfe broken", {"max_tokens": 4}, "text_input"),
@@ -126,6 +127,7 @@ def test_n_outputs_and_extra_outputs(triton_server):
         "wrong-type",
         "out-of-range",
         "zero-max-tokens",
+        "lora-path",
         "bad-json",
         "too-long",
         "invalid-utf8",
