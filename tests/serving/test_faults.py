@@ -24,13 +24,6 @@ def wait_until(predicate, timeout_s: float) -> bool:
     return False
 
 
-def stub_pids(server) -> list[int]:
-    out = subprocess.run(
-        ["pgrep", "-g", str(server.pid), "-f", "triton_python_backend_stub"], capture_output=True, text=True
-    )
-    return [int(p) for p in out.stdout.split()]
-
-
 def probe(server, timeout: float = 10) -> subprocess.CompletedProcess:
     import sys
 
@@ -116,14 +109,14 @@ def test_admin_apis_refuse_requests_without_the_key(tmp_path):
 def test_explicit_unload_frees_the_stub_and_load_serves_again(tmp_path):
     server = start_server(tmp_path)
     try:
-        [stub] = stub_pids(server)
+        [stub] = server.stub_pids()
         base = f"http://{server.http_url}/v2/repository/models/llm"
         urllib.request.urlopen(
             urllib.request.Request(f"{base}/unload", data=b"{}", method="POST", headers=server.admin_headers),
             timeout=60,
         )
         assert wait_until(lambda: not server.is_ready(), 30)
-        assert wait_until(lambda: stub not in stub_pids(server), 30), (
+        assert wait_until(lambda: stub not in server.stub_pids(), 30), (
             "the stub (and the engine's memory) stayed"
         )
         load = urllib.request.Request(f"{base}/load", data=b"{}", method="POST", headers=server.admin_headers)
