@@ -6,7 +6,7 @@ PYVER := $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.vers
 # perf_analyzer needs libb64; the Triton Python stub embeds the system libpython and needs its venv module
 SYSTEM_PACKAGES := libb64-0d python$(PYVER) python$(PYVER)-venv libpython$(PYVER)
 
-.PHONY: setup system-deps test lint serve demo bench clean
+.PHONY: setup system-deps test lint serve serve-openai demo bench clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -37,8 +37,15 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+# extra `pagetron serve` flags, e.g. make serve SERVE_FLAGS="--max-model-len 4096"
+SERVE_FLAGS ?=
+
 serve: setup
-	$(VENV)/bin/pagetron serve
+	$(VENV)/bin/pagetron serve $(SERVE_FLAGS)
+
+# tritonserver (llm + embed) plus the OpenAI-compatible API on :9000 (PAGETRON_OPENAI_API_KEY sets a key)
+serve-openai: setup
+	$(VENV)/bin/pagetron serve --openai $(SERVE_FLAGS)
 
 demo: setup
 	$(VENV)/bin/pagetron chat --demo

@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(serve)
     add_engine_args(serve)
 
+    openai = sub.add_parser("openai", help="the OpenAI-compatible API in front of a running Triton server")
+    from pagetron.backend.commands.openai import add_openai_arguments
+
+    add_openai_arguments(openai)
+
     bench = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
     bench_sub = bench.add_subparsers(dest="workload", required=True)
     smoke = bench_sub.add_parser("cpu-smoke", help="engine vs HF generate() batch 1, SmolLM2 on CPU")
@@ -126,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.commands.serve import run_serve
 
             return run_serve(ns)
+        if ns.command == "openai":
+            from pagetron.backend.commands.openai import run_openai
+
+            return run_openai(ns)
         if ns.command == "chat":
             from pagetron.backend.commands.chat import run_chat
 

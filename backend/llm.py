@@ -7,6 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagetron.backend.chat_template import encode_chat
 from pagetron.backend.config import EngineConfig
 from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine, PromptType
 from pagetron.backend.output_processor import OutputKind
@@ -80,11 +81,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
-        tok = self.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise InvalidRequestError("messages", "this model has no chat template")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return tok(text, add_special_tokens=False).input_ids
+        return encode_chat(self.tokenizer, messages, add_generation_prompt)
 
     def _run(self, num_requests: int, use_tqdm: bool, order: list[str]) -> list[RequestOutput]:
         mine = set(order)

@@ -9,7 +9,9 @@ from collections.abc import Sequence as SequenceABC
 from typing import Any
 
 from pagetron.backend.block_manager import BlockManager
+from pagetron.backend.chat_template import encode_chat
 from pagetron.backend.config import ConfigError, EngineConfig
+from pagetron.backend.errors import InvalidRequestError
 from pagetron.backend.loader import load_model_files
 from pagetron.backend.model_runner import ModelRunner
 from pagetron.backend.models.model_config import ModelConfig
@@ -21,15 +23,9 @@ from pagetron.backend.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | list[int] | dict[str, Any]
+PromptType = str | list[int] | dict[str, Any]  # dict: {"prompt"}, {"prompt_token_ids"} or {"messages"}
 
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses; ``field`` names what is wrong. Other requests are unaffected."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+__all__ = ["InvalidRequestError", "LLMEngine", "PromptType"]
 
 
 class LLMEngine:
@@ -91,10 +87,12 @@ class LLMEngine:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         text = None
         if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "messages"}
             if unknown:
                 raise InvalidRequestError("prompt", f"unknown prompt keys {sorted(unknown)}")
-            if "prompt_token_ids" in prompt:
+            if "messages" in prompt:
+                prompt = encode_chat(self.tokenizer, prompt["messages"])
+            elif "prompt_token_ids" in prompt:
                 text = prompt.get("prompt") if isinstance(prompt.get("prompt"), str) else None
                 prompt = prompt["prompt_token_ids"]
             else:

@@ -29,9 +29,10 @@ STREAM_HEADERS: dict[str, str] = {}
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """`prompt` is text (sent as text_input) or token ids (sent as input_ids)."""
+    """`prompt` is text (sent as text_input), token ids (input_ids) or a chat conversation, a list of
+    {"role", "content"} messages (messages, rendered with the model's chat template by the server)."""
 
-    prompt: str | Sequence[int]
+    prompt: str | Sequence[int] | Sequence[Mapping[str, Any]]
     sampling_params: Mapping[str, Any] = field(default_factory=dict)
     stream: bool = True
     exclude_input_in_output: bool = True
@@ -47,6 +48,8 @@ class GenerateRequest:
         arrays: dict[str, np.ndarray] = {}
         if isinstance(self.prompt, str):
             arrays["text_input"] = _bytes_array(self.prompt)
+        elif self.prompt and isinstance(self.prompt[0], Mapping):
+            arrays["messages"] = _bytes_array(json.dumps([dict(m) for m in self.prompt]))
         else:
             arrays["input_ids"] = np.asarray(list(self.prompt), dtype=np.int32)
         arrays["stream"] = _bool_array(self.stream)

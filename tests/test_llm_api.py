@@ -36,6 +36,19 @@ def test_chat_answer_ends_with_eos(smollm):
     assert "<|im_end|>" not in c.text
 
 
+def test_a_messages_prompt_is_the_chat_template_path(smollm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    [chat] = smollm.chat(messages, params, use_tqdm=False)
+    [generated] = smollm.generate({"messages": messages}, params, use_tqdm=False)
+    assert generated.prompt_token_ids == chat.prompt_token_ids == smollm.encode_chat(messages)
+    assert generated.outputs[0].token_ids == chat.outputs[0].token_ids
+    text = smollm.tokenizer.decode(chat.prompt_token_ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith(
+        "<|im_start|>assistant\n"
+    )
+
+
 def test_n_greedy_copies_are_identical_and_share_the_prompt_blocks(smollm):
     [out] = smollm.generate(
         GIRL + " Lily", SamplingParams(n=3, temperature=0.0, max_tokens=8), use_tqdm=False

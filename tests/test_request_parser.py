@@ -46,3 +46,41 @@ def test_bad_inputs_name_the_field():
         parse_request({"text_input": text(b"Hi"), "stream": np.array([1], dtype=np.int32)})
     with pytest.raises(SamplingParamsError, match="sampling_parameters"):
         parse_request({"text_input": text(b"Hi"), "sampling_parameters": text(b"{no")})
+
+
+def test_messages_input_is_a_validated_conversation():
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+    ]
+    parsed = parse_request({"messages": text(json.dumps(conversation).encode())})
+    assert parsed.prompt == {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}]
+    }
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ({"messages": text(b"[{")}, "messages"),
+        ({"messages": text(b'{"role": "user"}')}, "messages"),
+        ({"messages": text(b"[]")}, "messages"),
+        (
+            {"messages": text(b'[{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]')},
+            r"messages\[1\].role",
+        ),
+        ({"messages": text(b'[{"role": "user", "content": 5}]')}, r"messages\[0\].content"),
+        (
+            {"messages": text(b'[{"role": "user", "content": "a", "tool_calls": []}]')},
+            r"messages\[0\].tool_calls",
+        ),
+        (
+            {"messages": text(b'[{"role": "user", "content": [{"type": "image_url"}]}]')},
+            r"messages\[0\].content\[0\]",
+        ),
+        ({"messages": text(b"[]"), "text_input": text(b"Hi")}, "messages"),
+    ],
+)
+def test_bad_messages_name_the_message_and_field(inputs, field):
+    with pytest.raises(InvalidRequestError, match=f"^{field}: "):
+        parse_request(inputs)

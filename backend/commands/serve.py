@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -14,16 +16,24 @@ MAX_RESTARTS_IN_A_ROW = 5
 
 def run_serve(ns: argparse.Namespace) -> int:
     from pagetron.backend.loader import pagetron_cache_dir
-    from pagetron.backend.serving.launcher import TritonServer, prepare_model_repository
+    from pagetron.backend.serving.launcher import (
+        EMBED_MODEL_NAME,
+        MODEL_NAME,
+        TritonServer,
+        prepare_model_repository,
+    )
 
     args = engine_args(ns)
+    models = (MODEL_NAME, EMBED_MODEL_NAME) if ns.openai or ns.embed else (MODEL_NAME,)
     repository = prepare_model_repository(
         pagetron_cache_dir() / "serve" / f"repo-{ns.grpc_port}",
         args,
         {"stall_timeout_s": str(ns.stall_timeout_s), "drain_grace_s": str(ns.drain_grace_s)},
+        models=models,
     )
     server = TritonServer(
         repository,
+        models=models,
         http_port=ns.http_port,
         grpc_port=ns.grpc_port,
         metrics_port=ns.metrics_port,
@@ -36,6 +46,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"pagetron: starting tritonserver (model repository {repository})", file=sys.stderr, flush=True)
     server.start()
+    frontend = OpenAIFrontend(ns, server.grpc_url) if ns.openai else None
     restarts_in_a_row = 0  # restarts that have not reached READY yet
     try:
         while not stop.is_set():
@@ -52,9 +63,11 @@ def run_serve(ns: argparse.Namespace) -> int:
                 stop.wait(0.5)
             if stop.is_set():
                 break
-            _print_ready(server)
+            if frontend is not None:
+                frontend.ensure_running()
+            _print_ready(server, frontend)
             restarts_in_a_row = 0
-            failure = _watch(server, stop)
+            failure = _watch(server, stop, frontend)
             if failure is None:
                 break
             print(f"pagetron: {failure}; restarting tritonserver", file=sys.stderr, flush=True)
@@ -68,10 +81,50 @@ def run_serve(ns: argparse.Namespace) -> int:
             flush=True,
         )
         code = server.stop(timeout_s=ns.drain_grace_s + ns.exit_timeout_s + 10)
+        if frontend is not None:  # after the drain, so the frontend relays how its streams ended
+            frontend.stop()
     return 0 if code in (0, None) or stop.is_set() else code
 
 
-def _watch(server, stop: threading.Event) -> str | None:
+class OpenAIFrontend:
+    """`pagetron openai` beside the server, as a child process, restarted if it dies. The API key goes
+    through the environment, not the command line (which any local user can read)."""
+
+    def __init__(self, ns: argparse.Namespace, triton_url: str) -> None:
+        from pagetron.backend.commands.openai import API_KEY_ENV
+
+        self.command = [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_url]
+        self.command += ["--host", ns.host, "--port", str(ns.openai_port)]
+        self.env = dict(os.environ)
+        if ns.api_key:
+            self.env[API_KEY_ENV] = ns.api_key
+        self.url = f"http://{ns.host}:{ns.openai_port}/v1"
+        self.has_key = bool(self.env.get(API_KEY_ENV))
+        self.process: subprocess.Popen | None = None
+
+    def ensure_running(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        if self.process is not None:
+            print(
+                f"pagetron: the OpenAI frontend exited ({self.process.returncode}); restarting",
+                file=sys.stderr,
+            )
+        # its own session: a terminal's Ctrl-C reaches serve, which stops it after the drain
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)  # uvicorn finishes open responses, then exits
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _watch(server, stop: threading.Event, frontend: OpenAIFrontend | None = None) -> str | None:
     """Waits while the server runs; returns why it must be restarted, or None once asked to stop.
 
     NOTE: Triton keeps reporting the model READY after its stub dies, and the streams that were in
@@ -87,22 +140,33 @@ def _watch(server, stop: threading.Event) -> str | None:
             return None
         if server.process.poll() is not None:
             return f"tritonserver exited with code {server.process.returncode} (in-flight requests failed)"
-        stub_gone_while_ready = not server.stub_pids() and server.is_ready()
-        suspicious = suspicious + 1 if stub_gone_while_ready else 0
+        if frontend is not None:
+            frontend.ensure_running()
+        orphaned = [m for m in server.models if not server.stub_pids(m) and server.is_ready(m)]
+        suspicious = suspicious + 1 if orphaned else 0
         if suspicious >= 2:
             return (
-                "the model's stub process died while the model reported READY "
+                f"the stub process of model {orphaned[0]!r} died while the model reported READY "
                 "(in-flight requests end with a connection error)"
             )
     return None
 
 
-def _print_ready(server) -> None:
+def _print_ready(server, frontend: OpenAIFrontend | None) -> None:
+    models = " and ".join(repr(m) for m in server.models)
+    openai = ""
+    if frontend is not None:
+        key = "-H 'Authorization: Bearer <key>' " if frontend.has_key else ""
+        openai = f"""
+  OpenAI API {frontend.url}
+  curl {frontend.url}/chat/completions {key}-H 'Content-Type: application/json' \\
+       -d '{{"model": "llm", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
+"""
     print(
         f"""
-Pagetron is serving model 'llm' through Triton Inference Server
+Pagetron is serving {models} through Triton Inference Server
   HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
-
+{openai}
   curl -X POST http://{server.http_url}/v2/models/llm/generate \\
        -d '{{"text_input": "The capital of France is", "parameters": {{"max_tokens": 32}}}}'
 
@@ -133,6 +197,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="explicit lets an unhealthy model unload itself, so readiness tells the truth",
     )
     parser.add_argument("--exit-timeout-s", type=int, default=30)
+    parser.add_argument("--embed", action="store_true", help="also serve the embedding model 'embed'")
+    parser.add_argument(
+        "--openai",
+        action="store_true",
+        help="also run the OpenAI-compatible API (pagetron openai) beside the server; implies --embed",
+    )
+    parser.add_argument("--openai-port", type=int, default=9000)
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="with --openai: require 'Authorization: Bearer KEY' (default: $PAGETRON_OPENAI_API_KEY)",
+    )
     parser.add_argument(
         "--drain-grace-s",
         type=float,

@@ -193,32 +193,38 @@ class AsyncEngine:
         try:
             while not self._stop.is_set() and self.healthy:
                 busy = self.engine.has_unfinished_requests()
-                self._drain_inbox(block=not busy)
+                aborted = self._drain_inbox(block=not busy)
                 if self.engine.has_unfinished_requests():
                     self._step()
+                elif aborted and self.on_step is not None:  # no step follows: publish the freed state
+                    self.on_step(self._stats.begin())
                 self._last_progress = time.monotonic()
         except BaseException as e:  # the engine is broken: nothing in flight may hang
             logger.exception("engine thread died")
             self._mark_unhealthy(f"engine thread died: {type(e).__name__}: {e}")
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handles everything queued for the engine; True if a request was aborted."""
         try:
             item = self._inbox.get(timeout=CANCEL_SWEEP_INTERVAL_S) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return False
+        aborted = False
         while True:
             kind, payload = item
             if kind == "add":
                 self._add(payload)
             elif kind == "abort":
                 self._abort(payload, "the request was cancelled", ErrorCode.CANCELLED)
+                aborted = True
             elif kind == "abort_all":
                 for request_id in list(self.engine.output_processor.requests):
                     self._abort(request_id, payload, ErrorCode.UNAVAILABLE)
+                aborted = True
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return aborted
 
     def _add(self, live: LiveRequest) -> None:
         with self._lock:

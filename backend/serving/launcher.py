@@ -26,6 +26,7 @@ from pagetron.backend.loader import pagetron_cache_dir
 
 REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
 MODEL_NAME = "llm"
+EMBED_MODEL_NAME = "embed"
 # Triton APIs that change what the server runs or lets clients map memory; each request to them must
 # carry ADMIN_HEADER with the admin key (Triton's restricted-API options, on HTTP and gRPC alike).
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
@@ -124,14 +125,24 @@ def _check_stub_numpy(version: str | None) -> None:
         )
 
 
-def prepare_model_repository(dest: Path, engine_args: dict, parameters: dict[str, str] | None = None) -> Path:
-    """A copy of model_repository/ whose llm/1/engine_args.json holds ``engine_args`` (merged over the
-    template's) and whose config.pbtxt gets ``parameters`` overrides."""
-    if not (REPO_TEMPLATE / MODEL_NAME).is_dir():
-        raise LaunchError(f"model repository template not found at {REPO_TEMPLATE}")
+def prepare_model_repository(
+    dest: Path,
+    engine_args: dict,
+    parameters: dict[str, str] | None = None,
+    models: tuple[str, ...] = (MODEL_NAME,),
+) -> Path:
+    """A copy of the named models of model_repository/ (``llm`` always), whose llm/1/engine_args.json
+    holds ``engine_args`` (merged over the template's) and whose llm config.pbtxt gets ``parameters``."""
+    if MODEL_NAME not in models:
+        raise LaunchError(f"the served repository must hold model {MODEL_NAME!r}; got {models}")
+    for model in models:
+        if not (REPO_TEMPLATE / model).is_dir():
+            raise LaunchError(f"model {model!r} not found in the model repository template {REPO_TEMPLATE}")
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(REPO_TEMPLATE, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    dest.mkdir(parents=True)
+    for model in models:
+        shutil.copytree(REPO_TEMPLATE / model, dest / model, ignore=shutil.ignore_patterns("__pycache__"))
     args_file = dest / MODEL_NAME / "1" / "engine_args.json"
     merged = {**json.loads(args_file.read_text()), **engine_args}
     args_file.write_text(json.dumps(merged, indent=2) + "\n")
@@ -185,7 +196,8 @@ class TritonServer:
     grpc_port: int = 8001
     metrics_port: int = 8002
     host: str = "127.0.0.1"
-    model_control_mode: str = "none"  # "none" or "explicit" (then the llm model is loaded at start)
+    model_control_mode: str = "none"  # "none" or "explicit" (then `models` are loaded at start)
+    models: tuple[str, ...] = (MODEL_NAME,)  # those the repository holds; READY means all of them are
     exit_timeout_s: int = 30
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
@@ -244,7 +256,7 @@ class TritonServer:
         restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}"
         cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if self.model_control_mode == "explicit":
-            cmd.append(f"--load-model={MODEL_NAME}")
+            cmd += [f"--load-model={model}" for model in self.models]
         return cmd
 
     def start(self) -> TritonServer:
@@ -265,8 +277,9 @@ class TritonServer:
         )
         return self
 
-    def stub_pids(self) -> list[int]:
-        """Python-backend stub processes in the server's process group (Linux /proc)."""
+    def stub_pids(self, model: str | None = None) -> list[int]:
+        """Python-backend stub processes in the server's process group (Linux /proc); with ``model``,
+        only that model's (its stub's command line names the model's model.py in the repository)."""
         if self.process is None:
             return []
         pids = []
@@ -279,7 +292,9 @@ class TritonServer:
             except OSError:
                 continue
             process_group = int(stat.rsplit(")", 1)[1].split()[2])  # fields after "(comm)": state ppid pgrp
-            if process_group == self.process.pid and b"triton_python_backend_stub" in cmdline:
+            if process_group != self.process.pid or b"triton_python_backend_stub" not in cmdline:
+                continue
+            if model is None or f"{self.repository}/{model}/".encode() in cmdline:
                 pids.append(int(entry.name))
         return sorted(pids)
 
@@ -306,10 +321,10 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise LaunchError(f"tritonserver exited with code {self.process.returncode} while starting")
-            if self.is_ready():
+            if all(self.is_ready(model) for model in self.models):
                 return
             time.sleep(0.5)
-        raise LaunchError(f"model {MODEL_NAME!r} was not ready after {timeout_s:.0f} s")
+        raise LaunchError(f"models {', '.join(self.models)} were not all ready after {timeout_s:.0f} s")
 
     def drain(self, timeout_s: float) -> bool:
         """Asks the model to finish or cancel its in-flight requests; True once it reports it is done."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pagetron.backend.chat_template import validate_messages
 from pagetron.backend.llm_engine import InvalidRequestError
 from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
 
@@ -27,9 +28,12 @@ BOOL_INPUTS = (
 _NON_SAMPLING_PARAMETERS = {"triton_enable_empty_final_response", "sequence_id", "priority", "timeout"}
 
 
+PROMPT_INPUTS = ("text_input", "input_ids", "messages")
+
+
 @dataclass
 class ParsedRequest:
-    prompt: str | list[int]
+    prompt: str | list[int] | dict  # dict: {"messages": [...]}, rendered with the chat template
     params: SamplingParams
     stream: bool = False
     exclude_input_in_output: bool = True
@@ -51,30 +55,43 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None =
     return ParsedRequest(prompt=prompt, params=params, **flags)
 
 
-def _prompt(inputs: dict[str, np.ndarray]) -> str | list[int]:
-    has_text, has_ids = "text_input" in inputs, "input_ids" in inputs
-    if has_text == has_ids:
-        raise InvalidRequestError("text_input", "give exactly one of text_input or input_ids")
-    if has_ids:
+def _prompt(inputs: dict[str, np.ndarray]) -> str | list[int] | dict:
+    given = [name for name in PROMPT_INPUTS if name in inputs]
+    if len(given) != 1:
+        raise InvalidRequestError(
+            given[1] if given else "text_input",
+            "give exactly one of text_input, input_ids or messages",
+        )
+    if "input_ids" in inputs:
         ids = np.asarray(inputs["input_ids"]).reshape(-1)
         if ids.size == 0:
             raise InvalidRequestError("input_ids", "the prompt is empty")
         return [int(t) for t in ids]
-    values = np.asarray(inputs["text_input"], dtype=object).reshape(-1)
+    if "messages" in inputs:
+        try:
+            messages = json.loads(_one_string(inputs, "messages"))
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError("messages", f"is not valid JSON: {e}") from None
+        return {"messages": validate_messages(messages)}
+    raw = _one_string(inputs, "text_input")
+    if not raw:
+        raise InvalidRequestError("text_input", "the prompt is empty")
+    return raw
+
+
+def _one_string(inputs: dict[str, np.ndarray], name: str) -> str:
+    """The single UTF-8 string element of a BYTES input."""
+    values = np.asarray(inputs[name], dtype=object).reshape(-1)
     if values.size != 1:
-        raise InvalidRequestError("text_input", f"expected exactly one prompt, got {values.size}")
+        raise InvalidRequestError(name, f"expected exactly one element, got {values.size}")
     raw = values[0]
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InvalidRequestError(
-                "text_input", f"is not valid UTF-8 ({e.reason} at byte {e.start})"
-            ) from None
+            raise InvalidRequestError(name, f"is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not isinstance(raw, str):
-        raise InvalidRequestError("text_input", f"expected a string, got {type(raw).__name__}")
-    if not raw:
-        raise InvalidRequestError("text_input", "the prompt is empty")
+        raise InvalidRequestError(name, f"expected a string, got {type(raw).__name__}")
     return raw
 
 

@@ -20,13 +20,18 @@ from pagetron.backend.outputs import RequestOutput
 from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
 from pagetron.backend.serving.async_engine import AsyncEngine, ErrorCode, ResponseSink
 from pagetron.backend.serving.fault_injection import install_fault_injection
-from pagetron.backend.serving.request_parser import BOOL_INPUTS, ParsedRequest, parse_request
+from pagetron.backend.serving.request_parser import (
+    BOOL_INPUTS,
+    PROMPT_INPUTS,
+    ParsedRequest,
+    parse_request,
+)
 from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.triton_metrics import TritonMetrics
 
 ENGINE_ARGS_FILE = "engine_args.json"
 DRAIN_FILE = "DRAINING"  # created in the model's folder by the launcher before it stops the server
-INPUT_NAMES = ("text_input", "input_ids", "sampling_parameters", *BOOL_INPUTS)
+INPUT_NAMES = (*PROMPT_INPUTS, "sampling_parameters", *BOOL_INPUTS)
 WARMUP_TIMEOUT_S = 600.0
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from grpc_helpers import SERVER_ENGINE_ARGS
+from openai_frontend import Frontend, start_frontend
 from pagetron.backend.serving.launcher import TritonServer, free_port, prepare_model_repository
 
 
@@ -18,10 +20,11 @@ def start_server(
     env: dict[str, str] | None = None,
     model_control_mode: str = "explicit",
     wait: bool = True,
+    models: tuple[str, ...] = ("llm",),
 ) -> TritonServer:
     parameters = {"drain_grace_s": "3", **(parameters or {})}  # keeps server stops short
     repository = prepare_model_repository(
-        tmp_dir / "repo", {**SERVER_ENGINE_ARGS, **(engine_args or {})}, parameters
+        tmp_dir / "repo", {**SERVER_ENGINE_ARGS, **(engine_args or {})}, parameters, models=models
     )
     server = TritonServer(
         repository,
@@ -29,6 +32,7 @@ def start_server(
         grpc_port=free_port(),
         metrics_port=free_port(),
         model_control_mode=model_control_mode,
+        models=models,
         exit_timeout_s=5,
         env=env or {},
         log_path=tmp_dir / "tritonserver.log",
@@ -50,6 +54,29 @@ def triton_server(tmp_path_factory):
     yield server
     server.stop()
     assert not _alive(server.pid)
+
+
+@dataclass
+class OpenAIStack:
+    server: TritonServer
+    frontend: Frontend
+    engine_args: dict  # the served engine's, for an offline engine to compare with
+
+
+@pytest.fixture(scope="session")
+def openai_stack(tmp_path_factory):
+    """tritonserver serving `llm` and `embed`, and `pagetron openai` (API key required) in front of it."""
+    tmp = tmp_path_factory.mktemp("openai")
+    engine_args = {"max_model_len": 2048}  # a chat without max_tokens may fill it; the KV pool holds that
+    server = start_server(tmp, engine_args, models=("llm", "embed"))
+    try:
+        frontend = start_frontend(server.grpc_url, tmp / "frontend.log")
+    except Exception:
+        server.stop()
+        raise
+    yield OpenAIStack(server, frontend, {**SERVER_ENGINE_ARGS, **engine_args})
+    frontend.stop()
+    server.stop()
 
 
 def _alive(pid: int | None) -> bool:

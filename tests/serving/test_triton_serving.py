@@ -13,6 +13,7 @@ import pytest
 
 from grpc_helpers import SERVER_ENGINE_ARGS, make_inputs, scrape_metrics, stream_generate
 from pagetron.backend import LLM, SamplingParams
+from pagetron.client import TritonRequestError
 
 QUESTIONS = [
     "Once upon a time, there was a little girl named",
@@ -105,6 +106,22 @@ def test_n_outputs_and_extra_outputs(triton_server):
         return_logprobs=True,
     )
     assert r.error is None and r.token_ids[:4] == r.token_ids[4:]  # both greedy copies, concatenated
+
+
+def test_messages_input_is_rendered_with_the_chat_template_by_the_server(triton_server, smollm):
+    from pagetron.client import GenerateRequest, TritonLLMClient
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = smollm.chat(messages, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+    request = GenerateRequest(messages, {"temperature": 0, "max_tokens": 12}, return_num_input_tokens=True)
+    with TritonLLMClient(triton_server.grpc_url) as client:
+        result = client.complete(request, timeout=120)
+        bad = GenerateRequest([{"role": "user", "content": "x", "tool_calls": []}], {"max_tokens": 2})
+        with pytest.raises(TritonRequestError) as raised:
+            client.complete(bad, timeout=60)
+    assert result.token_ids[0] == expected.outputs[0].token_ids and result.text == expected.outputs[0].text
+    assert result.num_input_tokens == len(expected.prompt_token_ids)
+    assert raised.value.code == "INVALID_ARG" and raised.value.message.startswith("messages[0].tool_calls: ")
 
 
 @pytest.mark.parametrize(

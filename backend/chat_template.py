@@ -1,0 +1,77 @@
+"""Chat conversations -> prompt token ids through the model's own chat template, validated first.
+
+A conversation is a list of ``{"role": ..., "content": ...}`` messages as OpenAI's chat API sends them;
+content is a string or a list of ``{"type": "text", "text": ...}`` parts (joined with newlines, as vLLM
+does). Every problem is reported as an InvalidRequestError naming the message and field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pagetron.backend.errors import InvalidRequestError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+_MESSAGE_KEYS = {"role", "content", "name"}
+
+Message = dict[str, str]
+
+
+def validate_messages(messages: Any) -> list[Message]:
+    """Plain ``{"role", "content"[, "name"]}`` dicts with string content; raises InvalidRequestError."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages", "must be a non-empty list of messages")
+    clean = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(where, f"must be an object, got {type(message).__name__}")
+        unknown = set(message) - _MESSAGE_KEYS
+        if unknown:
+            raise InvalidRequestError(
+                f"{where}.{sorted(unknown)[0]}", "is not supported (messages take role, content and name)"
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequestError(f"{where}.role", f"must be one of {', '.join(ROLES)}; got {role!r}")
+        entry = {"role": role, "content": _content(message.get("content"), f"{where}.content")}
+        if message.get("name") is not None:
+            if not isinstance(message["name"], str):
+                raise InvalidRequestError(f"{where}.name", "must be a string")
+            entry["name"] = message["name"]
+        clean.append(entry)
+    return clean
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise InvalidRequestError(f"{where}[{j}]", f"only text parts are supported; got {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequestError(f"{where}[{j}].text", "must be a string")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise InvalidRequestError(
+        where, f"must be a string or a list of text parts; got {type(content).__name__}"
+    )
+
+
+def encode_chat(tokenizer: Any, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+    """Validates the conversation, renders it with the tokenizer's chat template and tokenizes it (the
+    template writes the special tokens itself, so none are added)."""
+    clean = validate_messages(messages)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("messages", "this model has no chat template")
+    try:
+        text = tokenizer.apply_chat_template(
+            clean, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as e:  # jinja2's TemplateError, or a raise_exception() inside the template
+        raise InvalidRequestError("messages", f"the model's chat template refused them: {e}") from None
+    return tokenizer(text, add_special_tokens=False).input_ids

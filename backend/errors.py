@@ -1,0 +1,11 @@
+"""The error every refused request raises (re-exported by llm_engine, where it is usually imported from)."""
+
+from __future__ import annotations
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; ``field`` names what is wrong. Other requests are unaffected."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible HTTP API in front of Triton (FastAPI): every request becomes Triton gRPC calls.
+
+uvicorn.run(create_app(FrontendSettings(triton_url="localhost:8001")), port=9000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from pagetron.backend.openai_api import chat, completions, embeddings
+from pagetron.backend.openai_api.disconnect import ClientDisconnected, EventStream, until_disconnected
+from pagetron.backend.openai_api.errors import (
+    OpenAIError,
+    from_triton,
+    unknown_model,
+    validation_error,
+)
+from pagetron.backend.openai_api.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from pagetron.backend.openai_api.streams import DONE, event, now
+from pagetron.backend.openai_api.triton_gateway import ServedModels, TritonGateway
+from pagetron.client.errors import TritonRequestError
+from pagetron.client.request import GenerateRequest
+
+logger = logging.getLogger("pagetron.openai")
+
+HEALTH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    triton_url: str = "localhost:8001"
+    api_key: str | None = None  # None: no authentication
+    models: ServedModels = field(default_factory=ServedModels)
+
+
+def create_app(settings: FrontendSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.gateway = TritonGateway(settings.triton_url, settings.models)  # on the serving loop
+        yield
+        await app.state.gateway.close()
+
+    app = FastAPI(title="Pagetron OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+
+    async def authenticate(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+            message = "Incorrect or missing API key (send 'Authorization: Bearer <key>')"
+            raise OpenAIError(401, message, code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+
+    def gateway(request: Request) -> TritonGateway:
+        return request.app.state.gateway
+
+    async def served(request: Request, model: str, kind: str) -> None:
+        """404 unless ``model`` is the served model of this kind and Triton has it READY."""
+        names = settings.models
+        wanted = names.llm if kind == "llm" else names.embed
+        if model not in (names.llm, names.embed):
+            raise unknown_model(model, await _ready(gateway(request)))
+        if model != wanted:
+            other = "/v1/embeddings" if kind == "llm" else "/v1/completions or /v1/chat/completions"
+            raise OpenAIError(400, f"model {model!r} is not served by this endpoint; use {other}", "model")
+        if model not in await _ready(gateway(request)):
+            raise OpenAIError(
+                503, f"model {model!r} is not ready on the Triton server", "model", "model_not_ready"
+            )
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        """A real one-token generation on the llm model."""
+        probe = GenerateRequest("Hello", {"max_tokens": 1, "temperature": 0.0}, stream=False)
+        try:
+            result = await asyncio.wait_for(gateway(request).complete(probe), HEALTH_TIMEOUT_S)
+        except (TritonRequestError, asyncio.TimeoutError) as e:
+            message = str(e) or f"no token within {HEALTH_TIMEOUT_S:.0f} s"
+            return JSONResponse(OpenAIError(503, f"unhealthy: {message}").body(), status_code=503)
+        return JSONResponse({"status": "ok", "generated_tokens": sum(result.num_output_tokens)})
+
+    @v1.get("/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        ready = await _ready(gateway(request), cached=False)
+        return {"object": "list", "data": [_model_card(m) for m in ready]}
+
+    @v1.get("/models/{model}")
+    async def get_model(request: Request, model: str) -> dict[str, Any]:
+        ready = await _ready(gateway(request), cached=False)
+        if model not in ready:
+            raise unknown_model(model, ready)
+        return _model_card(model)
+
+    @v1.post("/completions")
+    async def create_completion(request: Request, body: CompletionRequest) -> Response:
+        await served(request, body.model, "llm")
+        _refuse_unsupported(body)
+        if body.stream:
+            return await _stream(
+                request, completions.stream_completion(gateway(request), body), completions.RENAMED
+            )
+        work = completions.create_completion(gateway(request), body)
+        return await _respond(request, work, completions.RENAMED)
+
+    @v1.post("/chat/completions")
+    async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
+        await served(request, body.model, "llm")
+        _refuse_unsupported(body)
+        if body.stream:
+            return await _stream(
+                request, chat.stream_chat_completion(gateway(request), body), chat.rename_for(body)
+            )
+        return await _respond(
+            request, chat.create_chat_completion(gateway(request), body), chat.rename_for(body)
+        )
+
+    @v1.post("/embeddings")
+    async def create_embeddings(request: Request, body: EmbeddingRequest) -> Response:
+        await served(request, body.model, "embed")
+        return await _respond(request, embeddings.create_embeddings(gateway(request), body), {})
+
+    app.include_router(v1)
+    return app
+
+
+async def _ready(gateway: TritonGateway, cached: bool = True) -> list[str]:
+    try:
+        return await gateway.ready_models(cached=cached)
+    except TritonRequestError as e:
+        raise OpenAIError(503, f"the Triton server is unreachable: {e}", code="triton_unavailable") from None
+
+
+def _model_card(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": now(), "owned_by": "pagetron"}
+
+
+def _refuse_unsupported(body: Any) -> None:
+    name = body.unsupported()
+    if name is not None:
+        raise OpenAIError(400, f"{name}: is not supported by this server", param=name)
+
+
+async def _respond(request: Request, work: Awaitable[dict[str, Any]], rename: dict[str, str]) -> Response:
+    try:
+        payload = await until_disconnected(request.receive, work)
+    except TritonRequestError as e:
+        raise from_triton(e, rename) from None
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the Triton requests were cancelled
+    return JSONResponse(payload)
+
+
+async def _stream(request: Request, events: AsyncIterator[bytes], rename: dict[str, str]) -> Response:
+    """Waits for the first event (so errors before it get their HTTP status), then streams the rest; an
+    error later on becomes an error event followed by [DONE], as vLLM sends it."""
+    try:
+        first = await until_disconnected(request.receive, events.__anext__())
+    except TritonRequestError as e:
+        await events.aclose()
+        raise from_triton(e, rename) from None
+    except ClientDisconnected:
+        await events.aclose()
+        return Response(status_code=499)
+    except StopAsyncIteration:
+        first = DONE
+
+    async def rest() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for item in events:
+                yield item
+        except TritonRequestError as e:
+            yield event(from_triton(e, rename).body())
+            yield DONE
+        finally:
+            await events.aclose()
+
+    return EventStream(rest())
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(list(exc.errors()))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        error = OpenAIError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        error = OpenAIError(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return JSONResponse(error.body(), status_code=500)

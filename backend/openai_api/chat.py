@@ -1,0 +1,117 @@
+"""POST /v1/chat/completions: the conversation goes to Triton as the `messages` input, so the server
+renders it with the model's own chat template; one Triton request carries all `n` choices."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pagetron.backend.chat_template import validate_messages
+from pagetron.backend.llm_engine import InvalidRequestError
+from pagetron.backend.openai_api.errors import bad_request
+from pagetron.backend.openai_api.logprobs import chat_logprobs
+from pagetron.backend.openai_api.protocol import ChatCompletionRequest
+from pagetron.backend.openai_api.sampling import sampling_parameters
+from pagetron.backend.openai_api.streams import DONE, event, new_id, now, usage
+from pagetron.backend.openai_api.triton_gateway import TritonGateway
+from pagetron.client.request import GenerateRequest
+
+MAX_TOP_LOGPROBS = 20
+
+
+def rename_for(body: ChatCompletionRequest) -> dict[str, str]:
+    """The engine's names for fields -> this request's."""
+    names = {"logprobs": "top_logprobs", "text_input": "messages", "prompt": "messages"}
+    if body.max_completion_tokens is not None:
+        names["max_tokens"] = "max_completion_tokens"
+    return names
+
+
+def triton_request(body: ChatCompletionRequest) -> GenerateRequest:
+    try:
+        messages = validate_messages([m.model_dump(exclude_unset=True) for m in body.messages])
+    except InvalidRequestError as e:
+        raise bad_request(e.field, str(e).split(": ", 1)[1]) from None
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise bad_request("top_logprobs", "needs logprobs set to true")
+        if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad_request("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return GenerateRequest(
+        messages,
+        sampling_parameters(body, max_tokens, logprobs),
+        stream=body.stream,
+        return_logprobs=body.logprobs,
+        return_num_input_tokens=True,
+        return_num_output_tokens=True,
+    )
+
+
+async def create_chat_completion(gateway: TritonGateway, body: ChatCompletionRequest) -> dict[str, Any]:
+    result = await gateway.complete(triton_request(body))
+    choices = []
+    for j, text in enumerate(result.texts):
+        logprobs = None
+        if body.logprobs and result.logprobs:
+            content = chat_logprobs(result.logprobs[j], result.token_ids[j], body.top_logprobs or 0)
+            logprobs = {"content": content, "refusal": None}
+        choices.append(
+            {
+                "index": j,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": logprobs,
+                "finish_reason": result.finish_reasons[j],
+            }
+        )
+    return {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": now(),
+        "model": body.model,
+        "choices": choices,
+        "usage": usage(result.num_input_tokens or 0, sum(result.num_output_tokens)),
+    }
+
+
+async def stream_chat_completion(gateway: TritonGateway, body: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    """Role deltas first (once Triton has answered, so a refused request still gets an HTTP error status),
+    content deltas as tokens arrive, a finish_reason delta per choice, the usage chunk, then [DONE]."""
+    request = triton_request(body)
+    head = {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion.chunk",
+        "created": now(),
+        "model": body.model,
+    }
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    tail = {"usage": None} if include_usage else {}
+    prompt_tokens = completion_tokens = 0
+    started = False
+    async for chunk in gateway.generate(request):
+        if not started:
+            started = True
+            for j in range(body.n):
+                delta = {"role": "assistant", "content": ""}
+                choice = {"index": j, "delta": delta, "logprobs": None, "finish_reason": None}
+                yield event({**head, "choices": [choice], **tail})
+        if chunk.num_input_tokens is not None:
+            prompt_tokens = chunk.num_input_tokens
+        completion_tokens += chunk.num_tokens
+        ids_by_output = chunk.token_ids_by_output()
+        for j, text in enumerate(chunk.texts):
+            logprobs = None
+            if body.logprobs and chunk.logprobs is not None and j < len(ids_by_output):
+                content = chat_logprobs(chunk.logprobs[j], ids_by_output[j], body.top_logprobs or 0)
+                logprobs = {"content": content, "refusal": None}
+            if text or logprobs:
+                choice = {"index": j, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+                yield event({**head, "choices": [choice], **tail})
+        for j, reason in enumerate(chunk.finish_reasons):
+            if reason:
+                choice = {"index": j, "delta": {}, "logprobs": None, "finish_reason": reason}
+                yield event({**head, "choices": [choice], **tail})
+    if include_usage:
+        yield event({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    yield DONE

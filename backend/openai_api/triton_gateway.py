@@ -1,0 +1,108 @@
+"""Everything the frontend asks Triton, over one gRPC connection: generation streams on the `llm` model,
+batched embeddings on the `embed` model, and readiness. Failures raise TritonRequestError."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagetron.backend.openai_api.streams import gather_or_cancel
+from pagetron.client.errors import TritonRequestError
+from pagetron.client.grpc_aio_client import AsyncTritonLLMClient
+from pagetron.client.request import GenerateRequest
+from pagetron.client.response import GenerationChunk, GenerationResult
+
+EMBED_BATCH = 64  # texts per Triton request: the embed model's max_batch_size
+_INPUT_INDEX = re.compile(r"^input (\d+)(.*)$", re.DOTALL)  # the embed model's "input 3 has 300 tokens..."
+READY_CACHE_S = 1.0  # model readiness is asked again at most this often
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    llm: str = "llm"
+    embed: str = "embed"
+
+
+class TritonGateway:
+    def __init__(self, url: str, models: ServedModels = ServedModels()) -> None:
+        import tritonclient.grpc.aio as aioclient
+
+        self.url, self.models = url, models
+        self.llm = AsyncTritonLLMClient(url, models.llm)
+        self._client = aioclient.InferenceServerClient(url)
+        self._ready: tuple[float, list[str]] | None = None
+
+    async def close(self) -> None:
+        await self.llm.close()
+        await self._client.close()
+
+    async def ready_models(self, timeout: float = 5.0, cached: bool = True) -> list[str]:
+        """Which of the served models Triton reports READY (asked at most once per READY_CACHE_S when
+        ``cached``); raises TritonRequestError if Triton can't answer."""
+        from tritonclient.utils import InferenceServerException
+
+        if cached and self._ready is not None and time.monotonic() - self._ready[0] < READY_CACHE_S:
+            return self._ready[1]
+        names = [self.models.llm, self.models.embed]
+        try:
+            answers = await asyncio.gather(
+                *(self._client.is_model_ready(n, client_timeout=timeout) for n in names)
+            )
+        except InferenceServerException as e:
+            self._ready = None
+            raise TritonRequestError.from_client_exception(e) from None
+        ready = [name for name, ok in zip(names, answers) if ok]
+        self._ready = (time.monotonic(), ready)
+        return ready
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        return self.llm.generate(request)
+
+    async def complete(self, request: GenerateRequest) -> GenerationResult:
+        return await self.llm.complete(request)
+
+    async def embed(self, inputs: Sequence[str | Sequence[int]]) -> tuple[np.ndarray, list[int]]:
+        """Embeddings [len(inputs), dim] and each input's token count. Texts go EMBED_BATCH to a request
+        and token lists one per request, all at once; Triton's dynamic batcher regroups them."""
+        texts = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+        groups = [texts[k : k + EMBED_BATCH] for k in range(0, len(texts), EMBED_BATCH)]
+        groups += [[i] for i, x in enumerate(inputs) if not isinstance(x, str)]
+        results = await gather_or_cancel([self._embed_numbered(g, inputs) for g in groups])
+        vectors: list[np.ndarray | None] = [None] * len(inputs)
+        counts = [0] * len(inputs)
+        for group, (embeddings, tokens) in zip(groups, results):
+            for row, i in enumerate(group):
+                vectors[i], counts[i] = embeddings[row], tokens[row]
+        return np.stack(vectors), counts
+
+    async def _embed_group(self, group: list) -> tuple[np.ndarray, list[int]]:
+        from tritonclient.grpc import InferInput
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(group[0], str):
+            tensor = InferInput("text_input", [len(group), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in group], dtype=np.object_))
+        else:
+            tensor = InferInput("input_ids", [1, len(group[0])], "INT32")
+            tensor.set_data_from_numpy(np.asarray([group[0]], dtype=np.int32))
+        try:
+            result = await self._client.infer(self.models.embed, [tensor])
+        except InferenceServerException as e:
+            raise TritonRequestError.from_client_exception(e) from None
+        return result.as_numpy("embedding"), [int(n) for n in result.as_numpy("num_tokens").reshape(-1)]
+
+    async def _embed_numbered(self, indexes: list[int], inputs: Sequence) -> tuple[np.ndarray, list[int]]:
+        """One group; an error naming "input i" (its place in the group) names its place in ``inputs``."""
+        try:
+            return await self._embed_group([inputs[i] for i in indexes])
+        except TritonRequestError as e:
+            match = _INPUT_INDEX.match(e.message)
+            if match is None or int(match.group(1)) >= len(indexes):
+                raise
+            message = f"input[{indexes[int(match.group(1))]}]{match.group(2)}"
+            raise TritonRequestError(message, e.code) from None
