@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     from pagetron.backend.benchmarks.gpu_served import add_arguments as add_gpu_served_arguments
 
     add_gpu_served_arguments(gpu_served)
+    overhead = bench_sub.add_parser(
+        "openai-overhead", help="chat throughput through the OpenAI frontend vs straight to Triton gRPC"
+    )
+    from pagetron.backend.benchmarks.openai_overhead import add_arguments as add_overhead_arguments
+
+    add_overhead_arguments(overhead)
+    add_engine_args(overhead)
     served = bench_sub.add_parser("served-vs-offline", help="throughput through tritonserver vs offline")
     from pagetron.backend.benchmarks.served_vs_offline import add_arguments as add_served_arguments
 
@@ -147,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.benchmarks.gpu_served import run_gpu_served
 
             return run_gpu_served(ns)
+        if ns.workload == "openai-overhead":
+            from pagetron.backend.benchmarks.openai_overhead import run_openai_overhead
+
+            return run_openai_overhead(ns)
         if ns.workload == "served-vs-offline":
             from pagetron.backend.benchmarks.served_vs_offline import run_served_vs_offline
 

@@ -1,7 +1,7 @@
 # One H200 call: the CUDA kernel tests, workload T with a per-step profile (13B shape; bf16, then fp8 KV),
 # and workload L through tritonserver (13B shape). Results land in $OUT; a short table prints last.
 # Usage (device tool, carrying .whl and .whl_ptt): bash perf_analyzer_configs/h200/run_session.sh [parts]
-# parts (comma-separated): tests, profile, fp8, served, bench-llama2-13b, bench-llama3-8b
+# parts (comma-separated): tests, profile, fp8, served, bench-llama2-13b, bench-llama3-8b, openai
 source perf_analyzer_configs/h200/env.sh
 PARTS=${1:-tests,profile,fp8,served}
 summary=()
@@ -33,6 +33,26 @@ done
 if [[ $PARTS == *served* ]]; then
   run served-13b python3 -m pagetron.backend.cli bench gpu-served --shape llama2-13b --json "$OUT/served-13b.json"
 fi
+if [[ $PARTS == *openai* ]]; then  # the OpenAI frontend's overhead, dummy weights with SmolLM2's tokenizer
+  python3 - <<'PY'
+import json, pathlib, shutil
+src, dst = pathlib.Path(".whl_ptt/models/smollm2"), pathlib.Path("/tmp/llama3-8b-v49k")
+shutil.copytree(src, dst, dirs_exist_ok=True)
+config = json.loads((src / "config.json").read_text())
+config.update(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+              intermediate_size=14336, head_dim=128, tie_word_embeddings=False)
+(dst / "config.json").write_text(json.dumps(config))
+PY
+  for model in .whl_ptt/models/smollm2 /tmp/llama3-8b-v49k; do
+    name=$(basename "$model")
+    for mode in stream no-stream; do
+      flag=$([ "$mode" = no-stream ] && echo --no-stream)
+      run "openai-$name-$mode" python3 -m pagetron.backend.cli bench openai-overhead --model "$model" \
+        --load-format dummy --concurrency 32 --num-requests 256 --output-len 128 --rounds 3 $flag \
+        --json "$OUT/openai-$name-$mode.json"
+    done
+  done
+fi
 for f in "$OUT"/profile-*.json; do
   [ -e "$f" ] && python3 -c "
 import json, sys
@@ -42,4 +62,5 @@ print('$(basename "$f")', d['seconds'], 's', d['output_tok_s'], 'tok/s preempt',
 done
 [ -e "$OUT/served-13b.log" ] && tail -n 8 "$OUT/served-13b.log"
 for f in "$OUT"/bench-*.log; do [ -e "$f" ] && tail -n 12 "$f"; done
+for f in "$OUT"/openai-*.log; do [ -e "$f" ] && echo "$(basename "$f")" && tail -n 5 "$f"; done
 printf '%s\n' "${summary[@]}"
