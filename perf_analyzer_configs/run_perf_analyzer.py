@@ -35,6 +35,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+PROFILE_EXPORT_BROKEN = "perf_analyzer left its --profile-export-file empty or truncated"
+
+
 def parse_concurrency(spec: str) -> list[int]:
     """'1,8,64' or perf_analyzer's 'start:end[:step]', or a comma list of both."""
     levels: list[int] = []
@@ -149,8 +152,11 @@ def run_level(args: argparse.Namespace, concurrency: int, extra: list[str]) -> d
         with csv_path.open() as f:
             row = next(csv.DictReader(f))
         result["perf_analyzer_infer_per_s"] = float(row["Inferences/Second"])
-        result.update(summarize_profile(profile_path))
-        if result["requests_without_response"]:
+        try:
+            result.update(summarize_profile(profile_path))
+        except (OSError, json.JSONDecodeError) as e:
+            result["errors"].append(f"{PROFILE_EXPORT_BROKEN}: {e}")
+        if result.get("requests_without_response"):
             result["errors"].append(f"{result['requests_without_response']} requests got no response")
     if result["exit_code"] is None:
         result["errors"].append(f"timed out after {args.timeout:g} s")
@@ -207,7 +213,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for level in args.concurrency:
-        results.append(run_level(args, level, extra))
+        result = run_level(args, level, extra)
+        if any(e.startswith(PROFILE_EXPORT_BROKEN) for e in result["errors"]):
+            # NOTE: perf_analyzer 2.51 now and then exits 0 leaving its profile export empty or cut short
+            # (seen in CI under load); the level is run once more, and both attempts are reported.
+            first = result
+            result = run_level(args, level, extra)
+            result["first_attempt_errors"] = first["errors"]
+        results.append(result)
         if not results[-1]["ok"]:
             break  # a broken server fails every later level the same way
     merge_csv(args.out, args.concurrency)

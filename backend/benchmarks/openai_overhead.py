@@ -63,6 +63,10 @@ def run_openai_overhead(ns: argparse.Namespace) -> int:
                 frontend, openai_url = _start_frontend(server.grpc_url, Path(tmp) / "frontend.log")
                 result = asyncio.run(measure_overhead(OverheadConfig(server.grpc_url, openai_url, **config)))
                 result["engine_args"] = args
+            except Exception:
+                log = Path(tmp) / "server.log"
+                print(log.read_text()[-4000:] if log.exists() else "(no server log)", file=sys.stderr)
+                raise
             finally:
                 if frontend is not None:
                     frontend.send_signal(signal.SIGINT)

@@ -145,6 +145,9 @@ def prepare_model_repository(
         shutil.copytree(REPO_TEMPLATE / model, dest / model, ignore=shutil.ignore_patterns("__pycache__"))
     args_file = dest / MODEL_NAME / "1" / "engine_args.json"
     merged = {**json.loads(args_file.read_text()), **engine_args}
+    for key in ("model", "tokenizer"):  # the stub runs elsewhere: a relative path must not change meaning
+        if isinstance(merged.get(key), str) and Path(merged[key]).exists():
+            merged[key] = str(Path(merged[key]).resolve())
     args_file.write_text(json.dumps(merged, indent=2) + "\n")
     if parameters:
         config = dest / MODEL_NAME / "config.pbtxt"

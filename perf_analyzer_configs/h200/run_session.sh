@@ -43,14 +43,15 @@ config.update(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, nu
               intermediate_size=14336, head_dim=128, tie_word_embeddings=False)
 (dst / "config.json").write_text(json.dumps(config))
 PY
-  for model in .whl_ptt/models/smollm2 /tmp/llama3-8b-v49k; do
-    name=$(basename "$model")
-    for mode in stream no-stream; do
+  for run in ${OPENAI_RUNS:-llama3-8b-v49k:stream llama3-8b-v49k:no-stream smollm2:stream smollm2:no-stream}; do
+    name=${run%%:*} mode=${run##*:}
+    model=$([ "$name" = smollm2 ] && echo .whl_ptt/models/smollm2 || echo "/tmp/$name")
+    {
       flag=$([ "$mode" = no-stream ] && echo --no-stream)
       run "openai-$name-$mode" python3 -m pagetron.backend.cli bench openai-overhead --model "$model" \
-        --load-format dummy --concurrency 32 --num-requests 256 --output-len 128 --rounds 3 $flag \
+        --load-format dummy --concurrency 32 --num-requests ${OPENAI_REQUESTS:-256} --output-len 128 --rounds ${OPENAI_ROUNDS:-3} $flag \
         --json "$OUT/openai-$name-$mode.json"
-    done
+    }
   done
 fi
 for f in "$OUT"/profile-*.json; do
