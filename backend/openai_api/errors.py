@@ -82,12 +82,15 @@ def from_triton(error: TritonRequestError, rename: dict[str, str] | None = None)
 def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
     """A pydantic / FastAPI RequestValidationError's first problem, naming the field by its JSON path."""
     first = errors[0]
-    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    location = [p for p in first.get("loc", ()) if p != "body"]
     # unions report the member that failed ("prompt.str", "prompt.list[int].0"): keep the request's path
-    path = [
-        p for p in location if not re.match(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*)$", p)
-    ]
-    param = ".".join(path) or None
+    param = ""
+    for part in location:
+        if isinstance(part, int):
+            param += f"[{part}]"  # messages[2].role, as the chat template checks name it
+        elif not re.match(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*)$", str(part)):
+            param += f".{part}" if param else str(part)
+    param = param or None
     message = first.get("msg", "invalid request")
     if param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
         return OpenAIError(

@@ -209,3 +209,18 @@ def test_health_runs_a_real_generation(openai_stack):
     response = httpx.get(f"{openai_stack.frontend.root_url}/health", timeout=30)
     assert response.status_code == 200 and response.json() == {"status": "ok", "generated_tokens": 1}
     assert settled_generation_tokens(openai_stack.server.metrics_url) == before + 1
+
+
+def test_streamed_completion_of_two_prompts_with_n_2_numbers_choices_like_openai(client):
+    kwargs = dict(model="llm", prompt=PROMPTS, max_tokens=6, temperature=0.8, seed=3, n=2)
+    whole = client.completions.create(**kwargs)
+    texts = {i: "" for i in range(4)}
+    reasons = {}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    assert [texts[i] for i in range(4)] == [c.text for c in whole.choices]
+    assert [reasons[i] for i in range(4)] == [c.finish_reason for c in whole.choices]
