@@ -13,7 +13,10 @@ from typing import Any
 from pagetron.backend.errors import InvalidRequestError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-_MESSAGE_KEYS = {"role", "content", "name"}
+_MESSAGE_KEYS = {"role", "content", "name", "tool_call_id"}
+# what an assistant message of OpenAI's (or of our own) responses carries: replayed into the next turn,
+# they mean nothing while null or empty
+_NEUTRAL_WHEN_EMPTY = {"refusal", "annotations", "audio", "function_call", "tool_calls"}
 
 Message = dict[str, str]
 
@@ -27,7 +30,8 @@ def validate_messages(messages: Any) -> list[Message]:
         where = f"messages[{i}]"
         if not isinstance(message, Mapping):
             raise InvalidRequestError(where, f"must be an object, got {type(message).__name__}")
-        unknown = set(message) - _MESSAGE_KEYS
+        given = {k for k, v in message.items() if not (k in _NEUTRAL_WHEN_EMPTY and v in (None, [], ""))}
+        unknown = given - _MESSAGE_KEYS
         if unknown:
             raise InvalidRequestError(
                 f"{where}.{sorted(unknown)[0]}", "is not supported (messages take role, content and name)"
@@ -36,30 +40,40 @@ def validate_messages(messages: Any) -> list[Message]:
         if role not in ROLES:
             raise InvalidRequestError(f"{where}.role", f"must be one of {', '.join(ROLES)}; got {role!r}")
         entry = {"role": role, "content": _content(message.get("content"), f"{where}.content")}
-        if message.get("name") is not None:
-            if not isinstance(message["name"], str):
-                raise InvalidRequestError(f"{where}.name", "must be a string")
-            entry["name"] = message["name"]
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None:
+                entry[key] = _text(message[key], f"{where}.{key}")
         clean.append(entry)
     return clean
 
 
 def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, where)
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, Mapping) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
                 raise InvalidRequestError(f"{where}[{j}]", f"only text parts are supported; got {kind!r}")
-            if not isinstance(part.get("text"), str):
-                raise InvalidRequestError(f"{where}[{j}].text", "must be a string")
-            texts.append(part["text"])
+            texts.append(_text(part.get("text"), f"{where}[{j}].text"))
         return "\n".join(texts)
     raise InvalidRequestError(
         where, f"must be a string or a list of text parts; got {type(content).__name__}"
     )
+
+
+def _text(value: Any, where: str) -> str:
+    """A string the tokenizer can take: JSON may carry lone surrogates ("\\udfff"), which UTF-8 cannot."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(where, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            where, f"is not valid Unicode text ({e.reason} at character {e.start})"
+        ) from None
+    return value
 
 
 def encode_chat(tokenizer: Any, messages: Any, add_generation_prompt: bool = True) -> list[int]:

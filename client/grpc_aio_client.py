@@ -54,10 +54,17 @@ class AsyncTritonLLMClient:
         """
         import grpc
 
+        # NOTE: built here, not inside the request iterator: an exception there makes grpc.aio cancel the
+        # call and raise a bare CancelledError
+        try:
+            inputs = request.infer_inputs()
+        except (ValueError, OverflowError) as e:  # UnicodeEncodeError included
+            raise TritonRequestError(f"the request cannot be encoded: {e}", "INVALID_ARG") from None
+
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield {
                 "model_name": self.model,
-                "inputs": request.infer_inputs(),
+                "inputs": inputs,
                 "request_id": request.request_id,
                 "parameters": {EMPTY_FINAL_RESPONSE_PARAM: True},
             }

@@ -51,7 +51,10 @@ class GenerateRequest:
         elif self.prompt and isinstance(self.prompt[0], Mapping):
             arrays["messages"] = _bytes_array(json.dumps([dict(m) for m in self.prompt]))
         else:
-            arrays["input_ids"] = np.asarray(list(self.prompt), dtype=np.int32)
+            ids = [int(t) for t in self.prompt]
+            if any(not 0 <= t < 2**31 for t in ids):  # numpy 1.26 would wrap them silently
+                raise ValueError(f"token ids must be in [0, 2**31); got {min(ids)}..{max(ids)}")
+            arrays["input_ids"] = np.asarray(ids, dtype=np.int32)
         arrays["stream"] = _bool_array(self.stream)
         if self.sampling_params:
             arrays["sampling_parameters"] = _bytes_array(json.dumps(dict(self.sampling_params)))

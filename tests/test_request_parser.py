@@ -71,7 +71,7 @@ def test_messages_input_is_a_validated_conversation():
         ),
         ({"messages": text(b'[{"role": "user", "content": 5}]')}, r"messages\[0\].content"),
         (
-            {"messages": text(b'[{"role": "user", "content": "a", "tool_calls": []}]')},
+            {"messages": text(b'[{"role": "user", "content": "a", "tool_calls": [{"id": "c1"}]}]')},
             r"messages\[0\].tool_calls",
         ),
         (

@@ -58,7 +58,8 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         if settings.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+        given = token.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given, settings.api_key.encode()):
             message = "Incorrect or missing API key (send 'Authorization: Bearer <key>')"
             raise OpenAIError(401, message, code="invalid_api_key")
 
@@ -184,6 +185,10 @@ async def _stream(request: Request, events: AsyncIterator[bytes], rename: dict[s
                 yield item
         except TritonRequestError as e:
             yield event(from_triton(e, rename).body())
+            yield DONE
+        except Exception as e:  # the status line is gone: the client still learns the stream failed
+            logger.exception("streamed response failed")
+            yield event(OpenAIError(500, f"internal server error: {type(e).__name__}: {e}").body())
             yield DONE
         finally:
             await events.aclose()

@@ -81,7 +81,13 @@ def from_triton(error: TritonRequestError, rename: dict[str, str] | None = None)
 
 def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
     """A pydantic / FastAPI RequestValidationError's first problem, naming the field by its JSON path."""
-    first = errors[0]
+    # a union field reports one error per member ("prompt.str", "prompt.list[int].0"): the deepest one is
+    # the member the value was meant for
+    field = errors[0].get("loc", ())[:2]
+    first = max(
+        (e for e in errors if e.get("loc", ())[:2] == field),
+        key=lambda e: (len(e.get("loc", ())), not e.get("type", "").endswith("_type")),  # range over type
+    )
     location = [p for p in first.get("loc", ()) if p != "body"]
     # unions report the member that failed ("prompt.str", "prompt.list[int].0"): keep the request's path
     param = ""
@@ -91,7 +97,7 @@ def validation_error(errors: list[dict[str, Any]]) -> OpenAIError:
         elif not re.match(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*)$", str(part)):
             param += f".{part}" if param else str(part)
     param = param or None
-    message = first.get("msg", "invalid request")
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
         return OpenAIError(
             400, "the request body must be a JSON object (send Content-Type: application/json)"

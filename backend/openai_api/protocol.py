@@ -9,53 +9,89 @@ openai client sends through ``extra_body``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pagetron.backend.sampling_params import MAX_N
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # what the int32 input_ids tensor can carry
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # the openai client sends null for every argument given as None; OpenAI reads it as the default
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+def check_text(value: Any) -> Any:
+    """Strings must be encodable as UTF-8 (JSON may carry lone surrogates such as "\\udfff")."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"is not valid Unicode text ({e.reason} at character {e.start})") from None
+    return value
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # nothing is obfuscated here; accepted and ignored
 
 
 class SamplingFields(_Body):
     """Shared by completions and chat completions."""
 
     model: str
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # ignored, as OpenAI only uses it for abuse monitoring
+    # accepted and ignored: they ask nothing of the generation
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # accepted only at their neutral value (see unsupported())
+    store: bool | None = None
     # vLLM's extensions
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+
+    _check_stop = field_validator("stop")(check_text)
 
     def unsupported(self) -> str | None:
         """The first field set to something Pagetron cannot do, or None."""
         if self.logit_bias:
             return "logit_bias"
+        if self.store:
+            return "store"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options"  # OpenAI allows it only with stream: true
         return None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -68,6 +104,8 @@ class CompletionRequest(SamplingFields):
         if self.suffix:
             return "suffix"
         return super().unsupported()
+
+    _check_prompt = field_validator("prompt")(check_text)
 
 
 class ChatMessage(BaseModel):
@@ -92,20 +130,31 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
 
     def unsupported(self) -> str | None:
         if self.tools:
             return "tools"
-        if self.tool_choice not in (None, "none"):
+        if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice"
         if self.response_format is not None and self.response_format.type != "text":
             return "response_format"
+        if self.modalities is not None and self.modalities != ["text"]:
+            return "modalities"
+        for name in ("reasoning_effort", "verbosity", "prediction"):  # for other kinds of models
+            if getattr(self, name) is not None:
+                return name
         return super().unsupported()
 
 
 class EmbeddingRequest(_Body):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+
+    _check_input = field_validator("input")(check_text)

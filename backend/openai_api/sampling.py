@@ -38,6 +38,8 @@ def sampling_parameters(
         value = getattr(request, name)
         if value is not None:
             params[name] = value
+    if params.get("seed") is not None:
+        params["seed"] %= 2**63  # OpenAI takes any int64; the engine's seeds are >= 0
     params["max_tokens"] = max_tokens  # None: until the model's context is full (OpenAI's chat default)
     if logprobs is not None:
         params["logprobs"] = logprobs

@@ -234,6 +234,12 @@ class AsyncEngine:
             self.engine.add_request(live.parsed.prompt, live.parsed.params, live.request_id, OutputKind.DELTA)
         except (InvalidRequestError, SamplingParamsError) as e:
             self._finish_with_error(live.request_id, str(e), ErrorCode.INVALID_ARG)
+        except Exception as e:  # noqa: BLE001 (the tokenizer or chat template refused the input)
+            # NOTE: one request's input must never take the engine thread down with it (a lone surrogate
+            # in a chat message once did, through the tokenizer). Nothing was queued yet: only it fails.
+            logger.warning("request %s refused while being added: %r", live.request_id, e)
+            message = f"the prompt could not be tokenized: {type(e).__name__}: {e}"
+            self._finish_with_error(live.request_id, message, ErrorCode.INVALID_ARG)
 
     def _abort(self, request_id: str, message: str, code: str) -> None:
         self.engine.abort_request(request_id)

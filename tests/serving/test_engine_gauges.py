@@ -16,7 +16,8 @@ from pagetron.backend.serving.step_stats import StepStats
 
 
 class CancellableSink:
-    def __init__(self):
+    def __init__(self, cancel_after_tokens: bool = True):
+        self.cancel_after_tokens = cancel_after_tokens
         self.cancelled = threading.Event()
         self.tokens = 0
         self.error: tuple[str, str] | None = None
@@ -27,8 +28,10 @@ class CancellableSink:
 
     def send(self, output: RequestOutput, final: bool) -> None:
         self.tokens += len(output.outputs[0].token_ids)
-        if self.tokens >= 3:
+        if self.tokens >= 3 and self.cancel_after_tokens:
             self.cancelled.set()  # the client leaves after its first tokens
+        if final:
+            self.done.set()
 
     def send_error(self, message: str, code: str) -> None:
         self.error = (message, code)
@@ -54,5 +57,31 @@ def test_gauges_drop_to_zero_when_the_only_request_is_cancelled(tmp_path):
             assert time.monotonic() < deadline, published[-1]
             time.sleep(0.01)
         assert published[-1].kv_cache_usage == 0 and published[-1].num_waiting == 0
+    finally:
+        engine.shutdown()
+
+
+def test_an_input_the_tokenizer_chokes_on_fails_only_its_request(tmp_path):
+    folder = make_hf_model(tmp_path, "llama", num_kv_heads=2, tie_word_embeddings=False)
+    llm_engine = LLMEngine(EngineConfig(model=str(folder), kv_cache_memory_gb=0.01))
+    real_add = llm_engine.add_request
+
+    def add_request(prompt, *args, **kwargs):
+        if prompt == [7, 7, 7]:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")  # as tokenizers says
+        return real_add(prompt, *args, **kwargs)
+
+    llm_engine.add_request = add_request
+    engine = AsyncEngine(llm_engine)
+    engine.start()
+    bad, good = CancellableSink(), CancellableSink(cancel_after_tokens=False)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        engine.submit("bad", ParsedRequest(prompt=[7, 7, 7], params=params, stream=True), bad)
+        assert bad.done.wait(10)
+        message, code = bad.error
+        assert code == "INVALID_ARG" and message.startswith("the prompt could not be tokenized: TypeError")
+        engine.submit("good", ParsedRequest(prompt=[3, 4, 5], params=params, stream=True), good)
+        assert good.done.wait(30) and good.error is None and good.tokens == 4 and engine.healthy
     finally:
         engine.shutdown()

@@ -93,6 +93,19 @@ def test_chat_equals_the_offline_chat_template_path(client, offline):
         assert response.usage.completion_tokens == len(expected.outputs[0].token_ids)
 
 
+def test_multi_turn_replays_the_assistant_message_and_tool_turns(client, offline):
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    first = client.chat.completions.create(model="llm", messages=messages, max_tokens=8, temperature=0)
+    messages.append(first.choices[0].message)  # the client's own object: refusal, tool_calls... all null
+    messages.append({"role": "user", "content": "And a vegetable?"})
+    second = client.chat.completions.create(model="llm", messages=messages, max_tokens=8, temperature=0)
+    replay = [messages[0], {"role": "assistant", "content": first.choices[0].message.content}, messages[2]]
+    expected = offline.chat(replay, greedy(max_tokens=8), use_tqdm=False)[0]
+    assert second.choices[0].message.content == expected.outputs[0].text
+    tool_turn = [*replay, {"role": "tool", "content": "carrot", "tool_call_id": "call_1"}]
+    assert client.chat.completions.create(model="llm", messages=tool_turn, max_tokens=2).choices
+
+
 def test_streamed_chat_sends_role_first_then_content_finish_and_usage(client, offline):
     stream = client.chat.completions.create(
         model="llm",

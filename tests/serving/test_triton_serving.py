@@ -116,7 +116,9 @@ def test_messages_input_is_rendered_with_the_chat_template_by_the_server(triton_
     request = GenerateRequest(messages, {"temperature": 0, "max_tokens": 12}, return_num_input_tokens=True)
     with TritonLLMClient(triton_server.grpc_url) as client:
         result = client.complete(request, timeout=120)
-        bad = GenerateRequest([{"role": "user", "content": "x", "tool_calls": []}], {"max_tokens": 2})
+        bad = GenerateRequest(
+            [{"role": "user", "content": "x", "tool_calls": [{"id": "c1"}]}], {"max_tokens": 2}
+        )
         with pytest.raises(TritonRequestError) as raised:
             client.complete(bad, timeout=60)
     assert result.token_ids[0] == expected.outputs[0].token_ids and result.text == expected.outputs[0].text
