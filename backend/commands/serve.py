@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from pagetron.backend.cli import engine_args
 
 MAX_RESTARTS_IN_A_ROW = 5
+FRONTEND_QUICK_EXIT_S = 10.0
 
 
 def run_serve(ns: argparse.Namespace) -> int:
@@ -101,15 +103,29 @@ class OpenAIFrontend:
         self.url = f"http://{ns.host}:{ns.openai_port}/v1"
         self.has_key = bool(self.env.get(API_KEY_ENV))
         self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.backoff_s = 0.5  # doubled before its first use
+        self.retry_at: float | None = None
 
     def ensure_running(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
+        now = time.monotonic()
         if self.process is not None:
-            print(
-                f"pagetron: the OpenAI frontend exited ({self.process.returncode}); restarting",
-                file=sys.stderr,
-            )
+            if self.retry_at is None:
+                # one that dies at once (its port taken, say) is retried ever more slowly, up to a minute
+                quick = now - self.started_at < FRONTEND_QUICK_EXIT_S
+                delay = min(2 * self.backoff_s, 60.0) if quick else 0.0
+                self.backoff_s = delay if quick else 0.5
+                self.retry_at = now + delay
+                print(
+                    f"pagetron: the OpenAI frontend exited ({self.process.returncode}); "
+                    f"restarting in {delay:.0f} s",
+                    file=sys.stderr,
+                )
+            if now < self.retry_at:
+                return
+        self.started_at, self.retry_at = now, None
         # its own session: a terminal's Ctrl-C reaches serve, which stops it after the drain
         self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
 

@@ -88,8 +88,12 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         probe = GenerateRequest("Hello", {"max_tokens": 1, "temperature": 0.0}, stream=False)
         try:
             result = await asyncio.wait_for(gateway(request).complete(probe), HEALTH_TIMEOUT_S)
-        except (TritonRequestError, asyncio.TimeoutError) as e:
-            message = str(e) or f"no token within {HEALTH_TIMEOUT_S:.0f} s"
+        except TritonRequestError as e:
+            if from_triton(e).status == 429:  # alive, only full: a probe must not get it restarted
+                return JSONResponse({"status": "busy", "generated_tokens": 0, "detail": e.message})
+            return JSONResponse(OpenAIError(503, f"unhealthy: {e}").body(), status_code=503)
+        except asyncio.TimeoutError:
+            message = f"no token within {HEALTH_TIMEOUT_S:.0f} s"
             return JSONResponse(OpenAIError(503, f"unhealthy: {message}").body(), status_code=503)
         return JSONResponse({"status": "ok", "generated_tokens": sum(result.num_output_tokens)})
 

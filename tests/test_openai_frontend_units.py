@@ -1,0 +1,64 @@
+"""Frontend pieces that need no server: /health when the engine is only full, and how `pagetron serve`
+restarts a frontend that keeps dying."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from starlette.testclient import TestClient
+
+from pagetron.backend.commands.serve import OpenAIFrontend
+from pagetron.backend.openai_api.app import FrontendSettings, create_app
+from pagetron.client.errors import TritonRequestError
+
+
+class RefusingGateway:
+    def __init__(self, error: TritonRequestError):
+        self.error = error
+
+    async def complete(self, request):
+        raise self.error
+
+    async def close(self) -> None:
+        pass
+
+
+def health_with(error: TritonRequestError) -> tuple[int, dict]:
+    app = create_app(FrontendSettings(triton_url="127.0.0.1:1"))
+    with TestClient(app) as client:
+        app.state.gateway = RefusingGateway(error)
+        response = client.get("/health")
+    return response.status_code, response.json()
+
+
+def test_health_is_busy_not_unhealthy_when_the_queue_is_full():
+    full = TritonRequestError(
+        "the server is at capacity: 9 requests in flight (...); retry later", "UNAVAILABLE"
+    )
+    assert health_with(full) == (200, {"status": "busy", "generated_tokens": 0, "detail": full.message})
+    status, body = health_with(TritonRequestError("engine thread died", "UNAVAILABLE"))
+    assert status == 503 and body["error"]["message"].startswith(
+        "unhealthy: [UNAVAILABLE] engine thread died"
+    )
+
+
+def test_a_frontend_that_dies_at_once_is_restarted_ever_more_slowly(capsys):
+    ns = argparse.Namespace(host="127.0.0.1", openai_port=1, api_key=None)
+    frontend = OpenAIFrontend(ns, "127.0.0.1:1")
+    frontend.command = [sys.executable, "-c", "raise SystemExit(3)"]
+    starts, delays = 0, []
+    deadline = time.monotonic() + 12
+    while time.monotonic() < deadline and starts < 4:
+        before = frontend.process
+        frontend.ensure_running()
+        if frontend.process is not before:
+            starts += 1
+        if frontend.retry_at is not None and (not delays or delays[-1][0] is not before):
+            delays.append((before, round(frontend.retry_at - time.monotonic())))
+        time.sleep(0.05)
+    frontend.process.wait()
+    assert starts == 4  # the first start and three restarts, after 1, 2 and 4 s
+    assert [d for _, d in delays][:3] == [1, 2, 4]
+    assert "restarting in 1 s" in capsys.readouterr().err
