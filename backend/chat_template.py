@@ -63,16 +63,22 @@ def _content(content: Any, where: str) -> str:
     )
 
 
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` cannot go to the tokenizer, or None: JSON may carry lone surrogates ("\\udfff"),
+    which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode text ({e.reason} at character {e.start})"
+    return None
+
+
 def _text(value: Any, where: str) -> str:
-    """A string the tokenizer can take: JSON may carry lone surrogates ("\\udfff"), which UTF-8 cannot."""
     if not isinstance(value, str):
         raise InvalidRequestError(where, f"must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidRequestError(
-            where, f"is not valid Unicode text ({e.reason} at character {e.start})"
-        ) from None
+    problem = utf8_problem(value)
+    if problem is not None:
+        raise InvalidRequestError(where, problem)
     return value
 
 

@@ -11,8 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from pagetron.backend.cli import engine_args
@@ -20,22 +18,17 @@ from pagetron.client.bench_openai import OverheadConfig, format_overhead, measur
 
 
 def _start_frontend(triton_url: str, log: Path) -> tuple[subprocess.Popen, str]:
+    from pagetron.backend.commands.openai import frontend_command, wait_listening
     from pagetron.backend.serving.launcher import free_port
 
     port = free_port()
-    command = [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_url]
     process = subprocess.Popen(
-        command + ["--port", str(port)], stdout=log.open("wb"), stderr=subprocess.STDOUT
+        frontend_command(triton_url, port), stdout=log.open("wb"), stderr=subprocess.STDOUT
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=2):
-                return process, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the frontend did not start: {log.read_text()[-2000:]}")
+    if not wait_listening(process, f"http://127.0.0.1:{port}"):
+        process.kill()
+        raise RuntimeError(f"the frontend did not start: {log.read_text()[-2000:]}")
+    return process, f"http://127.0.0.1:{port}/v1"
 
 
 def run_openai_overhead(ns: argparse.Namespace) -> int:

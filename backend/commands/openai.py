@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import time
+import urllib.request
 
 API_KEY_ENV = "PAGETRON_OPENAI_API_KEY"
+
+
+def frontend_command(triton_url: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """How `pagetron serve --openai`, the benchmark and the tests start the frontend (the API key, if
+    any, goes through API_KEY_ENV, never the command line)."""
+    return [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_url,
+            "--host", host, "--port", str(port)]  # fmt: skip
+
+
+def wait_listening(process: subprocess.Popen, root_url: str, timeout_s: float = 60.0) -> bool:
+    """True once the frontend at ``root_url`` answers HTTP; False if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{root_url}/openapi.json", timeout=2):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 def add_openai_arguments(parser: argparse.ArgumentParser) -> None:

@@ -93,10 +93,9 @@ class OpenAIFrontend:
     through the environment, not the command line (which any local user can read)."""
 
     def __init__(self, ns: argparse.Namespace, triton_url: str) -> None:
-        from pagetron.backend.commands.openai import API_KEY_ENV
+        from pagetron.backend.commands.openai import API_KEY_ENV, frontend_command
 
-        self.command = [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_url]
-        self.command += ["--host", ns.host, "--port", str(ns.openai_port)]
+        self.command = frontend_command(triton_url, ns.openai_port, ns.host)
         self.env = dict(os.environ)
         if ns.api_key:
             self.env[API_KEY_ENV] = ns.api_key

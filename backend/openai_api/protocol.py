@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pagetron.backend.chat_template import utf8_problem
 from pagetron.backend.sampling_params import MAX_N
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -30,13 +31,11 @@ class _Body(BaseModel):
 
 
 def check_text(value: Any) -> Any:
-    """Strings must be encodable as UTF-8 (JSON may carry lone surrogates such as "\\udfff")."""
+    """Every string must be valid Unicode (a pydantic validator; see chat_template.utf8_problem)."""
     for text in value if isinstance(value, list) else [value]:
-        if isinstance(text, str):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"is not valid Unicode text ({e.reason} at character {e.start})") from None
+        problem = utf8_problem(text) if isinstance(text, str) else None
+        if problem is not None:
+            raise ValueError(problem)
     return value
 
 

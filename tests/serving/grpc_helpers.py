@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -100,3 +101,9 @@ def scrape_metrics(metrics_url: str) -> dict[str, float]:
         if match:
             values[match.group(1)] = float(match.group(2))
     return values
+
+
+def pids_matching(pattern: str) -> list[int]:
+    """Processes whose command line matches ``pattern`` (pgrep -f)."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]

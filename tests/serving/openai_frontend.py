@@ -5,13 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagetron.backend.commands.openai import API_KEY_ENV, frontend_command, wait_listening
 from pagetron.backend.serving.launcher import free_port
 
 API_KEY = "test-key-123"
@@ -49,19 +46,12 @@ class Frontend:
 
 def start_frontend(triton_grpc_url: str, log_path: Path, api_key: str | None = API_KEY) -> Frontend:
     port = free_port()
-    command = [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_grpc_url]
-    command += ["--port", str(port)] + (["--api-key", api_key] if api_key else [])
+    env = {**os.environ, API_KEY_ENV: api_key or ""}
     log = open(log_path, "wb")  # noqa: SIM115 (owned by the process)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    command = frontend_command(triton_grpc_url, port)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     frontend = Frontend(process, port, api_key, log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"pagetron openai exited: {log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{frontend.root_url}/openapi.json", timeout=2):
-                return frontend
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    frontend.stop()
-    raise RuntimeError("pagetron openai did not start listening within 60 s")
+    if not wait_listening(process, frontend.root_url):
+        frontend.stop()
+        raise RuntimeError(f"pagetron openai did not start listening: {log_path.read_text()[-3000:]}")
+    return frontend

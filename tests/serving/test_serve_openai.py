@@ -12,12 +12,8 @@ import time
 import httpx
 import openai
 
+from grpc_helpers import pids_matching
 from pagetron.backend.serving.launcher import free_port
-
-
-def pids_matching(pattern: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def wait_healthy(url: str, timeout_s: float) -> bool:

@@ -12,13 +12,8 @@ import sys
 import threading
 import time
 
-from grpc_helpers import scrape_metrics, stream_generate
+from grpc_helpers import pids_matching, scrape_metrics, stream_generate
 from pagetron.backend.serving.launcher import TritonServer, free_port
-
-
-def pids_matching(pattern: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
