@@ -43,8 +43,9 @@ def _inputs(texts: list[str | bytes] | None = None, ids: list[int] | None = None
     return inputs
 
 
-def _embed(url: str, texts=None, ids=None) -> tuple[np.ndarray, np.ndarray]:
-    result = grpcclient.InferenceServerClient(url).infer("embed", _inputs(texts, ids), client_timeout=60)
+def _embed(target: str | grpcclient.InferenceServerClient, texts=None, ids=None) -> tuple[np.ndarray, ...]:
+    client = grpcclient.InferenceServerClient(target) if isinstance(target, str) else target
+    result = client.infer("embed", _inputs(texts, ids), client_timeout=60)
     return result.as_numpy("embedding"), result.as_numpy("num_tokens")
 
 
@@ -60,12 +61,18 @@ def _executions(server) -> tuple[int, int]:
     return stats.execution_count, stats.inference_stats.success.count + stats.inference_stats.fail.count
 
 
-def _while_busy(server, calls: list[Callable[[], object]]) -> tuple[list, int]:
-    """Runs ``calls`` at once while the model is busy with a slow request, so that they queue and the
-    dynamic batcher hands them to execute() together; returns their results (or exceptions) and how many
-    execute() calls served the slow request and them."""
+Call = Callable[[grpcclient.InferenceServerClient], object]
+
+
+def _while_busy(server, calls: list[Call]) -> tuple[list, int]:
+    """Runs ``calls`` at once while the model is busy with a slow request (32 long texts, about a second
+    on two cores), so that they queue and the dynamic batcher hands them to execute() together; returns
+    their results (or exceptions) and how many execute() calls served the slow request and them."""
     executions, requests = _executions(server)
-    slow = threading.Thread(target=_embed, args=(server.grpc_url, [LONG] * 8))
+    clients = [grpcclient.InferenceServerClient(server.grpc_url) for _ in calls]
+    for client in clients:
+        client.is_server_live()  # connected before the race, so no call loses time on its handshake
+    slow = threading.Thread(target=_embed, args=(server.grpc_url, [LONG] * 32))
     slow.start()
     time.sleep(0.3)  # the slow request is in execute() now
     results: list = [None] * len(calls)
@@ -74,7 +81,7 @@ def _while_busy(server, calls: list[Callable[[], object]]) -> tuple[list, int]:
     def run(i: int) -> None:
         start.wait()
         try:
-            results[i] = calls[i]()
+            results[i] = calls[i](clients[i])
         except Exception as e:
             results[i] = e
 
@@ -89,6 +96,18 @@ def _while_busy(server, calls: list[Callable[[], object]]) -> tuple[list, int]:
     return results, _executions(server)[0] - executions
 
 
+def _batched(server, calls: list[Call], enough: Callable[[int], bool]) -> tuple[list, int]:
+    """_while_busy until ``enough(executions)``, at most three times: a loaded machine can still start the
+    slow request late. Every attempt's results are returned to be checked, not only the grouped one's."""
+    attempts = []
+    for _ in range(3):
+        results, executions = _while_busy(server, calls)
+        attempts.append(results)
+        if enough(executions):
+            break
+    return attempts, executions
+
+
 def test_one_request_with_a_batch_of_texts(server, encoder):
     embeddings, num_tokens = _embed(server.grpc_url, TEXTS[:3])
     expected, counts = encoder.encode(TEXTS[:3])
@@ -101,14 +120,15 @@ def test_one_request_with_a_batch_of_texts(server, encoder):
 
 def test_16_concurrent_requests_are_batched_and_answered_in_order(server, encoder):
     texts = [f"Request number {i}: {TEXTS[i % len(TEXTS)]}" for i in range(16)]
-    calls = [lambda t=t: _embed(server.grpc_url, [t]) for t in texts]
-    results, executions = _while_busy(server, calls)
+    calls = [lambda client, t=t: _embed(client, [t]) for t in texts]
+    attempts, executions = _batched(server, calls, lambda executions: executions < 1 + len(texts))
     expected, counts = encoder.encode(texts)
-    for i, result in enumerate(results):
-        assert not isinstance(result, Exception), result
-        embedding, num_tokens = result
-        assert float(embedding[0] @ expected[i]) >= 0.9999, texts[i]
-        assert num_tokens.tolist() == [[counts[i]]]
+    for results in attempts:
+        for i, result in enumerate(results):
+            assert not isinstance(result, Exception), result
+            embedding, num_tokens = result
+            assert float(embedding[0] @ expected[i]) >= 0.9999, texts[i]
+            assert num_tokens.tolist() == [[counts[i]]]
     assert executions < 1 + len(texts), "the dynamic batcher grouped none of the queued requests"
 
 
@@ -122,14 +142,15 @@ def test_token_ids_embed_like_their_text(server, encoder):
 
 def test_too_long_text_fails_alone_in_a_shared_execute_call(server, encoder):
     too_long = "hello " * 298  # 300 tokens
-    calls = [lambda: _embed(server.grpc_url, ["fine", too_long]), lambda: _embed(server.grpc_url, [TEXTS[0]])]
-    (bad, good), executions = _while_busy(server, calls)
-    assert isinstance(bad, InferenceServerException) and bad.status() == "StatusCode.INVALID_ARGUMENT"
-    assert bad.message().startswith(
-        "[INVALID_ARG] input 1 has 300 tokens, more than this model's limit of 256"
-    )
-    assert not isinstance(good, Exception), good
-    assert float(good[0][0] @ encoder.encode([TEXTS[0]])[0][0]) >= 0.9999
+    calls = [lambda client: _embed(client, ["fine", too_long]), lambda client: _embed(client, [TEXTS[0]])]
+    attempts, executions = _batched(server, calls, lambda executions: executions <= 2)
+    for bad, good in attempts:
+        assert isinstance(bad, InferenceServerException) and bad.status() == "StatusCode.INVALID_ARGUMENT"
+        assert bad.message().startswith(
+            "[INVALID_ARG] input 1 has 300 tokens, more than this model's limit of 256"
+        )
+        assert not isinstance(good, Exception), good
+        assert float(good[0][0] @ encoder.encode([TEXTS[0]])[0][0]) >= 0.9999
     assert executions <= 2, "the two requests did not share an execute() call"
 
 
