@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from pagetron.backend.openai_api import chat, completions, embeddings
+from pagetron.backend.openai_api.auth import PROTECTED_PREFIX, RequireApiKey
 from pagetron.backend.openai_api.disconnect import ClientDisconnected, EventStream, until_disconnected
 from pagetron.backend.openai_api.errors import (
     OpenAIError,
@@ -54,16 +54,10 @@ def create_app(settings: FrontendSettings) -> FastAPI:
     app = FastAPI(title="Pagetron OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
     _install_error_handlers(app)
 
-    async def authenticate(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given, settings.api_key.encode()):
-            message = "Incorrect or missing API key (send 'Authorization: Bearer <key>')"
-            raise OpenAIError(401, message, code="invalid_api_key")
+    if settings.api_key is not None:
+        app.add_middleware(RequireApiKey, api_key=settings.api_key)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+    v1 = APIRouter(prefix=PROTECTED_PREFIX)
 
     def gateway(request: Request) -> TritonGateway:
         return request.app.state.gateway

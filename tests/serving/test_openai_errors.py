@@ -182,6 +182,8 @@ def test_api_key_is_required_on_v1_only(openai_stack):
     for key in (None, "wrong-key"):
         error = assert_error(post(frontend, "/completions", body, key=key), 401, None, "API key")
         assert error["code"] == "invalid_api_key"
+    # refused before the body is read: without the key, a body that is not JSON is a 401, not a 400
+    assert_error(post(frontend, "/completions", "{nope", key=None), 401, None, "API key")
     assert httpx.get(f"{frontend.base_url}/models").status_code == 401
     assert httpx.get(f"{frontend.root_url}/health", timeout=30).status_code == 200
     with pytest.raises(openai.AuthenticationError):
