@@ -49,7 +49,7 @@ def probe(server, timeout: float = 10) -> subprocess.CompletedProcess:
     [("raise-after:3", "engine step failed"), ("hang-after:3", "made no progress")],
 )
 def test_engine_fault_fails_requests_and_drops_readiness(tmp_path, fault, expected_error):
-    server = start_server(tmp_path, parameters={"stall_timeout_s": "2"}, env={"PAGETRON_FAULT": fault})
+    server = start_server(tmp_path, parameters={"stall_timeout_s": "6"}, env={"PAGETRON_FAULT": fault})
     try:
         assert server.is_ready() and probe(server).returncode == 0
         started = time.monotonic()

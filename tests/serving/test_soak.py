@@ -21,6 +21,7 @@ CONCURRENCY = 64
 SOAK_S = float(os.environ.get("PAGETRON_SOAK_S", "120"))
 MEMORY_GROWTH_BOUND_MB = 150
 TOKENS_PER_REQUEST = 4  # perf_analyzer_configs/smoke.json
+COUNTERS = ("vllm:e2e_request_latency_seconds_count", "vllm:generation_tokens_total")
 METRICS_PORT: dict[str, int] = {}  # gRPC url -> metrics port of the server under test
 
 
@@ -62,15 +63,19 @@ def perf_analyzer_level(url: str, requests: int, out: Path) -> dict:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with (out / "perf_analyzer.csv").open() as f:
         [row] = list(csv.DictReader(f))
-    deadline = time.monotonic() + 10  # the metrics thread applies a step's counts a moment later
+    # the metrics thread applies counts every 0.25 s: wait until all asked for finished and nothing moves
+    deadline = time.monotonic() + 10
+    previous = None
     while True:
         after = scrape_metrics(metrics_url)
         finished = (
             after["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"]
         )
-        if finished >= requests or time.monotonic() > deadline:
+        settled = previous is not None and all(after[k] == previous[k] for k in COUNTERS)
+        if (finished >= requests and settled) or time.monotonic() > deadline:
             break
-        time.sleep(0.2)
+        previous = after
+        time.sleep(0.5)
     return {
         "seconds": seconds,
         "requests_per_s": requests / seconds,

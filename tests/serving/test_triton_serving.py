@@ -52,7 +52,8 @@ def test_16_concurrent_grpc_streams_equal_the_offline_engine(triton_server, offl
         r = results[prompt]
         assert r.error is None, r.error
         assert (r.text, r.token_ids) == offline[prompt], prompt
-        assert r.num_responses == len(r.token_ids)  # one streamed response per generated token
+        # one streamed response per step; tokens are coalesced only when the output thread fell behind
+        assert min(2, len(r.token_ids)) <= r.num_responses <= len(r.token_ids)
         assert r.finish_reason in ("stop", "length")
 
 
