@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+# How a refusal for lack of room begins: the OpenAI frontend turns exactly these into 429s.
+AT_CAPACITY = "the server is at capacity"
+
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses; ``field`` names what is wrong. Other requests are unaffected."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message

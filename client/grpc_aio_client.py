@@ -35,12 +35,23 @@ class AsyncTritonLLMClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def is_ready(self, timeout: float | None = None) -> bool:
-        """Model readiness as the server reports it; raises TritonRequestError if the server can't answer."""
+    async def is_ready(self, timeout: float | None = None, model: str | None = None) -> bool:
+        """Readiness of this client's model (or ``model``) as the server reports it; raises
+        TritonRequestError if the server can't answer."""
         from tritonclient.utils import InferenceServerException
 
         try:
-            return bool(await self._client.is_model_ready(self.model, client_timeout=timeout))
+            return bool(await self._client.is_model_ready(model or self.model, client_timeout=timeout))
+        except InferenceServerException as e:
+            raise TritonRequestError.from_client_exception(e) from None
+
+    async def infer(self, model: str, inputs: list[Any]) -> Any:
+        """One plain (not decoupled) inference on another model over the same channel, e.g. `embed`;
+        returns tritonclient's InferResult and raises TritonRequestError."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await self._client.infer(model, inputs)
         except InferenceServerException as e:
             raise TritonRequestError.from_client_exception(e) from None
 
@@ -56,10 +67,7 @@ class AsyncTritonLLMClient:
 
         # NOTE: built here, not inside the request iterator: an exception there makes grpc.aio cancel the
         # call and raise a bare CancelledError
-        try:
-            inputs = request.infer_inputs()
-        except (ValueError, OverflowError) as e:  # UnicodeEncodeError included
-            raise TritonRequestError(f"the request cannot be encoded: {e}", "INVALID_ARG") from None
+        inputs = request.infer_inputs()
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield {

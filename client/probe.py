@@ -12,15 +12,21 @@ from pagetron.client.request import GenerateRequest
 PROBE_PROMPT = "Hello"
 
 
+def probe_request(request_id: str = "") -> GenerateRequest:
+    """One greedy token of PROBE_PROMPT, the whole answer at once."""
+    return GenerateRequest(
+        PROBE_PROMPT, {"max_tokens": 1, "temperature": 0.0}, stream=False, request_id=request_id
+    )
+
+
 async def _probe(url: str, model: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     async with AsyncTritonLLMClient(url, model) as client:
         if not await client.is_ready(timeout=timeout):
             raise TritonRequestError(f"model {model!r} is not ready", "UNAVAILABLE")
-        request = GenerateRequest(
-            PROBE_PROMPT, {"max_tokens": 1, "temperature": 0.0}, stream=False, request_id="pagetron-probe"
+        result = await client.complete(
+            probe_request("pagetron-probe"), timeout=max(0.001, deadline - time.monotonic())
         )
-        result = await client.complete(request, timeout=max(0.001, deadline - time.monotonic()))
     tokens = sum(result.num_output_tokens)
     if tokens != 1:
         raise TritonRequestError(f"expected 1 generated token, got {tokens}", "INTERNAL")

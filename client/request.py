@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from pagetron.client.errors import TritonRequestError
+
 RETURN_FLAGS = (
     "return_finish_reason",
     "return_cumulative_logprob",
@@ -65,12 +67,17 @@ class GenerateRequest:
         return arrays
 
     def infer_inputs(self) -> list[Any]:
-        """The arrays as tritonclient.grpc.InferInput objects (used by the sync and asyncio clients)."""
+        """The arrays as tritonclient.grpc.InferInput objects (used by the sync and asyncio clients); a
+        request that cannot be encoded raises TritonRequestError INVALID_ARG, as the server would."""
         from tritonclient.grpc import InferInput
         from tritonclient.utils import np_to_triton_dtype
 
+        try:
+            arrays = self.input_arrays()
+        except (ValueError, OverflowError) as e:  # UnicodeEncodeError included
+            raise TritonRequestError(f"the request cannot be encoded: {e}", "INVALID_ARG") from None
         inputs = []
-        for name, array in self.input_arrays().items():
+        for name, array in arrays.items():
             tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)

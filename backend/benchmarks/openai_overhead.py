@@ -7,18 +7,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from pagetron.backend.cli import engine_args
+from pagetron.backend.commands.openai import frontend_command, stop_frontend, wait_listening
 from pagetron.client.bench_openai import OverheadConfig, format_overhead, measure_overhead
 
 
 def _start_frontend(triton_url: str, log: Path) -> tuple[subprocess.Popen, str]:
-    from pagetron.backend.commands.openai import frontend_command, wait_listening
     from pagetron.backend.serving.launcher import free_port
 
     port = free_port()
@@ -62,8 +61,7 @@ def run_openai_overhead(ns: argparse.Namespace) -> int:
                 raise
             finally:
                 if frontend is not None:
-                    frontend.send_signal(signal.SIGINT)
-                    frontend.wait(15)
+                    stop_frontend(frontend)
                 server.stop()
     print(format_overhead(result))
     if ns.json_path:

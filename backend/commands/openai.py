@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,19 @@ def wait_listening(process: subprocess.Popen, root_url: str, timeout_s: float = 
         except OSError:
             time.sleep(0.2)
     return False
+
+
+def stop_frontend(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGINT (uvicorn finishes the open responses, then exits); SIGKILL if it is still there after
+    ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def add_openai_arguments(parser: argparse.ArgumentParser) -> None:

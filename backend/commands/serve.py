@@ -129,14 +129,10 @@ class OpenAIFrontend:
         self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)  # uvicorn finishes open responses, then exits
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        from pagetron.backend.commands.openai import stop_frontend
+
+        if self.process is not None:
+            stop_frontend(self.process)
 
 
 def _watch(server, stop: threading.Event, frontend: OpenAIFrontend | None = None) -> str | None:

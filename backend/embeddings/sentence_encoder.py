@@ -76,13 +76,17 @@ class SentenceEncoder:
     def encode(self, inputs: list[str | list[int]]) -> tuple[np.ndarray, list[int]]:
         """L2-normalised embeddings, float32 [len(inputs), dim], and each input's token count."""
         token_ids = self.tokenize(inputs)
+        return self.embed_ids(token_ids), [len(ids) for ids in token_ids]
+
+    def embed_ids(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Embeddings, float32 [len(token_ids), dim], of id lists that tokenize() produced or checked."""
         out = np.empty((len(token_ids), self.dim), dtype=np.float32)
         # longest first, so each forward pass pads its sequences only to similar lengths
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start : start + self.max_batch_size]
             out[chunk] = self._embed([token_ids[i] for i in chunk])
-        return out, [len(ids) for ids in token_ids]
+        return out
 
     @torch.inference_mode()
     def _embed(self, batch: list[list[int]]) -> np.ndarray:

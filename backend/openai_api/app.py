@@ -30,7 +30,7 @@ from pagetron.backend.openai_api.protocol import ChatCompletionRequest, Completi
 from pagetron.backend.openai_api.streams import DONE, event, now
 from pagetron.backend.openai_api.triton_gateway import ServedModels, TritonGateway
 from pagetron.client.errors import TritonRequestError
-from pagetron.client.request import GenerateRequest
+from pagetron.client.probe import probe_request
 
 logger = logging.getLogger("pagetron.openai")
 
@@ -79,9 +79,8 @@ def create_app(settings: FrontendSettings) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> Response:
         """A real one-token generation on the llm model."""
-        probe = GenerateRequest("Hello", {"max_tokens": 1, "temperature": 0.0}, stream=False)
         try:
-            result = await asyncio.wait_for(gateway(request).complete(probe), HEALTH_TIMEOUT_S)
+            result = await asyncio.wait_for(gateway(request).complete(probe_request()), HEALTH_TIMEOUT_S)
         except TritonRequestError as e:
             if from_triton(e).status == 429:  # alive, only full: a probe must not get it restarted
                 return JSONResponse({"status": "busy", "generated_tokens": 0, "detail": e.message})

@@ -31,7 +31,7 @@ def triton_request(body: ChatCompletionRequest) -> GenerateRequest:
     try:
         messages = validate_messages([m.model_dump(exclude_unset=True) for m in body.messages])
     except InvalidRequestError as e:
-        raise bad_request(e.field, str(e).split(": ", 1)[1]) from None
+        raise bad_request(e.field, e.message) from None
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise bad_request("top_logprobs", "needs logprobs set to true")
@@ -99,7 +99,7 @@ async def stream_chat_completion(gateway: TritonGateway, body: ChatCompletionReq
         if chunk.num_input_tokens is not None:
             prompt_tokens = chunk.num_input_tokens
         completion_tokens += chunk.num_tokens
-        ids_by_output = chunk.token_ids_by_output()
+        ids_by_output = chunk.token_ids_by_output() if body.logprobs else []
         for j, text in enumerate(chunk.texts):
             logprobs = None
             if body.logprobs and chunk.logprobs is not None and j < len(ids_by_output):

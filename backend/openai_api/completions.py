@@ -107,7 +107,7 @@ async def stream_completion(gateway: TritonGateway, body: CompletionRequest) -> 
             for j in range(body.n):
                 choice = {"index": p * body.n + j, "text": requests[p].prompt, "logprobs": None}
                 yield event({**head, "choices": [{**choice, "finish_reason": None}], **tail})
-        ids_by_output = chunk.token_ids_by_output()
+        ids_by_output = chunk.token_ids_by_output() if body.logprobs is not None else []
         for j, text in enumerate(chunk.texts):
             reason = chunk.finish_reasons[j] if j < len(chunk.finish_reasons) else None
             index = p * body.n + j

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pagetron.backend.errors import AT_CAPACITY
 from pagetron.client.errors import TritonRequestError
 
 # Triton error code -> HTTP status. UNAVAILABLE splits: backpressure is 429 (retry later), the rest 503.
@@ -16,7 +17,6 @@ _STATUS_OF_CODE = {
     "CANCELLED": 499,
 }
 _CODE_OF_STATUS = {429: "server_at_capacity", 503: "service_unavailable", 504: "timeout"}
-_AT_CAPACITY = "the server is at capacity"
 # "invalid sampling parameter 'top_p': ..." (SamplingParamsError) or "prompt: ..." (InvalidRequestError)
 _SAMPLING_FIELD = re.compile(r"^invalid sampling parameter '([A-Za-z_]+)'")
 _REQUEST_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): ")
@@ -65,7 +65,7 @@ def from_triton(error: TritonRequestError, rename: dict[str, str] | None = None)
     """A failed Triton request as the API error a client should see; ``rename`` maps the engine's names
     for fields (sampling keys) to the request's (max_tokens -> max_completion_tokens, ...)."""
     status = _STATUS_OF_CODE.get(error.code, 500)
-    if error.code == "UNAVAILABLE" and _AT_CAPACITY in error.message:
+    if error.code == "UNAVAILABLE" and AT_CAPACITY in error.message:
         status = 429
     if error.code == "UNAVAILABLE" and "failed to connect" in error.message.lower():
         return OpenAIError(

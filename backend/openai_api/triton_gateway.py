@@ -30,32 +30,24 @@ class ServedModels:
 
 class TritonGateway:
     def __init__(self, url: str, models: ServedModels = ServedModels()) -> None:
-        import tritonclient.grpc.aio as aioclient
-
         self.url, self.models = url, models
         self.llm = AsyncTritonLLMClient(url, models.llm)
-        self._client = aioclient.InferenceServerClient(url)
         self._ready: tuple[float, list[str]] | None = None
 
     async def close(self) -> None:
         await self.llm.close()
-        await self._client.close()
 
     async def ready_models(self, timeout: float = 5.0, cached: bool = True) -> list[str]:
         """Which of the served models Triton reports READY (asked at most once per READY_CACHE_S when
         ``cached``); raises TritonRequestError if Triton can't answer."""
-        from tritonclient.utils import InferenceServerException
-
         if cached and self._ready is not None and time.monotonic() - self._ready[0] < READY_CACHE_S:
             return self._ready[1]
         names = [self.models.llm, self.models.embed]
         try:
-            answers = await asyncio.gather(
-                *(self._client.is_model_ready(n, client_timeout=timeout) for n in names)
-            )
-        except InferenceServerException as e:
+            answers = await asyncio.gather(*(self.llm.is_ready(timeout, model=n) for n in names))
+        except TritonRequestError:
             self._ready = None
-            raise TritonRequestError.from_client_exception(e) from None
+            raise
         ready = [name for name, ok in zip(names, answers) if ok]
         self._ready = (time.monotonic(), ready)
         return ready
@@ -82,7 +74,6 @@ class TritonGateway:
 
     async def _embed_group(self, group: list) -> tuple[np.ndarray, list[int]]:
         from tritonclient.grpc import InferInput
-        from tritonclient.utils import InferenceServerException
 
         if isinstance(group[0], str):
             tensor = InferInput("text_input", [len(group), 1], "BYTES")
@@ -90,10 +81,7 @@ class TritonGateway:
         else:
             tensor = InferInput("input_ids", [1, len(group[0])], "INT32")
             tensor.set_data_from_numpy(np.asarray([group[0]], dtype=np.int32))
-        try:
-            result = await self._client.infer(self.models.embed, [tensor])
-        except InferenceServerException as e:
-            raise TritonRequestError.from_client_exception(e) from None
+        result = await self.llm.infer(self.models.embed, [tensor])
         return result.as_numpy("embedding"), [int(n) for n in result.as_numpy("num_tokens").reshape(-1)]
 
     async def _embed_numbered(self, indexes: list[int], inputs: Sequence) -> tuple[np.ndarray, list[int]]:

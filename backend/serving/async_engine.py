@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pagetron.backend.errors import AT_CAPACITY
 from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine
 from pagetron.backend.output_processor import OutputKind
 from pagetron.backend.outputs import RequestOutput
@@ -160,7 +161,7 @@ class AsyncEngine:
                 limit = self.engine.config.max_num_seqs + self.max_queued_requests
             if limit is not None and len(self._live) >= limit:
                 refused = (
-                    f"the server is at capacity: {len(self._live)} requests in flight (max_num_seqs "
+                    f"{AT_CAPACITY}: {len(self._live)} requests in flight (max_num_seqs "
                     f"{self.engine.config.max_num_seqs} + max_queued_requests {self.max_queued_requests}); "
                     "retry later"
                 )

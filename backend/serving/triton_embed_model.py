@@ -50,7 +50,7 @@ class TritonPythonModel:
                 errors[i] = _error(str(e), "INVALID_ARG")
         flat = [ids for ids_list in token_ids if ids_list for ids in ids_list]
         try:
-            embeddings, counts = self.encoder.encode(flat)
+            embeddings = self.encoder.embed_ids(flat)  # tokenized and checked above
         except Exception as e:  # every request of this call fails alike; the model stays up
             error = _error(f"embedding failed: {e}", "INTERNAL")
             return [pb_utils.InferenceResponse(error=errors.get(i, error)) for i in range(len(requests))]
@@ -63,7 +63,9 @@ class TritonPythonModel:
             row += len(ids_list)
             tensors = [
                 pb_utils.Tensor("embedding", embeddings[rows]),
-                pb_utils.Tensor("num_tokens", np.array(counts[rows], dtype=np.uint32).reshape(-1, 1)),
+                pb_utils.Tensor(
+                    "num_tokens", np.array([len(ids) for ids in ids_list], dtype=np.uint32).reshape(-1, 1)
+                ),
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses

@@ -6,7 +6,9 @@ import json
 import queue
 import re
 import subprocess
+import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,3 +109,19 @@ def pids_matching(pattern: str) -> list[int]:
     """Processes whose command line matches ``pattern`` (pgrep -f)."""
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.2) -> bool:
+    """True as soon as ``predicate()`` is truthy; False once ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def engine_idle(metrics: dict[str, float]) -> bool:
+    """No request running or waiting and no KV block in use, by the engine's gauges."""
+    busy = metrics["vllm:num_requests_running"] + metrics["vllm:num_requests_waiting"]
+    return busy + metrics["vllm:gpu_cache_usage_perc"] == 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagetron.backend.commands.openai import API_KEY_ENV, frontend_command, wait_listening
+from pagetron.backend.commands.openai import API_KEY_ENV, frontend_command, stop_frontend, wait_listening
 from pagetron.backend.serving.launcher import free_port
 
 API_KEY = "test-key-123"
@@ -35,13 +34,7 @@ class Frontend:
         return openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "none", max_retries=0, **kwargs)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_frontend(self.process)
 
 
 def start_frontend(triton_grpc_url: str, log_path: Path, api_key: str | None = API_KEY) -> Frontend:

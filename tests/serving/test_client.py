@@ -91,6 +91,18 @@ def test_infer_inputs_names_types_shapes():
     assert inputs[1]._get_content() == b"\x01"
 
 
+@pytest.mark.parametrize(
+    ("prompt", "words"), [([5, 2**31], "token ids must be in [0, 2**31)"), ("caf\udce9", "surrogates")]
+)
+def test_a_request_that_cannot_be_encoded_is_invalid_arg_in_both_clients(prompt, words):
+    with pytest.raises(TritonRequestError) as raised:
+        GenerateRequest(prompt, {"max_tokens": 1}).infer_inputs()
+    assert raised.value.code == "INVALID_ARG" and words in raised.value.message
+    with pytest.raises(TritonRequestError) as raised:  # the sync client raises it before it sends anything
+        list(generate(f"localhost:{free_port()}", prompt, {"max_tokens": 1}, timeout=5))
+    assert raised.value.code == "INVALID_ARG"
+
+
 # ---- response decoding -----------------------------------------------------------------------------------
 
 

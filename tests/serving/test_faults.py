@@ -12,16 +12,7 @@ import urllib.request
 import pytest
 from conftest import start_server
 
-from grpc_helpers import stream_generate
-
-
-def wait_until(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
+from grpc_helpers import stream_generate, wait_until
 
 
 def probe(server, timeout: float = 10) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from grpc_helpers import scrape_metrics
+from grpc_helpers import engine_idle, scrape_metrics, wait_until
 from openai_frontend import start_frontend
 from pagetron.backend.serving.launcher import free_port
 
@@ -216,14 +216,9 @@ def test_triton_down_is_503(tmp_path):
 def wait_idle(metrics_url: str, timeout: float) -> float:
     """Seconds until no request runs or waits and no KV block is used; fails after ``timeout``."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        m = scrape_metrics(metrics_url)
-        busy = (
-            m["vllm:num_requests_running"] + m["vllm:num_requests_waiting"] + m["vllm:gpu_cache_usage_perc"]
-        )
-        if busy == 0:
-            return time.monotonic() - start
-        time.sleep(0.1)
+    if wait_until(lambda: engine_idle(scrape_metrics(metrics_url)), timeout, interval_s=0.1):
+        return time.monotonic() - start
+    m = scrape_metrics(metrics_url)
     raise AssertionError(f"the engine still had work {timeout} s after the client left: {m}")
 
 

@@ -7,25 +7,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 
-from grpc_helpers import pids_matching
+from grpc_helpers import pids_matching, wait_until
 from pagetron.backend.serving.launcher import free_port
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_healthy(url: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
+    return wait_until(lambda: healthy(url), timeout_s, interval_s=0.5)
 
 
 def test_serve_with_the_openai_frontend(tmp_path):

@@ -12,17 +12,8 @@ import sys
 import threading
 import time
 
-from grpc_helpers import pids_matching, scrape_metrics, stream_generate
+from grpc_helpers import pids_matching, scrape_metrics, stream_generate, wait_until
 from pagetron.backend.serving.launcher import TritonServer, free_port
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
 
 
 def stream_in_background(url: str, max_tokens: int) -> tuple[threading.Thread, dict]:

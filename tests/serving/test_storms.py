@@ -10,7 +10,7 @@ import time
 
 from conftest import start_server
 
-from grpc_helpers import SERVER_ENGINE_ARGS, scrape_metrics
+from grpc_helpers import SERVER_ENGINE_ARGS, engine_idle, scrape_metrics, wait_until
 from pagetron.backend import LLM, SamplingParams
 from pagetron.client.errors import TritonRequestError
 from pagetron.client.grpc_aio_client import AsyncTritonLLMClient
@@ -54,13 +54,8 @@ async def run_streams(url: str, count: int, max_tokens: int, cancel_after: dict[
 
 
 def wait_for_idle_kv(metrics_url: str, timeout_s: float = 15) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = scrape_metrics(metrics_url)
-        idle = m["vllm:gpu_cache_usage_perc"] == 0 and m["vllm:num_requests_running"] == 0
-        if idle and m["vllm:num_requests_waiting"] == 0 or time.monotonic() > deadline:
-            return m
-        time.sleep(0.2)
+    wait_until(lambda: engine_idle(scrape_metrics(metrics_url)), timeout_s)
+    return scrape_metrics(metrics_url)  # the callers' assertions show it
 
 
 def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_server):
