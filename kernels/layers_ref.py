@@ -1,6 +1,6 @@
 """Torch reference implementations of the fused elementwise layer kernels (RMSNorm, SiLU-and-mul, rotary).
 
-They are the CPU path of the engine (the layers in pagetron.backend.layers call them) and define what
+They are the CPU path of the engine (the layers in pagetron.backend.model.layers call them) and define what
 the OpenAI-Triton kernels in this package compute. Every rounding here is part of the contract: the HF
 parity tests pin exact greedy tokens on this path.
 """

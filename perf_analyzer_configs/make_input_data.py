@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from pagetron.backend.loader.tokenizer import convert_gguf_tokenizer
+from pagetron.backend.model.loader.tokenizer import convert_gguf_tokenizer
 
 PROMPT_TOKENS = 512
 OUTPUT_TOKENS = 256

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagetron.backend.block_manager import ROOT_BLOCK_HASH, BlockManager, hash_block
-from pagetron.backend.sampling_params import SamplingParams
-from pagetron.backend.sequence import Sequence
+from pagetron.backend.core.block_manager import ROOT_BLOCK_HASH, BlockManager, hash_block
+from pagetron.backend.core.sampling_params import SamplingParams
+from pagetron.backend.core.sequence import Sequence
 
 
 def make_seq(token_ids, cache_salt=None) -> Sequence:

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from pagetron.backend.detokenizer import IncrementalDetokenizer, decode_full
-from pagetron.backend.sampling_params import SamplingParams
+from pagetron.backend.core.detokenizer import IncrementalDetokenizer, decode_full
+from pagetron.backend.core.sampling_params import SamplingParams
 
 IM_END = 2  # <|im_end|>, a special token of SmolLM2
 

@@ -32,10 +32,10 @@ from kernel_testing import (  # noqa: E402, F401 (two are autouse fixtures)
     relative_error,
     ulp_distance,
 )
-from pagetron.backend.layers.attention import AttentionMetadata  # noqa: E402
-from pagetron.backend.layers.norm import RMSNorm  # noqa: E402
-from pagetron.backend.models.llama import LlamaForCausalLM  # noqa: E402
-from pagetron.backend.models.model_config import ModelConfig  # noqa: E402
+from pagetron.backend.model.layers.attention import AttentionMetadata  # noqa: E402
+from pagetron.backend.model.layers.norm import RMSNorm  # noqa: E402
+from pagetron.backend.model.llama import LlamaForCausalLM  # noqa: E402
+from pagetron.backend.model.model_config import ModelConfig  # noqa: E402
 from pagetron.kernels import rms_norm as kernel_module  # noqa: E402
 from pagetron.kernels.layers_ref import fused_add_rms_norm_ref, rms_norm_ref  # noqa: E402
 

@@ -27,7 +27,7 @@ from kernel_testing import (  # noqa: E402, F401 (two are autouse fixtures)
     no_interpreter_while_compiling,
     relative_error,
 )
-from pagetron.backend.layers.rotary import RotaryEmbedding  # noqa: E402
+from pagetron.backend.model.layers.rotary import RotaryEmbedding  # noqa: E402
 from pagetron.kernels import rotary_embedding as kernel_module  # noqa: E402
 from pagetron.kernels.layers_ref import apply_rotary_ref  # noqa: E402
 

@@ -26,7 +26,7 @@ from kernel_testing import (  # noqa: E402, F401 (two are autouse fixtures)
     relative_error,
     ulp_distance,
 )
-from pagetron.backend.models.llama import LlamaMLP  # noqa: E402
+from pagetron.backend.model.llama import LlamaMLP  # noqa: E402
 from pagetron.kernels import silu_and_mul as kernel_module  # noqa: E402
 from pagetron.kernels.layers_ref import silu_and_mul_ref  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_leading_dims_and_no_tokens():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @torch.inference_mode()
 def test_reference_equals_the_old_mlp_code(dtype):
-    from pagetron.backend.models.model_config import ModelConfig
+    from pagetron.backend.model.model_config import ModelConfig
 
     fields = dict.fromkeys(ModelConfig.__dataclass_fields__)
     fields.update(hidden_size=64, intermediate_size=144)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagetron.backend.layers.attention import Attention, AttentionMetadata
+from pagetron.backend.model.layers.attention import Attention, AttentionMetadata
 from pagetron.kernels.attention_ref import (
     FP8_DTYPE,
     FP8_MAX,

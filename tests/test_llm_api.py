@@ -8,7 +8,7 @@ import pytest
 
 from pagetron.backend import LLM, InvalidRequestError, SamplingParams, SamplingParamsError
 from pagetron.backend.cli import main as cli_main
-from pagetron.backend.output_processor import OutputKind
+from pagetron.backend.engine.output_processor import OutputKind
 
 GIRL = "Once upon a time, there was a little girl named"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from model_factory import BYTES_CHAT_TEMPLATE, hf_state_dict, make_gguf, make_hf_model
-from pagetron.backend.loader import (
+from pagetron.backend.model.loader import (
     ModelLoadError,
     default_model_path,
     gguf_cache,

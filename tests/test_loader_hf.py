@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from model_factory import SMOLLM2_VOCAB_SIZE, hf_state_dict, make_hf_model
-from pagetron.backend import loader
-from pagetron.backend.loader import (
+from pagetron.backend.model import loader
+from pagetron.backend.model.loader import (
     ModelLoadError,
     default_model_path,
     load_model_files,

@@ -9,7 +9,7 @@ import time
 
 from starlette.testclient import TestClient
 
-from pagetron.backend.commands.serve import OpenAIFrontend
+from pagetron.backend.cli.serve import OpenAIFrontend
 from pagetron.backend.openai_api.app import FrontendSettings, create_app
 from pagetron.client.errors import TritonRequestError
 

@@ -5,7 +5,7 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from pagetron.backend.layers.rotary import rope_inv_freq
+from pagetron.backend.model.layers.rotary import rope_inv_freq
 
 SCALINGS = [
     {"rope_type": "default"},
@@ -55,8 +55,8 @@ def test_unsupported_scaling_is_a_clear_error():
 
 
 def test_scaled_rope_without_original_length_falls_back_like_transformers():
-    from pagetron.backend.loader.errors import ModelLoadError
-    from pagetron.backend.loader.hf_config import normalize_rope
+    from pagetron.backend.model.loader.errors import ModelLoadError
+    from pagetron.backend.model.loader.hf_config import normalize_rope
 
     theta, scaling = normalize_rope(
         {"max_position_embeddings": 2048, "rope_scaling": {"type": "yarn", "factor": 4.0}}

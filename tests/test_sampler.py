@@ -4,9 +4,9 @@ from collections import Counter
 import pytest
 import torch
 
-from pagetron.backend.sampler import Sampler, _apply_penalties
-from pagetron.backend.sampling_params import SamplingParams
-from pagetron.backend.sequence import Sequence
+from pagetron.backend.core.sampling_params import SamplingParams
+from pagetron.backend.core.sequence import Sequence
+from pagetron.backend.model.sampler import Sampler, _apply_penalties
 
 EOS = 4
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
+from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
 
 VALID = [
     ("n", 1),

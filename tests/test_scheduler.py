@@ -1,10 +1,10 @@
 """Scheduler: exact batches, chunking, admission limits and preemption order (no model involved)."""
 
-from pagetron.backend.block_manager import BlockManager
-from pagetron.backend.sampler import SamplerOutput
-from pagetron.backend.sampling_params import SamplingParams
-from pagetron.backend.scheduler import Scheduler
-from pagetron.backend.sequence import Sequence, SequenceStatus
+from pagetron.backend.core.block_manager import BlockManager
+from pagetron.backend.core.sampling_params import SamplingParams
+from pagetron.backend.core.scheduler import Scheduler
+from pagetron.backend.core.sequence import Sequence, SequenceStatus
+from pagetron.backend.model.sampler import SamplerOutput
 
 EOS = 2
 

@@ -13,8 +13,8 @@ import torch
 from pagetron.backend.benchmarks.hf_reference import hf_greedy, load_hf_model
 from pagetron.backend.benchmarks.prompts import SMOKE_QUESTIONS
 from pagetron.backend.cli import engine_args
-from pagetron.backend.llm import LLM
-from pagetron.backend.sampling_params import SamplingParams
+from pagetron.backend.core.sampling_params import SamplingParams
+from pagetron.backend.engine.llm import LLM
 
 
 def run_cpu_smoke(ns: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@ table (torch.profiler) for one prefill-heavy and one decode-only window, and the
 
   python -m pagetron.backend.benchmarks.gpu_profile --shape llama2-13b [--requests 512] [--json out.json]
 
-Timing synchronizes the device around the forward pass and the sampler (the step already waits for the
-sampled ids, so this moves little); the profiled windows are excluded from the step statistics.
+Timing synchronizes the device around each phase of the model runner (prepare inputs, forward, sample;
+the step already waits for the sampled ids, so this moves little); the profiled windows are excluded from
+the step statistics. It hooks in through the engine's executor factory, not by patching the engine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from pathlib import Path
 import torch
 
 from pagetron.backend.benchmarks.gpu_workloads import SHAPES, params_count, workload_t, write_config
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.executor.executor import ExecutorWrapper, UniprocExecutor
+from pagetron.backend.executor.model_runner import PhaseTimes
 
 PROFILED_STEPS = {"prefill": (2, 4), "decode": (400, 402)}  # [first, last) engine steps of each window
 MIXED_PROFILE_AFTER = 300  # the first mixed step after this many steps is profiled too
@@ -33,76 +37,55 @@ def _kernel_table(prof: torch.profiler.profile) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
 
 
-class StepRecorder:
-    def __init__(self, llm):
-        self.engine, self.runner = llm.engine, llm.engine.runner
+class ProfilingExecutor(ExecutorWrapper):
+    """Wraps the engine's executor (the seam the engine offers): times each step's phases with the model
+    runner's PhaseTimes (device synchronized around each) and profiles the kernel windows."""
+
+    def __init__(self, inner: UniprocExecutor):
+        super().__init__(inner)
+        self.times = PhaseTimes(sync=True)
+        inner.worker.runner.phase_times = self.times
+        self.active = False  # set once warm-up is over
         self.rows: list[dict] = []
-        self.current: dict = {}
         self.tables: dict[str, str] = {}
         self._profiler = None
-        self._wrap()
 
-    def _timed(self, key: str, fn, sync: bool):
-        def wrapper(*args, **kwargs):
-            if sync and torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if sync and torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - start
-            return out
-
-        return wrapper
-
-    def _wrap(self) -> None:
-        runner, engine = self.runner, self.engine
-        model_forward = runner.model.forward
-        runner.model.forward = self._timed("forward_s", model_forward, sync=True)
-        if runner.graphs is not None:
-            runner.graphs.run = self._timed("forward_s", runner.graphs.run, sync=True)
-        runner.sampler = self._timed("sample_s", runner.sampler, sync=True)
-        engine.scheduler.schedule = self._timed("schedule_s", engine.scheduler.schedule, sync=False)
-        run = runner.run
-
-        def run_wrapper(scheduled):
-            decodes = sum(1 for _, n in scheduled if n == 1)
-            self.current["decode_seqs"] = decodes
-            self.current["prefill_tokens"] = sum(n for _, n in scheduled if n != 1)
-            # one mixed step (decodes and prefill chunks together) late in the run, profiled on its own
-            late_mixed = len(self.rows) >= MIXED_PROFILE_AFTER and decodes and self.current["prefill_tokens"]
-            if late_mixed and "mixed" not in self.tables and self._profiler is None:
-                self.current["profiled"] = True
-                with _profiler() as prof:
-                    out = run(scheduled)
-                self.tables["mixed"] = _kernel_table(prof)
-                return out
-            return run(scheduled)
-
-        runner.run = self._timed("run_s", run_wrapper, sync=False)
-        step = engine.step
-
-        def step_wrapper():
-            index = len(self.rows)
-            for name, (first, last) in PROFILED_STEPS.items():
-                if index == first:
-                    self._profiler = _profiler()
-                    self._profiler.__enter__()
-                if index == last and self._profiler is not None:
-                    self._profiler.__exit__(None, None, None)
-                    self.tables[name] = _kernel_table(self._profiler)
-                    self._profiler = None
-            self.current = {
-                "profiled": any(f <= index < la for f, la in PROFILED_STEPS.values()),
-                "index": index,
-            }
-            start = time.perf_counter()
-            out = step()
-            self.current["step_s"] = time.perf_counter() - start
-            self.rows.append(self.current)
-            return out
-
-        engine.step = step_wrapper
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        if not self.active:
+            return super().execute(scheduler_output)
+        index = len(self.rows)
+        for name, (first, last) in PROFILED_STEPS.items():
+            if index == first:
+                self._profiler = _profiler()
+                self._profiler.__enter__()
+            if index == last and self._profiler is not None:
+                self._profiler.__exit__(None, None, None)
+                self.tables[name] = _kernel_table(self._profiler)
+                self._profiler = None
+        decodes = scheduler_output.num_decodes
+        row = {
+            "index": index,
+            "profiled": any(f <= index < la for f, la in PROFILED_STEPS.values()),
+            "decode_seqs": decodes,
+            "prefill_tokens": scheduler_output.num_tokens - decodes,
+        }
+        # one mixed step (decodes and prefill chunks together) late in the run, profiled on its own
+        late_mixed = index >= MIXED_PROFILE_AFTER and decodes and row["prefill_tokens"]
+        num_timed = len(self.times.steps)
+        start = time.perf_counter()
+        if late_mixed and "mixed" not in self.tables and self._profiler is None:
+            row["profiled"] = True
+            with _profiler() as prof:
+                out = super().execute(scheduler_output)
+            self.tables["mixed"] = _kernel_table(prof)
+        else:
+            out = super().execute(scheduler_output)
+        row["run_s"] = time.perf_counter() - start
+        phases = self.times.steps[-1] if len(self.times.steps) > num_timed else {}
+        for phase in ("prepare", "forward", "sample"):
+            row[f"{phase}_s"] = phases.get(phase, 0.0)
+        self.rows.append(row)
+        return out
 
 
 def summarize(rows: list[dict], flops_per_token: float) -> dict:
@@ -113,15 +96,14 @@ def summarize(rows: list[dict], flops_per_token: float) -> dict:
         kind = "mixed" if r["prefill_tokens"] else "decode"
         g = groups[kind]
         g["steps"] += 1
-        for key in ("step_s", "schedule_s", "run_s", "forward_s", "sample_s"):
+        for key in ("step_s", "run_s", "prepare_s", "forward_s", "sample_s"):
             g[key] += r.get(key, 0.0)
         g["decode_seqs"] += r["decode_seqs"]
         g["prefill_tokens"] += r["prefill_tokens"]
     out = {}
     for kind, g in groups.items():
         steps = g["steps"]
-        prep = g["run_s"] - g["forward_s"] - g["sample_s"]
-        other = g["step_s"] - g["run_s"] - g["schedule_s"]
+        engine = g["step_s"] - g["run_s"]  # schedule, update and outputs
         tokens = g["decode_seqs"] + g["prefill_tokens"]
         out[kind] = {
             "steps": int(steps),
@@ -129,11 +111,10 @@ def summarize(rows: list[dict], flops_per_token: float) -> dict:
             "forward_s": round(g["forward_s"], 2),
             "ms_per_step": {
                 "step": round(1e3 * g["step_s"] / steps, 2),
-                "schedule": round(1e3 * g["schedule_s"] / steps, 2),
-                "prepare_inputs": round(1e3 * prep / steps, 2),
+                "schedule_update_outputs": round(1e3 * engine / steps, 2),
+                "prepare_inputs": round(1e3 * g["prepare_s"] / steps, 2),
                 "forward": round(1e3 * g["forward_s"] / steps, 2),
                 "sample": round(1e3 * g["sample_s"] / steps, 2),
-                "postprocess": round(1e3 * other / steps, 2),
             },
             "avg_decode_seqs": round(g["decode_seqs"] / steps, 1),
             "avg_prefill_tokens": round(g["prefill_tokens"] / steps, 1),
@@ -177,15 +158,27 @@ def main() -> int:
 
     folder = write_config(ns.shape, Path(tempfile.mkdtemp()) / ns.shape)
     args = {"max_num_seqs": 256, "max_num_batched_tokens": 8192, **json.loads(ns.engine_args)}
-    llm = LLM(str(folder), load_format="dummy", **args)
+    llm = LLM(
+        str(folder),
+        executor_factory=lambda spec: ProfilingExecutor(UniprocExecutor(spec)),
+        load_format="dummy",
+        **args,
+    )
+    recorder, engine = llm.engine.executor, llm.engine
     prompts = workload_t(SHAPES[ns.shape]["vocab_size"], requests=ns.requests)
     llm.generate(
         [{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False
     )
-    recorder = StepRecorder(llm)
+    recorder.active = True
     params = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
     started = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for p in prompts:
+        engine.add_request({"prompt_token_ids": p}, params)
+    while engine.has_unfinished_requests():
+        step_start = time.perf_counter()
+        engine.step()
+        if recorder.rows and "step_s" not in recorder.rows[-1]:
+            recorder.rows[-1]["step_s"] = time.perf_counter() - step_start
     seconds = time.perf_counter() - started
     result = {
         "shape": ns.shape,

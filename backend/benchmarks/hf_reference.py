@@ -11,7 +11,7 @@ def load_hf_model(model: str | None, dtype: torch.dtype = torch.float32):
     """transformers' own model for an HF folder or a .gguf file (None: the bundled default model)."""
     from transformers import AutoModelForCausalLM
 
-    from pagetron.backend.loader import default_model_path
+    from pagetron.backend.model.loader import default_model_path
 
     path = model or default_model_path()
     if path.endswith(".gguf"):

@@ -16,8 +16,8 @@ from pagetron.client.bench_serving import BenchConfig, run_benchmark
 
 
 def offline_level(args: dict, config: BenchConfig, concurrency: int) -> dict:
-    from pagetron.backend.llm import LLM
-    from pagetron.backend.sampling_params import SamplingParams
+    from pagetron.backend.core.sampling_params import SamplingParams
+    from pagetron.backend.engine.llm import LLM
 
     llm = LLM(**{**args, "max_num_seqs": concurrency})
     count = config.requests_for(concurrency)

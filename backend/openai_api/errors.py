@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pagetron.backend.errors import AT_CAPACITY
+from pagetron.backend.core.errors import AT_CAPACITY
 from pagetron.client.errors import TritonRequestError
 
 # Triton error code -> HTTP status. UNAVAILABLE splits: backpressure is 429 (retry later), the rest 503.

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pagetron.backend.errors import AT_CAPACITY
-from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine
-from pagetron.backend.output_processor import OutputKind
-from pagetron.backend.outputs import RequestOutput
-from pagetron.backend.sampling_params import SamplingParamsError
+from pagetron.backend.core.errors import AT_CAPACITY
+from pagetron.backend.core.sampling_params import SamplingParamsError
+from pagetron.backend.engine.llm_engine import InvalidRequestError, LLMEngine
+from pagetron.backend.engine.output_processor import OutputKind
+from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.serving.request_parser import ParsedRequest
 from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.step_stats import StepStats, StepStatsCollector
@@ -219,7 +219,7 @@ class AsyncEngine:
                 self._abort(payload, "the request was cancelled", ErrorCode.CANCELLED)
                 aborted = True
             elif kind == "abort_all":
-                for request_id in list(self.engine.output_processor.requests):
+                for request_id in self.engine.output_processor.request_ids():
                     self._abort(request_id, payload, ErrorCode.UNAVAILABLE)
                 aborted = True
             try:

@@ -1,7 +1,9 @@
 """Deliberate engine faults for testing readiness and recovery, switched on only by an environment variable.
 
-PAGETRON_FAULT="raise-after:N"  the engine step raises once N steps have run (and every step after that)
-PAGETRON_FAULT="hang-after:N"   the engine step blocks forever once N steps have run
+PAGETRON_FAULT="raise-after:N"  every executed step after the first N raises
+PAGETRON_FAULT="hang-after:N"   the step after the first N blocks forever
+
+It wraps the engine's executor (the seam the engine offers), so the engine's own failure handling runs.
 """
 
 from __future__ import annotations
@@ -10,28 +12,40 @@ import logging
 import os
 import threading
 
-from pagetron.backend.llm_engine import LLMEngine
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.executor.executor import Executor, ExecutorFactory, ExecutorWrapper, UniprocExecutor
+from pagetron.backend.executor.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 ENV_VAR = "PAGETRON_FAULT"
+KINDS = ("raise-after", "hang-after")
 
 
-def install_fault_injection(engine: LLMEngine) -> None:
+class FaultyExecutor(ExecutorWrapper):
+    def __init__(self, inner: Executor, kind: str, after: int):
+        super().__init__(inner)
+        self.kind, self.after, self.steps = kind, after, 0
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        self.steps += 1
+        if self.steps > self.after:
+            if self.kind == "raise-after":
+                raise RuntimeError(f"injected fault ({ENV_VAR}={self.kind}:{self.after})")
+            threading.Event().wait()
+        return super().execute(scheduler_output)
+
+
+def fault_injection_factory() -> ExecutorFactory | None:
+    """The executor factory $PAGETRON_FAULT asks for, or None when it is unset."""
     spec = os.environ.get(ENV_VAR)
     if not spec:
-        return
+        return None
     kind, _, count = spec.partition(":")
-    if kind not in ("raise-after", "hang-after") or not count.isdigit():
+    if kind not in KINDS or not count.isdigit():
         raise ValueError(f"{ENV_VAR}={spec!r}: expected raise-after:N or hang-after:N")
-    limit, steps, real_step = int(count), [0], engine.step
-
-    def faulty_step():
-        steps[0] += 1
-        if steps[0] > limit:
-            if kind == "raise-after":
-                raise RuntimeError(f"injected fault ({ENV_VAR}={spec})")
-            threading.Event().wait()
-        return real_step()
-
-    engine.step = faulty_step
     logger.warning("fault injection armed: %s", spec)
+
+    def factory(model: ModelSpec) -> Executor:
+        return FaultyExecutor(UniprocExecutor(model), kind, int(count))
+
+    return factory

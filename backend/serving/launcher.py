@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagetron.backend.loader import pagetron_cache_dir
+from pagetron.backend.model.loader import pagetron_cache_dir
 
 REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
 MODEL_NAME = "llm"

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from pagetron.backend.chat_template import validate_messages
-from pagetron.backend.llm_engine import InvalidRequestError
-from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
+from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
+from pagetron.backend.engine.chat_template import validate_messages
+from pagetron.backend.engine.llm_engine import InvalidRequestError
 
 BOOL_INPUTS = (
     "stream",

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from pagetron.backend.outputs import CompletionOutput, RequestOutput
+from pagetron.backend.engine.outputs import CompletionOutput, RequestOutput
 from pagetron.backend.serving.request_parser import ParsedRequest
 
 

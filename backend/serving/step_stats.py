@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagetron.backend.llm_engine import LLMEngine
-from pagetron.backend.outputs import RequestOutput
+from pagetron.backend.engine.llm_engine import LLMEngine
+from pagetron.backend.engine.outputs import RequestOutput
 
 
 @dataclass

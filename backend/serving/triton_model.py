@@ -14,12 +14,12 @@ import uuid
 
 import triton_python_backend_utils as pb_utils
 
-from pagetron.backend.config import EngineConfig
-from pagetron.backend.llm_engine import InvalidRequestError, LLMEngine
-from pagetron.backend.outputs import RequestOutput
-from pagetron.backend.sampling_params import SamplingParams, SamplingParamsError
+from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
+from pagetron.backend.engine.llm_engine import InvalidRequestError, LLMEngine
+from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.serving.async_engine import AsyncEngine, ErrorCode, ResponseSink
-from pagetron.backend.serving.fault_injection import install_fault_injection
+from pagetron.backend.serving.fault_injection import fault_injection_factory
 from pagetron.backend.serving.request_parser import (
     BOOL_INPUTS,
     PROMPT_INPUTS,
@@ -97,8 +97,7 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         args_path = os.path.join(args["model_repository"], args["model_version"], ENGINE_ARGS_FILE)
         config = EngineConfig.from_json_file(args_path) if os.path.exists(args_path) else EngineConfig()
-        self.engine = LLMEngine(config)
-        install_fault_injection(self.engine)
+        self.engine = LLMEngine(config, executor_factory=fault_injection_factory())
         self.builder = ResponseBuilder(self.engine.tokenizer)
         self.metrics = _optional_metrics(self.model_name, args["model_version"], self.engine.max_model_len)
         self.async_engine = AsyncEngine(
@@ -142,7 +141,7 @@ class TritonPythonModel:
         import torch
 
         pb_utils.Logger.log_info(
-            f"pagetron: warm-up generated a token; ready ({self.engine.runner.device}, "
+            f"pagetron: warm-up generated a token; ready ({self.engine.executor.device_name}, "
             f"{torch.get_num_threads()} torch threads, {self.engine.block_manager.num_blocks} KV blocks)"
         )
 
@@ -177,6 +176,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.async_engine.shutdown()
+        self.engine.shutdown()
         if self.metrics is not None:
             self.metrics.close()
         del self.engine, self.async_engine

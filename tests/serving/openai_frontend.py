@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagetron.backend.commands.openai import API_KEY_ENV, frontend_command, stop_frontend, wait_listening
+from pagetron.backend.cli.openai import API_KEY_ENV, frontend_command, stop_frontend, wait_listening
 from pagetron.backend.serving.launcher import free_port
 
 API_KEY = "test-key-123"

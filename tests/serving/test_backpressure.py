@@ -10,9 +10,9 @@ from conftest import start_server
 from grpc_helpers import stream_generate
 from model_factory import make_hf_model
 from pagetron.backend import LLM, SamplingParams
-from pagetron.backend.config import EngineConfig
-from pagetron.backend.llm_engine import LLMEngine
-from pagetron.backend.outputs import RequestOutput
+from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.engine.llm_engine import LLMEngine
+from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.serving.async_engine import AsyncEngine
 from pagetron.backend.serving.request_parser import ParsedRequest
 

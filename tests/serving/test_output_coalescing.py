@@ -6,9 +6,9 @@ import time
 
 from model_factory import make_hf_model
 from pagetron.backend import LLM, SamplingParams
-from pagetron.backend.config import EngineConfig
-from pagetron.backend.llm_engine import LLMEngine
-from pagetron.backend.outputs import CompletionOutput, RequestOutput
+from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.engine.llm_engine import LLMEngine
+from pagetron.backend.engine.outputs import CompletionOutput, RequestOutput
 from pagetron.backend.serving.async_engine import AsyncEngine, LiveRequest, coalesce
 from pagetron.backend.serving.request_parser import ParsedRequest
 

@@ -1,0 +1,62 @@
+"""The contract of one engine step: what the scheduler asks the executor to run, and what comes back.
+
+Data flows one way: ``Scheduler.schedule() -> SchedulerOutput -> Executor.execute() -> RunnerOutput ->
+Scheduler.update()``. The executor never changes a sequence; the scheduler applies the result.
+
+Row layout of a step (the flattened tokens the model computes), decodes first::
+
+    seqs:        [ d0  d1  d2 | p0 (chunk of 5)  | p1 (chunk of 3) ]
+    tokens:      [ t   t   t  | t  t  t  t  t    | t  t  t         ]
+    sampled:       ^   ^   ^                ^                 (p1's chunk stops short of its last token)
+    sample_indices = [0, 1, 2, 3]  ->  RunnerOutput rows 0..3
+
+A "decode" entry computes one token (a running sequence's last one, or a one-token prefill chunk); an
+entry is sampled when its chunk reaches the sequence's last known token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagetron.backend.core.sequence import Sequence
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[Sequence] = field(default_factory=list)  # row order: decodes, then prefill chunks
+    num_new_tokens: list[int] = field(default_factory=list)  # tokens each entry computes this step
+    num_decodes: int = 0  # the first num_decodes entries compute one token each
+    sample_indices: list[int] = field(default_factory=list)  # entries sampled, in RunnerOutput row order
+    preempted: list[Sequence] = field(default_factory=list)  # freed this step, back to waiting
+    # sequences that ended since the previous step: an executor drops any state it keeps for them
+    finished_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        return [self.seqs[i] for i in self.sample_indices]
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+@dataclass
+class RunnerOutput:
+    """One row per entry of ``SchedulerOutput.sample_indices``."""
+
+    token_ids: list[int] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)  # raw logprob of each sampled token
+    # per row, when the request asked for logprobs: {token_id: (logprob, rank)} for the top-N plus the
+    # sampled token (rank 1 = most likely); else None
+    logprobs: list[dict[int, tuple[float, int]] | None] = field(default_factory=list)
+
+
+@dataclass
+class SequenceUpdate:
+    """What one step did to one sequence: the tokens it gained (it may have finished with them)."""
+
+    seq: Sequence
+    new_token_ids: list[int]

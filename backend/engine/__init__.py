@@ -1,0 +1,2 @@
+"""The engine: LLMEngine (schedule -> execute -> update -> outputs), the offline LLM API, output
+processing and chat templates."""

@@ -1,0 +1,240 @@
+"""The engine: validated requests in, one schedule -> execute -> update -> outputs step at a time."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from pagetron.backend.core.block_manager import BlockManager
+from pagetron.backend.core.config import ConfigError, EngineConfig
+from pagetron.backend.core.detokenizer import IncrementalDetokenizer
+from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.core.sampling_params import SamplingParams
+from pagetron.backend.core.scheduler import Scheduler
+from pagetron.backend.core.sequence import Sequence
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.engine.chat_template import encode_chat
+from pagetron.backend.engine.output_processor import OutputKind, OutputProcessor
+from pagetron.backend.engine.outputs import RequestOutput
+from pagetron.backend.executor.executor import ExecutorFactory, UniprocExecutor
+from pagetron.backend.executor.spec import ModelSpec
+from pagetron.backend.model.loader import load_model_files
+from pagetron.backend.model.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]  # dict: {"prompt"}, {"prompt_token_ids"} or {"messages"}
+
+__all__ = ["InvalidRequestError", "LLMEngine", "PromptType"]
+
+
+class LLMEngine:
+    """``executor_factory`` builds what runs the model (default: one worker in this process); tests and
+    fault injection pass a factory that wraps the default."""
+
+    def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory | None = None):
+        self.config = config
+        files = load_model_files(config.model, config.load_format, config.tokenizer)
+        self.tokenizer = files.tokenizer
+        self.model_config = ModelConfig.from_hf_config(files.hf_config)
+        self.max_model_len = self._max_model_len()
+        self.eos_token_ids = self._eos_token_ids(files.generation_eos_token_ids)
+        spec = ModelSpec(config, files, self.model_config, self.max_model_len, frozenset(self.eos_token_ids))
+        self.executor = (executor_factory or UniprocExecutor)(spec)
+        self.block_manager = BlockManager(
+            self.executor.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            reserve_kv_for_growth=config.reserve_kv_for_growth,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._request_ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def _max_model_len(self) -> int:
+        cfg, limit = self.config, self.model_config.max_position_embeddings
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise ConfigError(
+                "max_model_len", f"{cfg.max_model_len} exceeds the model's limit of {limit} tokens"
+            )
+        length = cfg.max_model_len or limit
+        window = self.model_config.sliding_window
+        if window is not None and length > window:
+            logger.warning(
+                "max_model_len capped to the sliding window (%d); sliding attention is not implemented",
+                window,
+            )
+            length = window
+        if not self.config.enable_chunked_prefill and cfg.max_num_batched_tokens < length:
+            raise ConfigError(
+                "max_num_batched_tokens",
+                f"{cfg.max_num_batched_tokens} is below max_model_len {length}; "
+                "without chunked prefill a long prompt could never be scheduled",
+            )
+        return length
+
+    def _eos_token_ids(self, generation_eos: list[int]) -> set[int]:
+        """One EOS set for both the sampler (min_tokens masking) and the scheduler (stopping)."""
+        ids = set(self.model_config.eos_token_ids) | set(generation_eos)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests -------------------------------------------------------------------------------
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        text = None
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "messages"}
+            if unknown:
+                raise InvalidRequestError("prompt", f"unknown prompt keys {sorted(unknown)}")
+            if "messages" in prompt:
+                prompt = encode_chat(self.tokenizer, prompt["messages"])
+            elif "prompt_token_ids" in prompt:
+                text = prompt.get("prompt") if isinstance(prompt.get("prompt"), str) else None
+                prompt = prompt["prompt_token_ids"]
+            else:
+                prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "the prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "this model has no tokenizer; send prompt token ids")
+            ids = self.tokenizer(prompt).input_ids
+            if not ids:
+                raise InvalidRequestError("prompt", "the prompt tokenizes to nothing")
+            self._check_token_ids("prompt", ids)
+            return prompt, ids
+        if isinstance(prompt, SequenceABC) and not isinstance(prompt, bytes):
+            ids = list(prompt)
+            if not ids:
+                raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
+            self._check_token_ids("prompt_token_ids", ids)
+            return text, ids
+        raise InvalidRequestError(
+            "prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}"
+        )
+
+    def _check_token_ids(self, field: str, ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidRequestError(field, f"{t!r} is not a token id in [0, {vocab})")
+
+    def make_sequences(
+        self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None
+    ) -> tuple[str | None, list[Sequence]]:
+        """Validates one request and builds its sequences without queueing anything."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                "sampling_params", f"expected SamplingParams, got {type(params).__name__}"
+            )
+        if request_id in self.output_processor.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt",
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                "(prompt plus at least one generated token must fit)",
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, more than "
+                f"max_model_len {self.max_model_len} allows; at most {self.max_model_len - len(ids)} fit",
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError(
+                "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
+            )
+        longest = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        if longest > capacity:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"the request may grow to {longest} tokens but the whole KV cache holds {capacity}; "
+                "lower max_tokens or give the engine more KV-cache memory",
+            )
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [
+            Sequence(
+                ids,
+                params,
+                request_id,
+                index=i,
+                arrival_time=arrival,
+                detokenizer=self._detokenizer(ids, params),
+            )
+            for i in range(params.n)
+        ]
+        return text, seqs
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, params) if self.tokenizer else None
+
+    def add_request(
+        self,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> str:
+        request_id = str(next(self._request_ids)) if request_id is None else request_id
+        text, seqs = self.make_sequences(request_id, prompt, params or SamplingParams())
+        self.enqueue(request_id, text, seqs, output_kind)
+        return request_id
+
+    def enqueue(
+        self,
+        request_id: str,
+        prompt: str | None,
+        seqs: list[Sequence],
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
+    ) -> None:
+        self.output_processor.add_request(request_id, prompt, seqs, output_kind)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens += seqs[0].num_prompt_tokens
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends every sequence of the request at once and frees its KV blocks; returns its last output."""
+        state = self.output_processor.pop(request_id)
+        if state is None:
+            return None
+        self.scheduler.abort(state.seqs)
+        return state.make_output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.output_processor.requests)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration. Not thread-safe: add, abort and step must all run on one thread."""
+        scheduled = self.scheduler.schedule()
+        result = self._execute(scheduled)
+        updates = self.scheduler.update(scheduled, result)
+        return self.output_processor.process(updates)
+
+    def _execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        try:
+            return self.executor.execute(scheduled)
+        except BaseException:
+            # Blocks are registered in the prefix cache when scheduled, before the forward pass writes
+            # them: after a failed pass their KV is garbage. Abort everything in flight, forget the cache.
+            for request_id in self.output_processor.request_ids():
+                self.abort_request(request_id)
+            self.block_manager.reset_prefix_cache()
+            raise
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

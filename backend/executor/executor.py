@@ -1,0 +1,58 @@
+"""The seam between the engine and whatever runs the model.
+
+    engine.step():  scheduler.schedule() -> SchedulerOutput
+                    executor.execute(SchedulerOutput) -> RunnerOutput     <- here
+                    scheduler.update(SchedulerOutput, RunnerOutput) -> outputs
+
+An executor owns one or more workers; it changes no sequence and decides nothing about scheduling. The
+uniprocess executor runs one worker in the engine's process. A multi-process tensor-parallel executor, or
+an asynchronous one that overlaps the next schedule with this execute, plugs in here. An engine may be
+given any factory ``ModelSpec -> Executor`` (tests and fault injection wrap the default one).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.executor.spec import ModelSpec
+from pagetron.backend.executor.worker import Worker
+
+
+class Executor(ABC):
+    num_kv_blocks: int  # KV-cache blocks every worker holds; the block manager hands out exactly these
+    device_name: str  # where the model runs, for logs
+
+    @abstractmethod
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+    def shutdown(self) -> None:  # noqa: B027 (nothing to release in-process)
+        """Releases workers; the executor is unusable afterwards."""
+
+
+ExecutorFactory = Callable[[ModelSpec], Executor]
+
+
+class UniprocExecutor(Executor):
+    def __init__(self, spec: ModelSpec):
+        self.worker = Worker(spec)
+        self.num_kv_blocks = self.worker.num_kv_blocks
+        self.device_name = str(self.worker.device)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.worker.execute(scheduler_output)
+
+
+class ExecutorWrapper(Executor):
+    """Delegates to another executor; subclasses override ``execute`` to observe or alter steps."""
+
+    def __init__(self, inner: Executor):
+        self.inner = inner
+        self.num_kv_blocks, self.device_name = inner.num_kv_blocks, inner.device_name
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.inner.execute(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()

@@ -1,0 +1,88 @@
+"""Runs one step on the worker's model: inputs -> forward (a CUDA graph when one fits) -> sampled tokens."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.executor.cuda_graphs import DecodeGraphs
+from pagetron.backend.executor.step_inputs import StepInputBuilder, StepInputs
+from pagetron.backend.model.llama import LlamaForCausalLM
+from pagetron.backend.model.sampler import Sampler
+
+
+@dataclass
+class PhaseTimes:
+    """Host wall time of each phase (prepare inputs, forward, sample: LM head and sampler) of the steps
+    run since it was attached, for profiling. With ``sync`` the device is synchronized around each phase,
+    so device time lands in the phase that queued it."""
+
+    sync: bool = False
+    steps: list[dict[str, float]] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        sampler: Sampler,
+        block_size: int,
+        device: torch.device,
+        graphs: DecodeGraphs | None = None,
+    ):
+        self.model, self.sampler, self.graphs, self.device = model, sampler, graphs, device
+        self.inputs = StepInputBuilder(block_size, device)
+        self.phase_times: PhaseTimes | None = None  # set to profile each step's phases
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self.sampler.forget(out.finished_seq_ids)
+        if not out:
+            return RunnerOutput()
+        timer = _Timer(self.phase_times, self.device)
+        inputs = timer.phase("prepare", self.inputs.build, out)
+        hidden = timer.phase("forward", self._forward, inputs)
+        if not out.sample_indices:
+            return timer.done(RunnerOutput())
+        return timer.done(timer.phase("sample", self._sample, hidden, inputs, out))
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        meta = inputs.meta
+        if (
+            self.graphs is not None
+            and inputs.is_decode_only
+            and meta.num_decode_tokens <= self.graphs.max_batch
+        ):
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        return self.model(inputs.input_ids, inputs.positions, meta)
+
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, out: SchedulerOutput) -> RunnerOutput:
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        return self.sampler(logits, out.sampled_seqs)
+
+
+class _Timer:
+    def __init__(self, times: PhaseTimes | None, device: torch.device):
+        self.times, self.device = times, device
+        self.row: dict[str, float] = {}
+
+    def phase(self, name: str, fn, *args):
+        if self.times is None:
+            return fn(*args)
+        sync = self.times.sync and self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        result = fn(*args)
+        if sync:
+            torch.cuda.synchronize(self.device)
+        self.row[name] = time.perf_counter() - start
+        return result
+
+    def done(self, result: RunnerOutput) -> RunnerOutput:
+        if self.times is not None:
+            self.times.steps.append(self.row)
+        return result

@@ -1,0 +1,74 @@
+"""One worker: a device, the model's weights on it, its KV cache, decode CUDA graphs and the model runner."""
+
+from __future__ import annotations
+
+import torch
+
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.executor.cuda_graphs import DecodeGraphs
+from pagetron.backend.executor.device import (
+    resolve_device,
+    resolve_dtype,
+    resolve_kernels,
+    resolve_kv_cache_dtype,
+)
+from pagetron.backend.executor.kv_cache import allocate_kv_cache, num_kv_blocks
+from pagetron.backend.executor.model_runner import ModelRunner
+from pagetron.backend.executor.spec import ModelSpec
+from pagetron.backend.model.kernel_ops import kernel_ops
+from pagetron.backend.model.llama import LlamaForCausalLM
+from pagetron.backend.model.sampler import Sampler
+
+MAX_GRAPH_BATCH = 512
+
+
+class Worker:
+    def __init__(self, spec: ModelSpec):
+        config = spec.config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config, self.dtype)
+        self.kernels = resolve_kernels(config.attention_backend, self.device)
+        self.model = self._load_model(spec)
+        self.num_kv_blocks = num_kv_blocks(
+            config, self.model, spec.max_model_len, self.kv_cache_dtype, self.device
+        )
+        self.kv_cache = allocate_kv_cache(
+            self.model, self.num_kv_blocks, config.block_size, self.kv_cache_dtype, self.device
+        )
+        graphs = None
+        if self.device.type == "cuda" and self.kernels == "triton" and not config.enforce_eager:
+            max_blocks = -(-spec.max_model_len // config.block_size)
+            graphs = DecodeGraphs(
+                self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks, self.device
+            )
+            graphs.capture()
+        sampler = Sampler(spec.eos_token_ids, seed=config.seed)
+        self.runner = ModelRunner(self.model, sampler, config.block_size, self.device, graphs)
+
+    def _load_model(self, spec: ModelSpec) -> LlamaForCausalLM:
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = LlamaForCausalLM(spec.model_config, spec.max_model_len, kernel_ops(self.kernels))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        if spec.config.load_format == "dummy":
+            _init_dummy_weights(model, spec.config.seed)
+        else:
+            model.load_weights(spec.files.weights())
+        return model.eval()
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(out)
+
+
+@torch.no_grad()
+def _init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    for i, (name, p) in enumerate(model.named_parameters()):
+        gen = torch.Generator(device=p.device).manual_seed(seed * 100_003 + i)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.uniform_(-0.02, 0.02, generator=gen)

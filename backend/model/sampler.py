@@ -1,0 +1,198 @@
+"""Batched token sampler: penalties, greedy/temperature/top-k/top-p/min-p, per-request seeds, logprobs.
+
+Every step is a tensor op over the whole batch ([N, V]); Python loops only run over rows for per-row
+scalars (and over seeded rows, to draw their noise from their own generator). The only device->host
+transfer is the single ``.tolist()`` at the end. Seeded rows repeat exactly on one device type; CPU and
+CUDA runs of the same seed differ (different random engines). A seeded sequence's generator lives here,
+keyed by sequence id, from its first sample until ``forget`` is told the sequence ended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagetron.backend.core.sampling_params import SamplingParams
+from pagetron.backend.core.sequence import Sequence
+from pagetron.backend.core.step import RunnerOutput
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int] | list[int], seed: int = 0):
+        self.eos_token_ids = sorted(set(eos_token_ids))
+        self.seed = seed
+        self._generators: dict[tuple[torch.device, bool], torch.Generator] = {}
+        self._seeded: dict[int, torch.Generator] = {}  # seq id -> its own CPU generator
+
+    def forget(self, seq_ids: list[int]) -> None:
+        """Drops the generators of sequences that ended."""
+        for seq_id in seq_ids:
+            self._seeded.pop(seq_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> RunnerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
+        params = [seq.sampling_params for seq in seqs]
+        logits = logits.to(torch.float32, copy=True)  # modified in place below
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        self._mask_stop_tokens_below_min_tokens(logits, seqs)
+        _apply_penalties(logits, seqs)
+        token_ids = self._sample(logits, seqs)
+        sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        return _build_output(raw_logprobs, token_ids, sampled_logprobs, params)
+
+    def _mask_stop_tokens_below_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        vocab_size = logits.shape[1]
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, seq in enumerate(seqs):
+            p = seq.sampling_params
+            if seq.num_output_tokens >= p.min_tokens:
+                continue
+            stop_ids = set(p.stop_token_ids or ())
+            if not p.ignore_eos:  # with ignore_eos, EOS does not stop the sequence, so it needs no mask
+                stop_ids.update(self.eos_token_ids)
+            for token_id in sorted(t for t in stop_ids if t < vocab_size):
+                rows.append(i)
+                cols.append(token_id)
+        if rows:
+            index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+            logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [seq.sampling_params for seq in seqs]
+        greedy_ids = logits.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            return greedy_ids
+        device = logits.device
+        temperatures = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        logits = _apply_top_k_top_p(logits / temperatures[:, None], params)
+        probs = logits.softmax(dim=-1)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device)
+            threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p)
+        # (no renormalisation needed after masking).
+        sampled_ids = probs.div_(self._exponential_noise(probs, seqs)).argmax(dim=-1)
+        is_greedy = torch.tensor([p.greedy for p in params], device=device)
+        return torch.where(is_greedy, greedy_ids, sampled_ids)
+
+    def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        device = probs.device
+        noise = torch.empty_like(probs).exponential_(generator=self._generator(device))
+        for i, seq in enumerate(seqs):
+            seed = seq.sampling_params.seed
+            if seed is None or seq.sampling_params.greedy:
+                continue
+            gen = self._seeded.get(seq.seq_id)
+            if gen is None:  # the n copies of a request draw different streams
+                gen = self._seeded[seq.seq_id] = torch.Generator().manual_seed(seed + seq.index)
+            if gen.device != device:
+                # A vocab row of CPU noise costs milliseconds; instead the request's generator draws a seed
+                # for a scratch generator on the logits' device: the row still depends only on its request.
+                step_seed = int(torch.randint(0, 2**62, (), generator=gen))
+                gen = self._generator(device, scratch=True)
+                gen.manual_seed(step_seed)
+            noise[i].exponential_(generator=gen)
+        # exponential_ may return exactly 0, which would turn a masked 0 prob into NaN (0/0)
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _generator(self, device: torch.device, scratch: bool = False) -> torch.Generator:
+        """The default generator (unseeded rows) or the scratch one (seeded rows) for ``device``."""
+        gen = self._generators.get((device, scratch))
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[(device, scratch)] = gen
+        return gen
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Repetition penalty on prompt + output tokens, frequency / presence penalties on output tokens."""
+    params = [seq.sampling_params for seq in seqs]
+    needs_repetition = any(p.repetition_penalty != 1.0 for p in params)
+    needs_output = any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params)
+    if not (needs_repetition or needs_output):
+        return
+    device = logits.device
+    output_counts = _token_counts([seq.output_token_ids for seq in seqs], logits.shape[1], device)
+    if needs_repetition:
+        prompt_counts = _token_counts([seq.prompt_token_ids for seq in seqs], logits.shape[1], device)
+        seen = (prompt_counts > 0) | (output_counts > 0)
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(seen, penalized, logits))
+    if needs_output:
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits -= frequency * output_counts + presence * (output_counts > 0)
+
+
+def _token_counts(id_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[N, V] float counts of each token id per row; rows are padded with the out-of-range id V."""
+    width = max((len(ids) for ids in id_lists), default=0)
+    counts = torch.zeros(len(id_lists), vocab_size + 1, device=device)
+    if width == 0:
+        return counts[:, :vocab_size]
+    padded = [ids + [vocab_size] * (width - len(ids)) for ids in id_lists]
+    index = torch.tensor(padded, dtype=torch.long, device=device)
+    counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
+    return counts[:, :vocab_size]
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus."""
+    vocab_size = logits.shape[1]
+    top_k = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
+    top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]  # inf: never masks, even on rounding
+    needs_k = any(k < vocab_size for k in top_k)
+    needs_p = any(p < 1.0 for p in top_p)
+    if not (needs_k or needs_p):
+        return logits
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if needs_k:
+        k = torch.tensor(top_k, device=device)
+        kth_largest = sorted_logits.gather(1, (k - 1)[:, None])
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))  # ties with the k-th stay
+    if needs_p:
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # keep the smallest prefix whose mass reaches p; the most likely token always stays
+        sorted_logits.masked_fill_(mass_before >= torch.tensor(top_p, device=device)[:, None], float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _build_output(
+    raw_logprobs: torch.Tensor,
+    token_ids: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    params: list[SamplingParams],
+) -> RunnerOutput:
+    num_rows = len(params)
+    wanted = [p.logprobs for p in params]
+    max_top = max((min(w, raw_logprobs.shape[1]) for w in wanted if w is not None), default=None)
+    parts = [token_ids, sampled_logprobs]
+    if max_top is not None:
+        # rank = number of tokens at least as likely as the sampled one (vLLM's convention)
+        parts.append((raw_logprobs >= sampled_logprobs[:, None]).sum(dim=-1))
+        if max_top > 0:
+            top_logprobs, top_ids = raw_logprobs.topk(max_top, dim=-1)
+            parts += [top_ids.flatten(), top_logprobs.flatten()]
+    # float64 holds every token id, rank and float32 logprob exactly: one transfer for everything
+    flat = torch.cat([part.to(torch.float64) for part in parts]).tolist()
+    ids = [int(x) for x in flat[:num_rows]]
+    sampled = flat[num_rows : 2 * num_rows]
+    logprobs: list[dict[int, tuple[float, int]] | None] = [None] * num_rows
+    if max_top is not None:
+        ranks = flat[2 * num_rows : 3 * num_rows]
+        top_ids_flat = flat[3 * num_rows : 3 * num_rows + num_rows * max_top]
+        top_lps_flat = flat[3 * num_rows + num_rows * max_top :]
+        for i, n in enumerate(wanted):
+            if n is None:
+                continue
+            start = i * max_top
+            top = range(min(n, max_top))
+            entry = {int(top_ids_flat[start + r]): (top_lps_flat[start + r], r + 1) for r in top}
+            entry.setdefault(ids[i], (sampled[i], int(ranks[i])))
+            logprobs[i] = entry
+    return RunnerOutput(token_ids=ids, sampled_logprobs=sampled, logprobs=logprobs)
