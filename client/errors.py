@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
+
+from pagetron.backend.serving.constants import untag_error
 
 # gRPC status names -> the TRITONSERVER_Error code names the server uses in its own logs and docs.
 _GRPC_TO_TRITON_CODE = {
     "INVALID_ARGUMENT": "INVALID_ARG",
     "UNIMPLEMENTED": "UNSUPPORTED",
 }
-
-
-_TAGGED = re.compile(r"^\[([A-Z_]+)\] (.*)$", re.DOTALL)  # "[INVALID_ARG] message", as the llm model sends
 
 
 def triton_code(status: str | None) -> str:
@@ -47,7 +45,7 @@ class TritonRequestError(RuntimeError):
     @classmethod
     def tagged(cls, message: str, code: str) -> TritonRequestError:
         """Takes the code from a "[CODE] " prefix when the transport gave none (gRPC stream errors)."""
-        match = _TAGGED.match(message)
-        if match is None:
+        tag, text = untag_error(message)
+        if tag is None:
             return cls(message, code)
-        return cls(match.group(2), match.group(1) if code == "UNKNOWN" else code)
+        return cls(text, tag if code == "UNKNOWN" else code)

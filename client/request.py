@@ -1,4 +1,4 @@
-"""A generation request for the `llm` model and the exact input tensors it becomes (see serving notes)."""
+"""A generation request for the `llm` model and the input tensors it becomes (see serving/schema.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from pagetron.backend.serving.schema import INPUTS_BY_NAME, RETURN_FLAGS
 from pagetron.client.errors import TritonRequestError
-
-RETURN_FLAGS = (
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-)
 
 # Asks the server for an empty response carrying the final flag when the model's last data response
 # lacked it, so a client can always tell when a request is done.
@@ -56,14 +49,14 @@ class GenerateRequest:
             ids = [int(t) for t in self.prompt]
             if any(not 0 <= t < 2**31 for t in ids):  # numpy 1.26 would wrap them silently
                 raise ValueError(f"token ids must be in [0, 2**31); got {min(ids)}..{max(ids)}")
-            arrays["input_ids"] = np.asarray(ids, dtype=np.int32)
-        arrays["stream"] = _bool_array(self.stream)
+            arrays["input_ids"] = _array("input_ids", ids)
+        arrays["stream"] = _array("stream", [self.stream])
         if self.sampling_params:
             arrays["sampling_parameters"] = _bytes_array(json.dumps(dict(self.sampling_params)))
-        arrays["exclude_input_in_output"] = _bool_array(self.exclude_input_in_output)
+        arrays["exclude_input_in_output"] = _array("exclude_input_in_output", [self.exclude_input_in_output])
         for flag in RETURN_FLAGS:
             if getattr(self, flag):
-                arrays[flag] = _bool_array(True)
+                arrays[flag] = _array(flag, [True])
         return arrays
 
     def infer_inputs(self) -> list[Any]:
@@ -84,9 +77,9 @@ class GenerateRequest:
         return inputs
 
 
+def _array(name: str, values: list) -> np.ndarray:
+    return np.asarray(values, dtype=INPUTS_BY_NAME[name].numpy_dtype)
+
+
 def _bytes_array(text: str) -> np.ndarray:
     return np.array([text.encode("utf-8")], dtype=np.object_)
-
-
-def _bool_array(value: bool) -> np.ndarray:
-    return np.array([value], dtype=np.bool_)

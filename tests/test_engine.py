@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from model_factory import make_hf_model
 from pagetron.backend import LLM, ConfigError, EngineConfig, InvalidRequestError, SamplingParams
+from pagetron.backend.executor.executor import ExecutorWrapper, UniprocExecutor
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_n_copies_share_the_prompts_full_blocks(tiny_llama):
     prompt = list(range(10, 20))  # 10 tokens: two full blocks and a partial one
     request_id = engine.add_request(prompt, SamplingParams(n=3, temperature=0.0, max_tokens=4))
     engine.step()
-    seqs = [st.seq for st in engine.output_processor.requests[request_id].seqs]
+    seqs = engine.output_processor.requests[request_id].seqs
     tables = [s.block_table for s in seqs]
     # copy 0 computes the prompt; copies 1 and 2 take its two full blocks from the prefix cache
     # (written earlier in the same forward pass) and compute only their own last, partial block
@@ -59,15 +59,22 @@ def test_max_model_len_above_the_model_limit_is_a_config_error(tiny_llama):
         LLM(tiny_llama, max_model_len=100_000)
 
 
-def _force_logits(llm, favourite: int, runner_up: int):
-    """Make the model always prefer ``favourite``, then ``runner_up``."""
+class StepsExecutor(ExecutorWrapper):
+    """The default executor, failing with ``error`` from its ``fail_at``-th step on."""
 
-    def compute_logits(hidden):
-        logits = torch.zeros(hidden.shape[0], llm.engine.model_config.vocab_size)
-        logits[:, favourite], logits[:, runner_up] = 10.0, 5.0
-        return logits
+    def __init__(self, inner, error: BaseException | None = None, fail_at: int = 1):
+        super().__init__(inner)
+        self.error, self.fail_at, self.steps = error, fail_at, 0
 
-    llm.engine.runner.model.compute_logits = compute_logits
+    def execute(self, scheduler_output):
+        self.steps += 1
+        if self.error is not None and self.steps >= self.fail_at:
+            raise self.error
+        return super().execute(scheduler_output)
+
+
+def steps_executor(**kwargs):
+    return lambda spec: StepsExecutor(UniprocExecutor(spec), **kwargs)
 
 
 def test_one_eos_set_for_min_tokens_and_stopping(tmp_path):
@@ -85,28 +92,20 @@ def test_one_eos_set_for_min_tokens_and_stopping(tmp_path):
     llm = LLM(str(folder), block_size=4, num_kv_blocks=64)
     assert llm.engine.eos_token_ids == {0, 2, 5}
     for eos in (2, 5):
-        _force_logits(llm, favourite=eos, runner_up=7)
-        [out] = llm.generate(
-            [[9, 10, 11]], SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3), use_tqdm=False
-        )
+        # the model prefers eos, then 7, whatever it computes: EOS is masked below min_tokens, then stops
+        params = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3, logit_bias={eos: 100, 7: 50})
+        [out] = llm.generate([[9, 10, 11]], params, use_tqdm=False)
         assert out.outputs[0].token_ids == [7, 7, 7, eos] and out.outputs[0].finish_reason == "stop"
 
 
 def test_generate_ignores_other_requests_and_cleans_up_when_interrupted(tiny_llama):
-    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64)
+    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64, executor_factory=steps_executor())
     other = llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True))
     [out] = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 5
     assert other not in llm.engine.output_processor.requests  # it finished on the way
-    real_step = llm.engine.step
-    calls = iter(range(3))
-
-    def interrupted_step():
-        if next(calls, None) is None:
-            raise KeyboardInterrupt
-        return real_step()
-
-    llm.engine.step = interrupted_step
+    executor = llm.engine.executor
+    executor.error, executor.fail_at = KeyboardInterrupt(), executor.steps + 4
     with pytest.raises(KeyboardInterrupt):
         llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
@@ -117,18 +116,19 @@ def test_failed_forward_pass_aborts_in_flight_work_and_forgets_the_prefix_cache(
     prompt, params = list(range(10, 23)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64)
     [expected] = llm.generate([prompt], params, use_tqdm=False)
-    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=64)
-    engine, real_run = llm.engine, llm.engine.runner.run
-
-    def failing_run(scheduled):
-        raise RuntimeError("device lost")
-
-    engine.runner.run = failing_run
-    engine.add_request(prompt, params)
+    llm = LLM(
+        tiny_llama,
+        block_size=4,
+        num_kv_blocks=64,
+        executor_factory=steps_executor(error=RuntimeError("device lost")),
+    )
+    engine = llm.engine
+    request_id = engine.add_request(prompt, params)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.step()
     assert not engine.has_unfinished_requests() and engine.block_manager.cached_blocks == {}
-    engine.runner.run = real_run
+    assert engine.abort_request(request_id) is None  # already aborted, with the rest
+    engine.executor.error = None
     [again] = llm.generate([prompt], params, use_tqdm=False)
     assert again.outputs[0].token_ids == expected.outputs[0].token_ids and again.num_cached_tokens == 0
 

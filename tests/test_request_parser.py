@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParamsError
-from pagetron.backend.engine.llm_engine import InvalidRequestError
 from pagetron.backend.serving.request_parser import parse_request
 
 

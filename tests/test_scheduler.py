@@ -1,10 +1,12 @@
 """Scheduler: exact batches, chunking, admission limits and preemption order (no model involved)."""
 
+import pytest
+
 from pagetron.backend.core.block_manager import BlockManager
 from pagetron.backend.core.sampling_params import SamplingParams
-from pagetron.backend.core.scheduler import Scheduler
+from pagetron.backend.core.scheduler import Scheduler, SchedulerStuck
 from pagetron.backend.core.sequence import Sequence, SequenceStatus
-from pagetron.backend.model.sampler import SamplerOutput
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 
 EOS = 2
 
@@ -29,13 +31,19 @@ def seq(n_tokens, start=10, **params):
     return Sequence(list(range(start, start + n_tokens)), SamplingParams(**{"max_tokens": 50, **params}))
 
 
+def sampled(token: int, rows: int) -> RunnerOutput:
+    return RunnerOutput([token] * rows, [0.0] * rows, [None] * rows)
+
+
 def step(sched, token=7):
-    """One engine step with a fake runner that always samples ``token``."""
+    """One engine step with a fake executor that always samples ``token``."""
     batch = sched.schedule()
-    sampled = [s for s, n in batch.scheduled if s.num_computed_tokens + n == s.num_tokens]
-    out = SamplerOutput([token] * len(sampled), [0.0] * len(sampled), [None] * len(sampled))
-    updates = sched.postprocess(batch, sampled, out)
+    updates = sched.update(batch, sampled(token, len(batch.sample_indices)))
     return batch, updates
+
+
+def entries(batch: SchedulerOutput) -> list[tuple[Sequence, int]]:
+    return list(zip(batch.seqs, batch.num_new_tokens))
 
 
 def test_chunked_prefill_splits_a_long_prompt_over_steps():
@@ -45,7 +53,7 @@ def test_chunked_prefill_splits_a_long_prompt_over_steps():
     sizes = []
     for _ in range(3):
         batch, updates = step(sched)
-        sizes.append([(s.seq_id, n) for s, n in batch.scheduled])
+        sizes.append([(s.seq_id, n) for s, n in entries(batch)])
         assert [u.seq for u in updates] == ([a] if len(sizes) == 3 else [])
     assert sizes == [[(a.seq_id, 8)], [(a.seq_id, 8)], [(a.seq_id, 4)]]
     assert a.block_table == [0, 1, 2, 3, 4]
@@ -59,9 +67,9 @@ def test_running_first_then_waiting_within_the_token_budget():
         sched.add(s)
     batch, _ = step(sched)
     # a fits whole, b gets the remaining 4 tokens (chunked), c waits
-    assert [(s, n) for s, n in batch.scheduled] == [(a, 6), (b, 4)]
+    assert [(s, n) for s, n in entries(batch)] == [(a, 6), (b, 4)]
     batch, _ = step(sched)
-    assert [(s, n) for s, n in batch.scheduled] == [(a, 1), (b, 2), (c, 3)]
+    assert [(s, n) for s, n in entries(batch)] == [(a, 1), (b, 2), (c, 3)]
     assert [s.num_output_tokens for s in (a, b, c)] == [2, 1, 1]
 
 
@@ -71,9 +79,9 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_whole_budget():
     sched.add(a)
     sched.add(b)
     batch, _ = step(sched)
-    assert batch.scheduled == [(a, 6)]
+    assert entries(batch) == [(a, 6)]
     batch, _ = step(sched)
-    assert batch.scheduled == [(a, 1), (b, 6)]
+    assert entries(batch) == [(a, 1), (b, 6)]
 
 
 def test_max_num_seqs_caps_the_running_set():
@@ -82,7 +90,7 @@ def test_max_num_seqs_caps_the_running_set():
     for s in seqs:
         sched.add(s)
     batch, _ = step(sched)
-    assert [s for s, _ in batch.scheduled] == seqs[:2]
+    assert [s for s, _ in entries(batch)] == seqs[:2]
     assert list(sched.waiting) == [seqs[2]]
 
 
@@ -98,7 +106,7 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
     assert batch.preempted == []
     batch, updates = step(sched)  # position 8 needs a third block: b is preempted, its blocks freed
     assert batch.preempted == [b]
-    assert batch.scheduled == [(a, 1)]
+    assert entries(batch) == [(a, 1)]
     assert a.block_table == [0, 1, 3]  # b freed [2, 3] in reverse order, so 3 came back first
     assert b.status == SequenceStatus.WAITING and b.block_table == [] and b.num_computed_tokens == 0
     assert list(sched.waiting) == [b] and sched.num_preemptions == 1
@@ -116,7 +124,7 @@ def test_preempted_sequence_resumes_with_prompt_and_output_recomputed():
         step(sched)
     assert a.is_finished and a.finish_reason == "length" and a.block_table == []
     batch, _ = step(sched)  # b comes back: its first block is still cached, the other 5 tokens are recomputed
-    assert batch.scheduled == [(b, 5)]
+    assert entries(batch) == [(b, 5)]
     assert b.num_cached_tokens == 4 and b.block_table[0] == 2
     assert b.num_output_tokens == 4
 
@@ -130,25 +138,56 @@ def test_finish_reasons_eos_stop_token_min_tokens_and_max_model_len():
     for s in (a, b, c, d):
         sched.add(s)
     _, updates = step(sched, token=7)
-    assert [(u.seq, u.finished) for u in updates] == [(a, False), (b, True), (c, False), (d, False)]
+    assert [(u.seq, u.seq.is_finished) for u in updates] == [(a, False), (b, True), (c, False), (d, False)]
     assert (b.finish_reason, b.stop_reason) == ("stop", 7)
     _, updates = step(sched, token=EOS)
-    assert [(u.seq, u.finished) for u in updates] == [(a, True), (c, True), (d, False)]
+    assert [(u.seq, u.seq.is_finished) for u in updates] == [(a, True), (c, True), (d, False)]
     assert a.finish_reason == c.finish_reason == "stop"
     for _ in range(3):
         step(sched, token=EOS)
     assert d.finish_reason == "length" and d.num_tokens == 9  # max_model_len
 
 
-def test_finish_from_outside_frees_blocks_and_drops_late_samples():
+def test_abort_frees_blocks_and_drops_late_samples():
     sched = make_scheduler()
     a = seq(5)
     sched.add(a)
     batch = sched.schedule()
-    sched.finish(a, "abort")
-    assert sched.block_manager.num_free_blocks == 16
-    updates = sched.postprocess(batch, [a], SamplerOutput([7], [0.0], [None]))
+    sched.abort([a])
+    assert a.finish_reason == "abort" and sched.block_manager.num_free_blocks == 16
+    updates = sched.update(batch, sampled(7, 1))
     assert updates == [] and a.output_token_ids == [] and not sched.has_unfinished()
+    assert sched.schedule().finished_seq_ids == [a.seq_id]  # told to the executor once
+    assert sched.schedule().finished_seq_ids == []
+
+
+def test_rows_put_decodes_first_and_sample_only_chunks_that_reach_the_last_token():
+    sched = make_scheduler(budget=12)
+    a, b = seq(3), seq(20, start=40)
+    sched.add(a)
+    sched.add(b)
+    batch, _ = step(sched)  # a whole (3), b's first chunk (9 of 20)
+    assert entries(batch) == [(a, 3), (b, 9)] and batch.num_decodes == 0 and batch.sample_indices == [0]
+    batch, _ = step(sched)  # a decodes one token, b continues with 11 of its remaining 11
+    assert entries(batch) == [(a, 1), (b, 11)]
+    assert batch.num_decodes == 1 and batch.sample_indices == [0, 1] and batch.num_tokens == 12
+    assert a.output_token_ids == [7, 7] and b.output_token_ids == [7]
+
+
+def test_a_one_token_chunk_is_laid_out_as_a_decode_row():
+    sched = make_scheduler(budget=4)
+    a, b = seq(3), seq(6, start=40)
+    sched.add(a)
+    sched.add(b)
+    batch, _ = step(sched)  # a (3) and b's first token
+    assert entries(batch) == [(b, 1), (a, 3)] and batch.num_decodes == 1 and batch.sample_indices == [1]
+
+
+def test_a_request_larger_than_the_idle_cache_is_reported_not_spun_on():
+    sched = make_scheduler(num_blocks=2, block_size=4)
+    sched.add(seq(12))
+    with pytest.raises(SchedulerStuck):
+        sched.schedule()
 
 
 def test_growth_reservation_holds_a_request_back_instead_of_preempting_later():
@@ -161,9 +200,9 @@ def test_growth_reservation_holds_a_request_back_instead_of_preempting_later():
         batch, _ = step(sched)
         if reserve:
             # a is admitted into an idle engine; b would leave 4 free blocks for 3 + 3 of expected growth
-            assert batch.scheduled == [(a, 4)] and list(sched.waiting) == [b]
+            assert entries(batch) == [(a, 4)] and list(sched.waiting) == [b]
         else:
-            assert batch.scheduled == [(a, 4), (b, 4)]
+            assert entries(batch) == [(a, 4), (b, 4)]
         while sched.has_unfinished():
             step(sched)
         assert a.num_output_tokens == b.num_output_tokens == 12
@@ -177,7 +216,7 @@ def test_growth_ratio_is_the_share_of_max_tokens_recent_finishes_used():
     for s in (a, b, c):
         sched.add(s)
     step(sched)  # one token each
-    sched.finish(c, "abort")  # aborts say nothing about how long outputs run
+    sched.abort([c])  # aborts say nothing about how long outputs run
     step(sched, token=EOS)  # a stops after 2 of 8 tokens, b after 2 of 4
     assert a.finish_reason == b.finish_reason == "stop"
     assert sched.growth_ratio == (2 / 8 + 2 / 4) / 2
@@ -194,4 +233,4 @@ def test_learned_growth_ratio_admits_more_when_requests_stop_early():
     sched.add(b)
     batch, _ = step(sched)
     # each may grow to 32 tokens = 8 blocks, but at 1/28 each reserves ceil(7 / 28) = 1 block
-    assert batch.scheduled == [(a, 4), (b, 4)]
+    assert entries(batch) == [(a, 4), (b, 4)]

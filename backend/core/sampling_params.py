@@ -15,6 +15,7 @@ from typing import Any
 
 MAX_N = 64
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # |bias| bound, as OpenAI's API sets it
 MAX_SEED = 2**63 - 1  # seeds must be >= 0; Sequence seeds its generator with seed + index
 _GREEDY_EPS = 1e-5
 
@@ -28,7 +29,7 @@ _FLOAT_FIELDS = {
     "repetition_penalty",
 }
 _BOOL_FIELDS = {"ignore_eos", "skip_special_tokens", "include_stop_str_in_output"}
-_OPTIONAL_FIELDS = {"seed", "max_tokens", "stop", "stop_token_ids", "logprobs", "lora_name"}
+_OPTIONAL_FIELDS = {"seed", "max_tokens", "stop", "stop_token_ids", "logprobs", "lora_name", "logit_bias"}
 
 
 class SamplingParamsError(ValueError):
@@ -59,6 +60,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     lora_name: str | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -123,6 +125,21 @@ class SamplingParams:
             for t in self.stop_token_ids:
                 _check_int("stop_token_ids", t)
                 _require("stop_token_ids", t >= 0, f"entries must be >= 0, got {t}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise SamplingParamsError("logit_bias", "must be an object of token id -> bias")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                _check_int("logit_bias", token)
+                _require("logit_bias", token >= 0, f"token ids must be >= 0, got {token}")
+                value = _check_float("logit_bias", value)
+                _require(
+                    "logit_bias",
+                    abs(value) <= MAX_LOGIT_BIAS,
+                    f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value} for {token}",
+                )
+                bias[token] = value
+            self.logit_bias = bias
 
     @property
     def greedy(self) -> bool:
@@ -179,13 +196,21 @@ def _coerce(key: str, value: Any) -> Any:
         raise SamplingParamsError(key, f"must be true or false, got {value!r}")
     if key in _INT_FIELDS:
         return _to_int(key, value)
-    if key in _FLOAT_FIELDS and isinstance(value, str):
+    if key in _FLOAT_FIELDS:
+        return _to_float(key, value)
+    if key == "stop_token_ids" and isinstance(value, (list, tuple)):
+        return [_to_int(key, v) for v in value]
+    if key == "logit_bias" and isinstance(value, Mapping):  # JSON object keys are strings
+        return {_to_int(key, k): _to_float(key, v) for k, v in value.items()}
+    return value
+
+
+def _to_float(key: str, value: Any) -> Any:
+    if isinstance(value, str):
         try:
             return float(value.strip())
         except ValueError:
             raise SamplingParamsError(key, f"must be a number, got {value!r}") from None
-    if key == "stop_token_ids" and isinstance(value, (list, tuple)):
-        return [_to_int(key, v) for v in value]
     return value
 
 

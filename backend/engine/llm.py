@@ -8,9 +8,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams
 from pagetron.backend.engine.chat_template import encode_chat
-from pagetron.backend.engine.llm_engine import InvalidRequestError, LLMEngine, PromptType
+from pagetron.backend.engine.llm_engine import LLMEngine, PromptType
 from pagetron.backend.engine.output_processor import OutputKind
 from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.executor.executor import ExecutorFactory

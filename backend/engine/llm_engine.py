@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]  # dict: {"prompt"}, {"prompt_token_ids"} or {"messages"}
 
-__all__ = ["InvalidRequestError", "LLMEngine", "PromptType"]
+__all__ = ["LLMEngine", "PromptType"]
 
 
 class LLMEngine:
@@ -153,6 +153,8 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, more than "
                 f"max_model_len {self.max_model_len} allows; at most {self.max_model_len - len(ids)} fit",
             )
+        if params.logit_bias:
+            self._check_token_ids("logit_bias", sorted(params.logit_bias))
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError(
                 "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"

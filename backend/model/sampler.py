@@ -33,6 +33,7 @@ class Sampler:
         params = [seq.sampling_params for seq in seqs]
         logits = logits.to(torch.float32, copy=True)  # modified in place below
         raw_logprobs = torch.log_softmax(logits, dim=-1)
+        _apply_logit_bias(logits, params)
         self._mask_stop_tokens_below_min_tokens(logits, seqs)
         _apply_penalties(logits, seqs)
         token_ids = self._sample(logits, seqs)
@@ -104,6 +105,20 @@ class Sampler:
             gen.manual_seed(self.seed)
             self._generators[(device, scratch)] = gen
         return gen
+
+
+def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    rows, cols, values = [], [], []
+    for i, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            if token_id < logits.shape[1]:
+                rows.append(i)
+                cols.append(token_id)
+                values.append(bias)
+    if rows:
+        device = logits.device
+        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+        logits.index_put_(index, torch.tensor(values, device=device), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:

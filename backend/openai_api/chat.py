@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pagetron.backend.engine.chat_template import validate_messages
-from pagetron.backend.engine.llm_engine import InvalidRequestError
+from pagetron.backend.core.chat_messages import validate_messages
+from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.openai_api.errors import bad_request
 from pagetron.backend.openai_api.logprobs import chat_logprobs
 from pagetron.backend.openai_api.protocol import ChatCompletionRequest

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pagetron.backend.core.chat_messages import utf8_problem
 from pagetron.backend.core.sampling_params import MAX_N
-from pagetron.backend.engine.chat_template import utf8_problem
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # what the int32 input_ids tensor can carry

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pagetron.backend.core.errors import AT_CAPACITY
+from pagetron.backend.core.errors import AT_CAPACITY, InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParamsError
-from pagetron.backend.engine.llm_engine import InvalidRequestError, LLMEngine
+from pagetron.backend.engine.llm_engine import LLMEngine
 from pagetron.backend.engine.output_processor import OutputKind
 from pagetron.backend.engine.outputs import RequestOutput
+from pagetron.backend.serving.constants import DRAIN_DONE_SUFFIX, ErrorCode
 from pagetron.backend.serving.request_parser import ParsedRequest
 from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.step_stats import StepStats, StepStatsCollector
@@ -33,13 +34,6 @@ CANCEL_SWEEP_INTERVAL_S = 0.1
 # switch interval, 5 ms by default, so at hundreds of streams the output thread fell seconds behind.
 # The serving process belongs to the engine, so it shortens the interval for everyone in it.
 GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-class ErrorCode:
-    INVALID_ARG = "INVALID_ARG"
-    UNAVAILABLE = "UNAVAILABLE"
-    CANCELLED = "CANCELLED"
-    INTERNAL = "INTERNAL"
 
 
 class ResponseSink(Protocol):
@@ -360,6 +354,7 @@ class AsyncEngine:
         if self.num_live_requests() and now >= self._drain_deadline:
             self._inbox.put(("abort_all", "the server is shutting down"))
             self._fail_all("the server is shutting down", ErrorCode.UNAVAILABLE)
-        if not self.num_live_requests() and not os.path.exists(self.drain_file + ".done"):
-            with open(self.drain_file + ".done", "w") as f:
+        done = self.drain_file + DRAIN_DONE_SUFFIX
+        if not self.num_live_requests() and not os.path.exists(done):
+            with open(done, "w") as f:
                 f.write("drained\n")

@@ -15,9 +15,10 @@ import threading
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.executor import Executor, ExecutorFactory, ExecutorWrapper, UniprocExecutor
 from pagetron.backend.executor.spec import ModelSpec
+from pagetron.backend.serving.constants import FAULT_ENV
 
 logger = logging.getLogger(__name__)
-ENV_VAR = "PAGETRON_FAULT"
+ENV_VAR = FAULT_ENV
 KINDS = ("raise-after", "hang-after")
 
 

@@ -11,24 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from pagetron.backend.core.chat_messages import validate_messages
+from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
-from pagetron.backend.engine.chat_template import validate_messages
-from pagetron.backend.engine.llm_engine import InvalidRequestError
+from pagetron.backend.serving.schema import BOOL_INPUT_NAMES, PROMPT_INPUT_NAMES
 
-BOOL_INPUTS = (
-    "stream",
-    "exclude_input_in_output",
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-)
 # HTTP generate turns every JSON key that is not an input into a parameter; these are not sampling keys
 _NON_SAMPLING_PARAMETERS = {"triton_enable_empty_final_response", "sequence_id", "priority", "timeout"}
-
-
-PROMPT_INPUTS = ("text_input", "input_ids", "messages")
 
 
 @dataclass
@@ -47,7 +36,7 @@ class ParsedRequest:
 def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None = None) -> ParsedRequest:
     """Raises InvalidRequestError / SamplingParamsError naming the offending input or key."""
     prompt = _prompt(inputs)
-    flags = {name: _bool(inputs, name) for name in BOOL_INPUTS if name in inputs}
+    flags = {name: _bool(inputs, name) for name in BOOL_INPUT_NAMES if name in inputs}
     params = _sampling_params(inputs, parameters)
     wants_logprobs = flags.get("return_logprobs") or flags.get("return_cumulative_logprob")
     if wants_logprobs and params.logprobs is None:
@@ -56,7 +45,7 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None =
 
 
 def _prompt(inputs: dict[str, np.ndarray]) -> str | list[int] | dict:
-    given = [name for name in PROMPT_INPUTS if name in inputs]
+    given = [name for name in PROMPT_INPUT_NAMES if name in inputs]
     if len(given) != 1:
         raise InvalidRequestError(
             given[1] if given else "text_input",

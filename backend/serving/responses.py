@@ -1,4 +1,4 @@
-"""Output tensors of one response, named and typed like Triton's vLLM backend (plus output_ids)."""
+"""Output tensors of one response, named and typed by serving/schema.py (Triton's vLLM-backend names)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 
 from pagetron.backend.engine.outputs import CompletionOutput, RequestOutput
 from pagetron.backend.serving.request_parser import ParsedRequest
+from pagetron.backend.serving.schema import OUTPUTS_BY_NAME
 
 
 class ResponseBuilder:
@@ -39,23 +40,21 @@ class ResponseBuilder:
         if not parsed.stream and not parsed.exclude_input_in_output:
             prompt = out.prompt if out.prompt is not None else self._decode(out.prompt_token_ids)
             texts = [prompt + t for t in texts]
-        tensors = {
-            "text_output": np.array([t.encode("utf-8") for t in texts], dtype=np.object_),
-            "output_ids": np.array([t for o in outputs for t in o.token_ids], dtype=np.int32),
+        values: dict[str, list] = {
+            "text_output": [t.encode("utf-8") for t in texts],
+            "output_ids": [t for o in outputs for t in o.token_ids],
         }
         if parsed.return_finish_reason:
-            reasons = [(o.finish_reason or "").encode() for o in outputs]
-            tensors["finish_reason"] = np.array(reasons, dtype=np.object_)
+            values["finish_reason"] = [(o.finish_reason or "").encode() for o in outputs]
         if parsed.return_cumulative_logprob:
-            values = [o.cumulative_logprob or 0.0 for o in outputs]
-            tensors["cumulative_logprob"] = np.array(values, dtype=np.float32)
+            values["cumulative_logprob"] = [o.cumulative_logprob or 0.0 for o in outputs]
         if parsed.return_logprobs:
-            tensors["logprobs"] = np.array([_logprobs_json(o).encode() for o in outputs], dtype=np.object_)
+            values["logprobs"] = [_logprobs_json(o).encode() for o in outputs]
         if parsed.return_num_input_tokens:
-            tensors["num_input_tokens"] = np.array([len(out.prompt_token_ids)], dtype=np.uint32)
+            values["num_input_tokens"] = [len(out.prompt_token_ids)]
         if parsed.return_num_output_tokens:
-            tensors["num_output_tokens"] = np.array([len(o.token_ids) for o in outputs], dtype=np.uint32)
-        return tensors
+            values["num_output_tokens"] = [len(o.token_ids) for o in outputs]
+        return {name: np.array(v, dtype=OUTPUTS_BY_NAME[name].numpy_dtype) for name, v in values.items()}
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""

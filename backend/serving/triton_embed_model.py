@@ -13,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pagetron.backend.embeddings import InvalidInputError, SentenceEncoder
-from pagetron.backend.serving.triton_model import tagged
+from pagetron.backend.serving.constants import tag_error
 
 WARMUP_TEXT = "Pagetron warms up its sentence encoder."
 
@@ -75,7 +75,7 @@ class TritonPythonModel:
 
 
 def _error(message: str, code: str) -> pb_utils.TritonError:
-    return pb_utils.TritonError(tagged(message, code), getattr(pb_utils.TritonError, code))
+    return pb_utils.TritonError(tag_error(message, code), getattr(pb_utils.TritonError, code))
 
 
 def _request_inputs(request) -> list[str | list[int]]:

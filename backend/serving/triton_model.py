@@ -1,7 +1,9 @@
 """Pagetron as a decoupled Triton Python-backend model (model_repository/llm/1/model.py re-exports this).
 
-initialize() builds the engine from engine_args.json next to model.py and warms it up (a real one-token
-generation) before the model may report READY; execute() validates and queues, returning at once.
+auto_complete_config() declares the tensors of serving/schema.py and the decoupled policy (config.pbtxt
+lists none, as with Triton's vLLM backend); initialize() builds the engine from engine_args.json next to
+model.py and warms it up (a real one-token generation) before the model may report READY; execute()
+validates and queues, returning at once.
 """
 
 from __future__ import annotations
@@ -15,23 +17,18 @@ import uuid
 import triton_python_backend_utils as pb_utils
 
 from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
-from pagetron.backend.engine.llm_engine import InvalidRequestError, LLMEngine
+from pagetron.backend.engine.llm_engine import LLMEngine
 from pagetron.backend.engine.outputs import RequestOutput
-from pagetron.backend.serving.async_engine import AsyncEngine, ErrorCode, ResponseSink
+from pagetron.backend.serving import schema
+from pagetron.backend.serving.async_engine import AsyncEngine, ResponseSink
+from pagetron.backend.serving.constants import DRAIN_FILE, ENGINE_ARGS_FILE, ErrorCode, tag_error
 from pagetron.backend.serving.fault_injection import fault_injection_factory
-from pagetron.backend.serving.request_parser import (
-    BOOL_INPUTS,
-    PROMPT_INPUTS,
-    ParsedRequest,
-    parse_request,
-)
+from pagetron.backend.serving.request_parser import ParsedRequest, parse_request
 from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.triton_metrics import TritonMetrics
 
-ENGINE_ARGS_FILE = "engine_args.json"
-DRAIN_FILE = "DRAINING"  # created in the model's folder by the launcher before it stops the server
-INPUT_NAMES = (*PROMPT_INPUTS, "sampling_parameters", *BOOL_INPUTS)
 WARMUP_TIMEOUT_S = 600.0
 
 
@@ -78,7 +75,7 @@ class TritonSink(ResponseSink):
             self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def send_error(self, message: str, code: str) -> None:
-        error = pb_utils.TritonError(tagged(message, code), _triton_error_code(code))
+        error = pb_utils.TritonError(tag_error(message, code), _triton_error_code(code))
         with self._lock:
             self._closed = True
             self.sender.send(
@@ -87,6 +84,18 @@ class TritonSink(ResponseSink):
 
 
 class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        """The tensors of the schema and the decoupled policy; a config.pbtxt that names a tensor must
+        agree with the schema on its type and dims (Triton checks)."""
+        for tensor in schema.INPUTS:
+            auto_complete_model_config.add_input(tensor.model_config(is_input=True))
+        for tensor in schema.OUTPUTS:
+            auto_complete_model_config.add_output(tensor.model_config(is_input=False))
+        auto_complete_model_config.set_model_transaction_policy({"decoupled": True})
+        auto_complete_model_config.set_max_batch_size(0)
+        return auto_complete_model_config
+
     def initialize(self, args: dict) -> None:
         logging.getLogger("pagetron").addHandler(_TritonLogHandler())
         logging.getLogger("pagetron").setLevel(logging.INFO)
@@ -150,13 +159,15 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 inputs = {}
-                for name in INPUT_NAMES:
+                for name in schema.INPUT_NAMES:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         inputs[name] = tensor.as_numpy()
                 parsed = parse_request(inputs, request.parameters())
             except (InvalidRequestError, SamplingParamsError) as e:
-                error = pb_utils.TritonError(tagged(str(e), "INVALID_ARG"), pb_utils.TritonError.INVALID_ARG)
+                error = pb_utils.TritonError(
+                    tag_error(str(e), ErrorCode.INVALID_ARG), pb_utils.TritonError.INVALID_ARG
+                )
                 sender.send(
                     pb_utils.InferenceResponse(error=error),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
@@ -207,22 +218,9 @@ def _queue_limit(value: str) -> int | None:
     return limit
 
 
-def tagged(message: str, code: str) -> str:
-    """'[CODE] message'. NOTE: a gRPC stream delivers only an error's message unless the client sends
-    the triton_grpc_error header, and with that header tritonserver 2.51 segfaults after a run of
-    error-ended streams (seen under fuzzing). So the code travels in the message; pagetron.client reads
-    it back."""
-    return f"[{code}] {message}"
-
-
 def _triton_error_code(code: str) -> int:
     # pb_utils gets its C++ attributes only after model.py is imported: look them up lazily
-    return {
-        ErrorCode.INVALID_ARG: pb_utils.TritonError.INVALID_ARG,
-        ErrorCode.UNAVAILABLE: pb_utils.TritonError.UNAVAILABLE,
-        ErrorCode.CANCELLED: pb_utils.TritonError.CANCELLED,
-        ErrorCode.INTERNAL: pb_utils.TritonError.INTERNAL,
-    }[code]
+    return getattr(pb_utils.TritonError, code)
 
 
 def _optional_metrics(model_name: str, version: str, max_model_len: int) -> TritonMetrics | None:
