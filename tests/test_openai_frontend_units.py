@@ -3,14 +3,13 @@ restarts a frontend that keeps dying."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from starlette.testclient import TestClient
 
-from pagetron.backend.cli.serve import OpenAIFrontend
 from pagetron.backend.openai_api.app import FrontendSettings, create_app
+from pagetron.backend.serving.supervisor import OpenAIFrontend
 from pagetron.client.errors import TritonRequestError
 
 
@@ -45,8 +44,7 @@ def test_health_is_busy_not_unhealthy_when_the_queue_is_full():
 
 
 def test_a_frontend_that_dies_at_once_is_restarted_ever_more_slowly(capsys):
-    ns = argparse.Namespace(host="127.0.0.1", openai_port=1, api_key=None)
-    frontend = OpenAIFrontend(ns, "127.0.0.1:1")
+    frontend = OpenAIFrontend("127.0.0.1:1", port=1)
     frontend.command = [sys.executable, "-c", "raise SystemExit(3)"]
     starts, delays = 0, []
     deadline = time.monotonic() + 30  # the delays alone are 1 + 2 + 4 s

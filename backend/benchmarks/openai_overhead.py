@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from pagetron.backend.cli import engine_args
-from pagetron.backend.cli.openai import frontend_command, stop_frontend, wait_listening
+from pagetron.backend.serving.supervisor import frontend_command, stop_frontend, wait_listening
 from pagetron.client.bench_openai import OverheadConfig, format_overhead, measure_overhead
 
 

@@ -9,22 +9,19 @@ import sys
 from typing import Any
 
 from pagetron.backend.core.config import EngineConfig
-
-_ENGINE_FLAG_TYPES = {"str": str, "int": int, "float": float}
+from pagetron.backend.core.fields import field_types
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field (--max-model-len, --enable-prefix-caching/--no-..., ...)."""
     group = parser.add_argument_group("engine arguments")
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        base = f.type.split("|")[0].strip()
-        if base == "bool":
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+    for name, ftype in field_types(EngineConfig).items():
+        flag = "--" + name.replace("_", "-")
+        if ftype.base is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            group.add_argument(
-                flag, dest=f.name, type=_ENGINE_FLAG_TYPES[base], default=None, metavar=base.upper()
-            )
+            metavar = ftype.base.__name__.upper()
+            group.add_argument(flag, dest=name, type=ftype.base, default=None, metavar=metavar)
 
 
 def engine_args(ns: argparse.Namespace) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pagetron.backend.core.fields import field_types
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -81,19 +83,16 @@ class EngineConfig:
             )
 
     def _check_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = _TYPES[f.name]
-            if value is None and "None" in f.type:
+        for name, ftype in field_types(EngineConfig).items():
+            value, expected = getattr(self, name), ftype.base
+            if value is None and ftype.optional:
                 continue
             ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
+                setattr(self, name, float(value))
                 ok = True
             if not ok:
-                raise ConfigError(
-                    f.name, f"expected {expected.__name__}, got {type(value).__name__} {value!r}"
-                )
+                raise ConfigError(name, f"expected {expected.__name__}, got {type(value).__name__} {value!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineConfig:
@@ -113,29 +112,6 @@ class EngineConfig:
         if not isinstance(data, dict):
             raise ConfigError("<file>", f"{path} must hold a JSON object")
         return cls.from_dict(data)
-
-
-_TYPES: dict[str, type] = {
-    "model": str,
-    "tokenizer": str,
-    "load_format": str,
-    "dtype": str,
-    "device": str,
-    "seed": int,
-    "block_size": int,
-    "max_model_len": int,
-    "max_num_seqs": int,
-    "max_num_batched_tokens": int,
-    "enable_chunked_prefill": bool,
-    "enable_prefix_caching": bool,
-    "reserve_kv_for_growth": bool,
-    "kv_cache_dtype": str,
-    "num_kv_blocks": int,
-    "kv_cache_memory_gb": float,
-    "gpu_memory_utilization": float,
-    "enforce_eager": bool,
-    "attention_backend": str,
-}
 
 
 def _positive(cfg: EngineConfig, *keys: str) -> None:

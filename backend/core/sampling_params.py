@@ -13,23 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pagetron.backend.core.fields import field_types
+
 MAX_N = 64
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # |bias| bound, as OpenAI's API sets it
 MAX_SEED = 2**63 - 1  # seeds must be >= 0; Sequence seeds its generator with seed + index
 _GREEDY_EPS = 1e-5
-
-_INT_FIELDS = {"n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs"}
-_FLOAT_FIELDS = {
-    "temperature",
-    "top_p",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-}
-_BOOL_FIELDS = {"ignore_eos", "skip_special_tokens", "include_stop_str_in_output"}
-_OPTIONAL_FIELDS = {"seed", "max_tokens", "stop", "stop_token_ids", "logprobs", "lora_name", "logit_bias"}
 
 
 class SamplingParamsError(ValueError):
@@ -63,7 +53,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # the field sets are read from the annotations (below)
             value = getattr(self, f.name)
             if value is None:
                 if f.name not in _OPTIONAL_FIELDS:
@@ -164,6 +154,13 @@ class SamplingParams:
         except (ValueError, TypeError) as e:
             raise SamplingParamsError("<root>", f"not valid JSON: {e}") from None
         return cls.from_dict(data)
+
+
+_TYPES = field_types(SamplingParams)
+_INT_FIELDS = {name for name, t in _TYPES.items() if t.base is int}
+_FLOAT_FIELDS = {name for name, t in _TYPES.items() if t.base is float}
+_BOOL_FIELDS = {name for name, t in _TYPES.items() if t.base is bool}
+_OPTIONAL_FIELDS = {name for name, t in _TYPES.items() if t.optional}
 
 
 def _require(field: str, ok: bool, message: str) -> None:

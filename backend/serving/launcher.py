@@ -7,9 +7,12 @@ wheel's libtriton_python.so, its utils module and the stub that matches this Pyt
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,20 +22,23 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pagetron.backend.model.loader import pagetron_cache_dir
+from pagetron.backend.serving.constants import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE_ENV,
+    DRAIN_DONE_SUFFIX,
+    DRAIN_FILE,
+    ENGINE_ARGS_FILE,
+    MODEL_NAME,
+    RESTRICTED_APIS,
+    STUB_SITE_ENV,
+)
 
 REPO_TEMPLATE = Path(__file__).resolve().parents[2] / "model_repository"
-MODEL_NAME = "llm"
-EMBED_MODEL_NAME = "embed"
-# Triton APIs that change what the server runs or lets clients map memory; each request to them must
-# carry ADMIN_HEADER with the admin key (Triton's restricted-API options, on HTTP and gRPC alike).
-RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
-ADMIN_HEADER = "admin-key"
-ADMIN_KEY_ENV = "PAGETRON_ADMIN_KEY"
-ADMIN_KEY_FILE_ENV = "PAGETRON_ADMIN_KEY_FILE"
 
 
 class LaunchError(RuntimeError):
@@ -65,9 +71,6 @@ def build_backend_dir(dest: Path) -> Path:
             link.unlink()
         link.symlink_to(source)
     return dest
-
-
-STUB_SITE_ENV = "PAGETRON_STUB_SITE_PACKAGES"  # folders the stub imports from first (os.pathsep-separated)
 
 
 def stub_python_bin(dest: Path) -> Path:
@@ -143,7 +146,7 @@ def prepare_model_repository(
     dest.mkdir(parents=True)
     for model in models:
         shutil.copytree(REPO_TEMPLATE / model, dest / model, ignore=shutil.ignore_patterns("__pycache__"))
-    args_file = dest / MODEL_NAME / "1" / "engine_args.json"
+    args_file = dest / MODEL_NAME / "1" / ENGINE_ARGS_FILE
     merged = {**json.loads(args_file.read_text()), **engine_args}
     for key in ("model", "tokenizer"):  # the stub runs elsewhere: a relative path must not change meaning
         if isinstance(merged.get(key), str) and Path(merged[key]).exists():
@@ -190,6 +193,182 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortInUseError(LaunchError):
+    pass
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Raises PortInUseError naming every port of ``ports`` (label -> port) that ``host`` cannot bind,
+    and the process holding it where /proc tells. Binds as servers do (SO_REUSEADDR), so a port left in
+    TIME_WAIT by a server that just stopped counts as free."""
+    seen: dict[int, str] = {}
+    for label, port in ports.items():
+        if port in seen:
+            raise PortInUseError(f"{seen[port]} and {label} are the same port, {port}")
+        seen[port] = label
+    problems = []
+    for label, port in ports.items():
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as e:
+            if getattr(e, "errno", None) == errno.EADDRINUSE:
+                problems.append(f"port {port} for {label} is already in use{port_holder_text(port)}")
+            else:
+                problems.append(f"cannot bind {host}:{port} for {label}: {e}")
+    if problems:
+        raise PortInUseError("; ".join(problems))
+
+
+def listening_socket_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets (IPv4 and IPv6) listening on, or bound to, ``port`` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN, 07 a socket bound but not listening
+            if len(fields) > 9 and fields[3] in ("0A", "07") and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                if fields[9] != "0":
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes_of(pid: int | str) -> set[int]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone, or another user's
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on ``port`` (True where /proc cannot tell)."""
+    if not os.path.exists("/proc/net/tcp"):
+        return True
+    return bool(listening_socket_inodes(port) & _socket_inodes_of(pid))
+
+
+def port_holders(port: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes holding a socket listening on ``port``, where /proc shows
+    them (another user's processes are not shown)."""
+    inodes = listening_socket_inodes(port)
+    holders = []
+    if not inodes:
+        return holders
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and inodes & _socket_inodes_of(entry):
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            holders.append(
+                (int(entry), _redact(" ".join(cmdline.decode(errors="replace").replace("\0", " ").split())))
+            )
+    return sorted(holders)
+
+
+def port_holder_text(port: int) -> str:
+    """', by pid N (its command line)' for the holders of ``port``, or '' when none can be seen."""
+    holders = port_holders(port)
+    if not holders:
+        return ""
+    shown = ", ".join(f"pid {pid} ({_shorten(cmd)})" for pid, cmd in holders[:3])
+    return f", by {shown}" + (f" and {len(holders) - 3} more" if len(holders) > 3 else "")
+
+
+def _redact(cmdline: str) -> str:
+    """A command line without secrets (a tritonserver's carries its admin key)."""
+    return re.sub(r"((?:key|token|secret|password)=)[^\s,]+", r"\1***", cmdline, flags=re.IGNORECASE)
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def parent_death_signal(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when its parent dies, however it
+    dies (SIGKILL, the OOM killer); None where there is no prctl (not Linux).
+
+    NOTE: the kernel's "parent" is the *thread* that started the child: start such children from a
+    thread that lives as long as they should (the main thread). The signal is not inherited by the
+    child's own children, and it survives exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(
+            PR_SET_PDEATHSIG, ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        ):
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl took effect: no signal would come
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+STUB_SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def group_processes(pgid: int) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of the live (not zombie) processes of process group ``pgid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]  # fields after "(comm)": state ppid pgrp
+        if int(pgrp) == pgid and state != "Z":
+            found.append((int(entry), argv))
+    return found
+
+
+def stub_shm_regions(pgid: int) -> list[str]:
+    """The shared-memory regions (/dev/shm names) of the Python-backend stubs in process group ``pgid``:
+    a stub names its region on its command line; a server killed with SIGKILL never unlinks them."""
+    return sorted(
+        {
+            a
+            for _, argv in group_processes(pgid)
+            for a in argv
+            if a.startswith(STUB_SHM_PREFIX) and "/" not in a
+        }
+    )
+
+
+def unlink_shm_regions(names: list[str]) -> None:
+    for name in names:
+        try:
+            os.unlink(f"/dev/shm/{name}")
+        except OSError:
+            pass
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process (in its own process group, so its stubs go down with it)."""
@@ -206,6 +385,9 @@ class TritonServer:
     log_path: Path | None = None
     admin_key: str | None = None  # None: resolve_admin_key() at start
     admin_key_file: Path | None = None  # where a generated key was written
+    # the kernel SIGKILLs the server when the process (thread) that started it dies; its stubs are not
+    # covered by this (see supervisor.ProcessGroupGuard)
+    die_with_parent: bool = True
     process: subprocess.Popen | None = None
 
     @classmethod
@@ -265,6 +447,8 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.admin_key is None:
             self.admin_key, self.admin_key_file = resolve_admin_key(self.repository.parent / "admin-key")
+        from pagetron.backend.model.loader import pagetron_cache_dir  # here: it imports torch
+
         backend_dir = build_backend_dir(pagetron_cache_dir() / "triton_backends")
         python_bin = stub_python_bin(pagetron_cache_dir() / "stub_env")
         env = dict(os.environ)
@@ -277,6 +461,7 @@ class TritonServer:
             stdout=log or None,
             stderr=subprocess.STDOUT if log else None,
             start_new_session=True,
+            preexec_fn=parent_death_signal() if self.die_with_parent else None,
         )
         return self
 
@@ -305,11 +490,13 @@ class TritonServer:
         """SIGKILLs the server and its stubs at once: every open stream ends with a connection error."""
         if self.process is None:
             return
+        regions = stub_shm_regions(self.process.pid)
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.process.wait()
+        unlink_shm_regions(regions)
 
     def is_ready(self, model: str | None = MODEL_NAME) -> bool:
         path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
@@ -331,9 +518,9 @@ class TritonServer:
 
     def drain(self, timeout_s: float) -> bool:
         """Asks the model to finish or cancel its in-flight requests; True once it reports it is done."""
-        drain_file = self.repository / MODEL_NAME / "DRAINING"
+        drain_file = self.repository / MODEL_NAME / DRAIN_FILE
         drain_file.touch()
-        done = Path(f"{drain_file}.done")
+        done = Path(f"{drain_file}{DRAIN_DONE_SUFFIX}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
             if done.exists():
@@ -354,8 +541,11 @@ class TritonServer:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 pass
+        regions = stub_shm_regions(self.process.pid)  # of stubs left in the group, if any
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # stubs left in the group, if any
+            os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        return self.process.wait()
+        code = self.process.wait()
+        unlink_shm_regions(regions)
+        return code

@@ -7,8 +7,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagetron.backend.cli.openai import API_KEY_ENV, frontend_command, stop_frontend, wait_listening
+from pagetron.backend.serving.constants import OPENAI_API_KEY_ENV
 from pagetron.backend.serving.launcher import free_port
+from pagetron.backend.serving.supervisor import frontend_command, stop_frontend, wait_listening
 
 API_KEY = "test-key-123"
 
@@ -39,7 +40,7 @@ class Frontend:
 
 def start_frontend(triton_grpc_url: str, log_path: Path, api_key: str | None = API_KEY) -> Frontend:
     port = free_port()
-    env = {**os.environ, API_KEY_ENV: api_key or ""}
+    env = {**os.environ, OPENAI_API_KEY_ENV: api_key or ""}
     log = open(log_path, "wb")  # noqa: SIM115 (owned by the process)
     command = frontend_command(triton_grpc_url, port)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pagetron.backend.serving.launcher import STUB_SITE_ENV, LaunchError, stub_python_bin
+from pagetron.backend.serving.constants import STUB_SITE_ENV
+from pagetron.backend.serving.launcher import LaunchError, stub_python_bin
 
 pytestmark = pytest.mark.skipif(
     not Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}").exists(),

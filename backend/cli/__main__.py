@@ -1,0 +1,7 @@
+"""`python -m pagetron.backend.cli ...`: the `pagetron` command."""
+
+import sys
+
+from pagetron.backend.cli import main
+
+sys.exit(main())
