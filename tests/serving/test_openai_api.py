@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -237,3 +238,9 @@ def test_streamed_completion_of_two_prompts_with_n_2_numbers_choices_like_openai
     assert [c.index for c in whole.choices] == [0, 1, 2, 3]
     assert [texts[i] for i in range(4)] == [c.text for c in whole.choices]
     assert [reasons[i] for i in range(4)] == [c.finish_reason for c in whole.choices]
+
+
+def test_the_frontend_process_has_no_torch_loaded(openai_stack, client):
+    client.models.list()  # it has served a request
+    maps = Path(f"/proc/{openai_stack.frontend.process.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libc10" not in maps
