@@ -1,4 +1,4 @@
-"""Serving benchmark, workload L of BENCHMARKS.md: closed-loop gRPC streaming load on the Triton `llm` model.
+"""Serving benchmark, workload L (docs/benchmarks.md): closed-loop gRPC streaming load on the `llm` model.
 
 At each concurrency level C, C workers each keep exactly one request in flight: send, read the stream to
 its end, send the next. A level ends after --num-requests requests (default max(8, 4 * C)) or, with

@@ -32,7 +32,7 @@ def add_client_commands(subparsers: Any) -> None:
     probe.add_argument("--timeout", type=float, default=10.0, help="seconds for the whole probe")
     probe.set_defaults(func=run_probe)
 
-    bench = subparsers.add_parser("bench-serving", help="serving benchmark, workload L (BENCHMARKS.md)")
+    bench = subparsers.add_parser("bench-serving", help="serving benchmark, workload L (docs/benchmarks.md)")
     add_bench_serving_args(bench)
     bench.set_defaults(func=run_bench)
 

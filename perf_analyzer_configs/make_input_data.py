@@ -1,4 +1,4 @@
-"""Writes workload_l.json: perf_analyzer input data shaped like workload L of BENCHMARKS.md.
+"""Writes workload_l.json: perf_analyzer input data shaped like workload L of docs/benchmarks.md.
 
 Each prompt is a seeded word salad of exactly PROMPT_TOKENS SmolLM2 tokens (every word is one token), and
 each request asks for OUTPUT_TOKENS tokens with ignore_eos, so every request generates its full length.

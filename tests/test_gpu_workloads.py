@@ -1,4 +1,4 @@
-"""The GPU benchmark's workloads are the ones BENCHMARKS.md defines (fixed seeds, exact shapes)."""
+"""The GPU benchmark's workloads are the ones docs/benchmarks.md defines (fixed seeds, exact shapes)."""
 
 from pagetron.backend.benchmarks.gpu_workloads import params_count, workload_p, workload_t
 

@@ -1,4 +1,4 @@
-"""Workload "CPU smoke-perf" (BENCHMARKS.md): engine offline throughput vs HF generate() batch 1."""
+"""Workload "CPU smoke-perf" (docs/benchmarks.md): engine offline throughput vs HF generate() batch 1."""
 
 from __future__ import annotations
 

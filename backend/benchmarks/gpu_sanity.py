@@ -4,7 +4,7 @@ reduced workload T on the Llama-2-13B shape with dummy bf16 weights, for each at
 Usage (on a CUDA machine):
   python -m pagetron.backend.benchmarks.gpu_sanity --requests 256 --output-len 128 \
       --setups torch,triton-eager,triton
-A stop-gap until `pagetron bench` runs the GPU workloads of BENCHMARKS.md.
+A stop-gap until `pagetron bench` runs the GPU workloads of docs/benchmarks.md.
 """
 
 from __future__ import annotations

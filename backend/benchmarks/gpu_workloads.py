@@ -1,4 +1,4 @@
-"""Workloads T (throughput) and P (prefix caching) of BENCHMARKS.md on a GPU, with HF transformers
+"""Workloads T (throughput) and P (prefix caching) of docs/benchmarks.md on a GPU, with HF transformers
 baselines measured in the same run on the same (dummy) weights.
 
   pagetron bench gpu --shape llama2-13b --json results.json [--hf-generate-batch-prompts 64]
@@ -35,7 +35,7 @@ SHAPES = {
         rope_theta=500000.0,
     ),
 }
-H200_BF16_FLOPS = 790e12  # measured matmul ceiling (ENVIRONMENT.md)
+H200_BF16_FLOPS = 790e12  # measured matmul ceiling (docs/benchmarks.md)
 
 
 def write_config(shape: str, folder: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Fixed chat prompts for the CPU smoke-perf workload (BENCHMARKS.md)."""
+"""Fixed chat prompts for the CPU smoke-perf workload (docs/benchmarks.md)."""
 
 SMOKE_QUESTIONS = [
     "What is the capital of France?",

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_openai_arguments(openai)
 
-    bench = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
+    bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     bench_sub = bench.add_subparsers(dest="workload", required=True)
     smoke = bench_sub.add_parser("cpu-smoke", help="engine vs HF generate() batch 1, SmolLM2 on CPU")
     smoke.add_argument("--json", dest="json_path", help="write the results as JSON here")
