@@ -1,71 +1,78 @@
-"""Shared helpers of the kernel tests: compiled copies of kernel modules on CUDA, the interpreter's bf16
-rounding fixed to the GPU's, and error measures.
+"""What the kernel tests import by name: the device, kernel modules as that device runs them, and error
+measures. The setup that must come first (TRITON_INTERPRET) and the shared fixtures are in conftest.py,
+which tests cannot import from (every test folder's conftest is a module named ``conftest``).
 
-Import it after the test module has set TRITON_INTERPRET (without CUDA), before the kernel modules.
+Importing this module imports no triton, so conftest.py may import it before it sets TRITON_INTERPRET.
 """
 
+import importlib
 import importlib.util
 import os
+import sys
+from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
-from triton.runtime import interpreter
+
+from pagetron.backend.model.kernel_ops import KernelOps, triton_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+
+KERNEL_MODULES = tuple(
+    f"pagetron.kernels.{name}"
+    for name in (
+        "kv_cache_write",
+        "paged_decode_attention",
+        "paged_prefill_attention",
+        "rms_norm",
+        "rotary_embedding",
+        "silu_and_mul",
+    )
+)
 
 
-def compiled_copy(module):
-    """A private copy of ``module`` whose kernels compile for the GPU (triton.jit reads TRITON_INTERPRET
-    when it decorates), whatever another test module set before."""
+def _interpreted(module: ModuleType) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return any(isinstance(value, InterpretedFunction) for value in vars(module).values())
+
+
+def for_device(module: ModuleType) -> ModuleType:
+    """The kernel module ``module`` as this device runs it: interpreted on CPU, compiled on CUDA.
+
+    triton.jit picks one or the other when it decorates, i.e. when the module is imported. A module
+    imported the other way (on CUDA under a TRITON_INTERPRET=1 that something else set; on CPU before
+    conftest.py set it) is replaced by a private copy imported with the setting this device needs."""
+    interpret = DEVICE == "cpu"
+    if _interpreted(module) == interpret:
+        return module
     spec = importlib.util.find_spec(module.__name__)
     copy = importlib.util.module_from_spec(spec)
     saved = os.environ.pop("TRITON_INTERPRET", None)
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
     try:
         spec.loader.exec_module(copy)
     finally:
+        os.environ.pop("TRITON_INTERPRET", None)
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
+    assert _interpreted(copy) == interpret
     return copy
 
 
-def compiled_if_cuda(module, kernel_name: str):
-    """``module`` itself, or on CUDA a compiled copy when another test module made its kernels interpreted."""
-    if DEVICE == "cuda" and isinstance(getattr(module, kernel_name), interpreter.InterpretedFunction):
-        return compiled_copy(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def no_interpreter_while_compiling(monkeypatch):
-    if DEVICE == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-def _bf16_casts_round_to_nearest_even(cast_impl):
-    def patched(self, src, dst_type):
-        if src.dtype.scalar == interpreter.tl.float32 and dst_type.scalar == interpreter.tl.bfloat16:
-            values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            return interpreter.TensorHandle(values.bfloat16().view(torch.uint16).numpy(), dst_type.scalar)
-        return cast_impl(self, src, dst_type)
-
-    return patched
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_bf16_rounding():
-    """The interpreter (triton 3.9) truncates fp32 -> bf16 casts where the GPU rounds to nearest even:
-    that one conversion is done by torch instead. Compiled kernels are left alone."""
-    if DEVICE == "cuda":
-        yield
-        return
+def triton_ops_for_device() -> KernelOps:
+    """triton_ops() over every kernel module as this device runs it (for_device); it imports them from
+    sys.modules when called."""
     with pytest.MonkeyPatch.context() as mp:
-        builder = interpreter.InterpreterBuilder
-        mp.setattr(builder, "cast_impl", _bf16_casts_round_to_nearest_even(builder.cast_impl))
-        yield
+        for name in KERNEL_MODULES:
+            mp.setitem(sys.modules, name, for_device(importlib.import_module(name)))
+        return triton_ops()
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| (Frobenius), computed in float64."""
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 

@@ -11,49 +11,18 @@ rounded; NaN does not stay NaN. The interpreted tests therefore replace that one
 (round to nearest even, as the GPU's cvt.rn); the CUDA tests check the real conversion byte for byte.
 """
 
-import importlib.util
 import math
-import os
 
+import numpy as np
+import pytest
 import torch
+from triton.runtime import interpreter
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernel on CPU
+from kernel_testing import DEVICE, for_device, needs_cuda
+from pagetron.kernels import kv_cache_write as kernel_module
+from pagetron.kernels.attention_ref import FP8_DTYPE, FP8_MAX, quantize_fp8, write_kv_cache_ref
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-from pagetron.kernels import kv_cache_write as kernel_module  # noqa: E402
-from pagetron.kernels.attention_ref import FP8_DTYPE, FP8_MAX, quantize_fp8, write_kv_cache_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _compiled_module():
-    """A copy of the kernel module whose kernel compiles for the GPU (triton.jit reads TRITON_INTERPRET
-    when it decorates), whatever another test module set before."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location("kv_cache_write_compiled", kernel_module.__file__)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
-
-
-if DEVICE == "cuda" and isinstance(kernel_module._write_kv_kernel, interpreter.InterpretedFunction):
-    kernel_module = _compiled_module()
-write_kv_cache = kernel_module.write_kv_cache
-
-
-@pytest.fixture(autouse=True)
-def no_interpreter_while_compiling(monkeypatch):
-    if DEVICE == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+write_kv_cache = for_device(kernel_module).write_kv_cache
 
 
 def _fp8_conversion_as_torch(create_fp_to_fp):

@@ -6,36 +6,16 @@ capture without host syncs. fp8 caches are filled by the reference quantizer (th
 float -> fp8 conversion is wrong, see test_kernel_kv_cache_write.py; its fp8 loads and widening are exact).
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Before the kernel module (and triton) is imported: triton.jit picks interpreted vs compiled then.
-    os.environ["TRITON_INTERPRET"] = "1"
+from kernel_testing import DEVICE, for_device, needs_cuda, relative_error
+from pagetron.kernels import paged_decode_attention as pda
+from pagetron.kernels.attention_ref import FP8_DTYPE, paged_decode_attention_ref, quantize_fp8
 
-import pytest  # noqa: E402
-
-from kernel_testing import compiled_copy  # noqa: E402
-from pagetron.kernels import paged_decode_attention as pda  # noqa: E402
-from pagetron.kernels.attention_ref import FP8_DTYPE, paged_decode_attention_ref, quantize_fp8  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-if DEVICE == "cuda" and pda._INTERPRETED:  # another test module set TRITON_INTERPRET=1 before our import
-    pda = compiled_copy(pda)
-assert pda._INTERPRETED == (DEVICE == "cpu"), "kernel module imported before TRITON_INTERPRET=1 was set"
+pda = for_device(pda)
+assert pda._INTERPRETED == (DEVICE == "cpu")
 UNPOISONED_ALLOC = pda._alloc_buffers
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def no_interpreter_while_compiling(monkeypatch):
-    # Kernels compile at their first call; a TRITON_INTERPRET=1 left by another module would leak into it.
-    if DEVICE == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -137,10 +117,6 @@ def test_half_precision_matches_fp32_reference(dtype, num_q_heads, num_kv_heads)
         bound = torch.finfo(dtype).eps * v_cache.float().abs().max().item()
         torch.testing.assert_close(out.float(), expected, atol=bound, rtol=0)
         assert relative_error(out, expected) < 5e-3
-
-
-def relative_error(out, expected):
-    return ((out.float() - expected).norm() / expected.norm()).item()
 
 
 def test_splits_without_work_leave_poisoned_partials_unread():

@@ -1,29 +1,24 @@
 """The Triton prefill / extend attention kernel equals paged_prefill_attention_ref.
 
-On CPU the kernel runs in Triton's interpreter on small shapes; on CUDA a compiled copy runs on the
-Llama-2-13B and Llama-3-8B attention shapes. Inputs are random, cache slots outside every sequence's
-context are NaN (the kernel must never use them) and the output buffer starts as NaN (every element
-must be written). fp8 caches are quantized by the reference (the interpreter reads an fp8 NaN as 480: a
-stray read there shows as a wrong result rather than a NaN).
+On CPU the kernel runs in Triton's interpreter on small shapes; on CUDA it runs compiled on the same small
+shapes and on the Llama-2-13B and Llama-3-8B attention shapes. Inputs are random, cache slots outside
+every sequence's context are NaN (the kernel must never use them) and the output buffer starts as NaN
+(every element must be written). fp8 caches are quantized by the reference (the interpreter reads an fp8
+NaN as 480: a stray read there shows as a wrong result rather than a NaN).
 """
 
-import os
+import random
+from dataclasses import dataclass
 
+import numpy as np
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernel module is imported: run on the CPU
+from kernel_testing import DEVICE, for_device, needs_cuda, relative_error
+from pagetron.kernels import paged_prefill_attention as kernel_module
+from pagetron.kernels.attention_ref import FP8_DTYPE, paged_prefill_attention_ref, quantize_fp8
 
-import importlib.util  # noqa: E402
-import random  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-from pagetron.kernels import paged_prefill_attention as kernel_module  # noqa: E402
-from pagetron.kernels.attention_ref import FP8_DTYPE, paged_prefill_attention_ref, quantize_fp8  # noqa: E402
+kernel_module = for_device(kernel_module)
 
 HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 1)]  # (Hq, Hkv): MHA, GQA, MQA
 TILES = [None, (32, 16)]  # the default (BLOCK_M, BLOCK_N), and small tiles: many query and key tiles
@@ -120,15 +115,14 @@ def small_batch(num_heads, num_kv_heads, block_size, dtype, seed=0):
     # Prefixes: none, a non-multiple of the block size, an exact multiple, a tiny one; q_len 1..40.
     q_lens = [33, 1, 17, 40, 5]
     prefix_lens = [0, 2 * block_size + 7, block_size, 3, 2 * block_size]
-    return make_batch(q_lens, prefix_lens, num_heads, num_kv_heads, 64, block_size, dtype, "cpu", seed)
+    return make_batch(q_lens, prefix_lens, num_heads, num_kv_heads, 64, block_size, dtype, DEVICE, seed)
 
 
-def run_kernel(batch, scale, tiles=None, max_query_len=None, kernel=None):
-    kernel = kernel or kernel_module.paged_prefill_attention
+def run_kernel(batch, scale, tiles=None, max_query_len=None):
     q_lens = np.diff(batch.query_start_loc)
     out = torch.full_like(batch.query, float("nan"))
     block_m, block_n = tiles or (None, None)
-    result = kernel(
+    result = kernel_module.paged_prefill_attention(
         *batch.device_args(),
         scale,
         int(q_lens.max()) if max_query_len is None else max_query_len,
@@ -141,31 +135,6 @@ def run_kernel(batch, scale, tiles=None, max_query_len=None, kernel=None):
     assert result is out
     assert not out.isnan().any(), "an output element was never written (or a NaN slot was read)"
     return out
-
-
-def _bf16_dot_operands_as_fp32(create_dot):
-    """The interpreter stores bf16 as uint16 and its tl.dot multiplies those bit patterns
-    (triton-lang/triton#11584). The GPU multiplies bf16 operands exactly into fp32 accumulators, so
-    widening the operands to fp32 first reproduces it."""
-
-    def widen(handle):
-        if handle.dtype != interpreter.tl.bfloat16:
-            return handle
-        widened = (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return interpreter.TensorHandle(widened, interpreter.tl.float32)
-
-    def patched(self, a, b, acc, *args):
-        return create_dot(self, widen(a), widen(b), acc, *args)
-
-    return patched
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_bf16_dot():
-    with pytest.MonkeyPatch.context() as mp:
-        builder = interpreter.InterpreterBuilder
-        mp.setattr(builder, "create_dot", _bf16_dot_operands_as_fp32(builder.create_dot))
-        yield
 
 
 @pytest.mark.parametrize("tiles", TILES, ids=["default_tiles", "small_tiles"])
@@ -185,10 +154,6 @@ def test_fp32_matches_reference(heads, block_size, tiles):
 # below; the relative error must stay in METHOD.md's band for bf16 operands (under 1e-2).
 BF16_TOLERANCE = {"atol": 1e-2, "rtol": 1e-2}
 BF16_MAX_REL_ERROR = 1e-2
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("tiles", TILES, ids=["default_tiles", "small_tiles"])
@@ -248,7 +213,7 @@ def test_oversized_grid_and_strided_query():
     qkv projection (token stride larger than Hq * D)."""
     batch = small_batch(8, 2, 16, torch.float32, seed=2)
     num_tokens, num_heads, head_dim = batch.query.shape
-    fused = torch.randn(num_tokens, (num_heads + 4) * head_dim)
+    fused = torch.randn(num_tokens, (num_heads + 4) * head_dim, device=DEVICE)
     query_view = fused[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
     query_view.copy_(batch.query)
     batch.query = query_view
@@ -260,7 +225,7 @@ def test_oversized_grid_and_strided_query():
 def test_single_sequence_chunked_prefill_equals_whole_prefill():
     """A prompt computed in two chunks (the second attends to the first through the cache) gives the
     same rows as computing it in one go."""
-    whole = make_batch([40], [0], 4, 2, 64, 16, torch.float32, "cpu", seed=3)
+    whole = make_batch([40], [0], 4, 2, 64, 16, torch.float32, DEVICE, seed=3)
     out_whole = run_kernel(whole, 0.125, (32, 16))
     second_chunk = Batch(whole.query[24:], whole.k_cache, whole.v_cache, whole.block_tables, [0, 16], [40])
     out_chunk = run_kernel(second_chunk, 0.125, (32, 16))
@@ -282,26 +247,15 @@ def test_unsupported_shapes_are_clear_errors(head_dim, block_size, message):
         )  # fmt: skip
 
 
-@pytest.fixture
-def compiled_kernel(monkeypatch):
-    """A second copy of the kernel module, imported and run with the interpreter off so that it compiles
-    for the GPU (triton reads TRITON_INTERPRET both at @triton.jit time and while compiling)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    spec = importlib.util.spec_from_file_location("paged_prefill_attention_compiled", kernel_module.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.paged_prefill_attention
-
-
 # bf16 operands land between 1e-3 and 1e-2 relative error (METHOD.md); a shrunk copy of this case
 # (Hq=8, Hkv=2, D=128) measured 4.4e-3 in the interpreter.
 CUDA_MAX_REL_ERROR = 1e-2
 MODEL_SHAPES = {"llama2_13b": (40, 40, 128), "llama3_8b": (32, 8, 128)}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("model", MODEL_SHAPES)
-def test_cuda_real_shapes_match_reference(model, compiled_kernel):
+def test_cuda_real_shapes_match_reference(model):
     import triton.testing
 
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
@@ -310,12 +264,13 @@ def test_cuda_real_shapes_match_reference(model, compiled_kernel):
     prefix_lens = [0, 2048, 16 * 37, 1000, *(rng.randint(0, 2048) for _ in range(4))]
     batch = make_batch(q_lens, prefix_lens, num_heads, num_kv_heads, head_dim, 16, torch.bfloat16, "cuda", 5)
     scale = head_dim**-0.5
-    out = run_kernel(batch, scale, kernel=compiled_kernel)
+    out = run_kernel(batch, scale)
     error = relative_error(out, batch.reference(scale))
     assert error < CUDA_MAX_REL_ERROR
 
     args = (*batch.device_args(), scale)
-    kernel_ms = triton.testing.do_bench(lambda: compiled_kernel(*args, max(q_lens)), return_mode="median")
+    kernel = kernel_module.paged_prefill_attention
+    kernel_ms = triton.testing.do_bench(lambda: kernel(*args, max(q_lens)), return_mode="median")
     ref_ms = triton.testing.do_bench(
         lambda: paged_prefill_attention_ref(
             batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
@@ -333,9 +288,9 @@ def test_cuda_real_shapes_match_reference(model, compiled_kernel):
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("model", MODEL_SHAPES)
-def test_cuda_fp8_real_shapes_match_reference(model, compiled_kernel):
+def test_cuda_fp8_real_shapes_match_reference(model):
     """fp8 caches on the real head layouts, cached prefixes and contexts up to about 2000 tokens, against
     the fp32 reference on the same fp8 data (no timings here)."""
     num_heads, num_kv_heads, head_dim = MODEL_SHAPES[model]
@@ -345,5 +300,5 @@ def test_cuda_fp8_real_shapes_match_reference(model, compiled_kernel):
     batch = make_batch(q_lens, prefix_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, "cuda", 9)
     batch = batch.to_fp8(torch.bfloat16, *FP8_SCALES[1])
     scale = head_dim**-0.5
-    out = run_kernel(batch, scale, kernel=compiled_kernel)
+    out = run_kernel(batch, scale)
     assert relative_error(out, batch.reference(scale)) < CUDA_MAX_REL_ERROR

@@ -1,50 +1,34 @@
-"""The Triton RMSNorm kernels equal their torch references, and the model's fused residual stream is
-bit-identical to the unfused forward it replaced.
+"""The Triton RMSNorm kernels equal their torch references, the model's fused residual stream is
+bit-identical to the unfused forward it replaced, and every layer of a model runs the KernelOps it is built
+with.
 
 Without CUDA the kernels run in the Triton interpreter on small CPU shapes. The interpreter (triton 3.9)
-truncates fp32 -> bf16 casts where the GPU rounds to nearest even (cvt.rn), so these tests replace that one
-conversion with torch's. With CUDA the same small tests run compiled on the GPU, plus the Llama-2-13B
-shape (T=8192, hidden 5120; run with ``-s`` for the timing lines) and a CUDA graph capture.
+truncates fp32 -> bf16 casts where the GPU rounds to nearest even (cvt.rn); conftest.py makes it round as
+the GPU does. With CUDA the same small tests run compiled on the GPU, plus the Llama-2-13B shape (T=8192,
+hidden 5120; run with ``-s`` for the timing lines) and a CUDA graph capture.
 
 Numerics (the module docstring of pagetron.kernels.rms_norm): the residual sum is bit-exact; the output
 differs from the reference only through the fp32 sum of squares and rsqrt, i.e. fp32 outputs to about
 1e-7 relative and bf16 outputs bit-equal except for rare one-ulp steps.
 """
 
-import importlib.util
-import os
-import sys
+import dataclasses
+from collections import Counter
 
+import numpy as np
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on the CPU
+from kernel_testing import DEVICE, for_device, needs_cuda, relative_error, triton_ops_for_device, ulp_distance
+from pagetron.backend.model.kernel_ops import TORCH_OPS, KernelOps, kernel_ops
+from pagetron.backend.model.layers.attention import AttentionMetadata
+from pagetron.backend.model.layers.norm import RMSNorm
+from pagetron.backend.model.llama import LlamaForCausalLM
+from pagetron.backend.model.model_config import ModelConfig
+from pagetron.kernels import rms_norm as kernel_module
+from pagetron.kernels.layers_ref import fused_add_rms_norm_ref, rms_norm_ref
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-from kernel_testing import (  # noqa: E402, F401 (two are autouse fixtures)
-    compiled_copy,
-    compiled_if_cuda,
-    interpreter_bf16_rounding,
-    no_interpreter_while_compiling,
-    relative_error,
-    ulp_distance,
-)
-from pagetron.backend.model.layers.attention import AttentionMetadata  # noqa: E402
-from pagetron.backend.model.layers.norm import RMSNorm  # noqa: E402
-from pagetron.backend.model.llama import LlamaForCausalLM  # noqa: E402
-from pagetron.backend.model.model_config import ModelConfig  # noqa: E402
-from pagetron.kernels import rms_norm as kernel_module  # noqa: E402
-from pagetron.kernels.layers_ref import fused_add_rms_norm_ref, rms_norm_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-KERNEL_MODULES = ("rms_norm", "silu_and_mul", "rotary_embedding")
-
-
-kernel_module = compiled_if_cuda(kernel_module, "_rms_norm_kernel")
+kernel_module = for_device(kernel_module)
 rms_norm, fused_add_rms_norm = kernel_module.rms_norm, kernel_module.fused_add_rms_norm
 
 
@@ -186,7 +170,7 @@ def test_references_equal_the_old_layer_code(dtype):
         assert torch.equal(new_residual, stream) and torch.equal(out, old_rms_norm(norm, stream))
 
 
-# ---- the model: fused residual stream == the old forward; the triton backend is wired right ----
+# ---- the model: fused residual stream == the old forward; the ops it is built with run in every layer ----
 
 
 def tiny_config(qk_norm: bool) -> ModelConfig:
@@ -198,7 +182,7 @@ def tiny_config(qk_norm: bool) -> ModelConfig:
         num_layers=3,
         num_heads=4,
         num_kv_heads=2,
-        head_dim=16,
+        head_dim=64,  # the attention kernels' smallest
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         rope_scaling=None,
@@ -211,12 +195,21 @@ def tiny_config(qk_norm: bool) -> ModelConfig:
     )
 
 
+BLOCK_SIZE = 16  # the attention kernels' smallest
+TABLES = [[1, 4], [3, 0], [5, 2]]  # sequence s -> its cache blocks
+
+
 def tiny_model(
-    qk_norm: bool, dtype: torch.dtype, device: str = DEVICE, weight_dtype: torch.dtype | None = None
+    qk_norm: bool,
+    dtype: torch.dtype,
+    device: str = DEVICE,
+    weight_dtype: torch.dtype | None = None,
+    ops: KernelOps = TORCH_OPS,
 ) -> LlamaForCausalLM:
-    """A random 3-layer model in ``dtype`` whose weights are rounded to ``weight_dtype`` (default dtype)."""
+    """A random 3-layer model in ``dtype`` whose weights are rounded to ``weight_dtype`` (default dtype),
+    built with ``ops``; the same weights whatever the ops."""
     cfg = tiny_config(qk_norm)
-    model = LlamaForCausalLM(cfg, max_position=64)
+    model = LlamaForCausalLM(cfg, max_position=64, ops=ops)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
@@ -224,19 +217,26 @@ def tiny_model(
             param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
     model = model.to(device, weight_dtype or dtype).to(dtype).eval()
     for attn in model.attention_layers():
-        attn.k_cache = torch.zeros(12, 4, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+        shape = (6, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
+        attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         attn.v_cache = torch.zeros_like(attn.k_cache)
     return model
 
 
 def prefill_batch(seq_lens: list[int], device: str = DEVICE):
-    """Token ids, positions and metadata of up to three whole prompts of up to 16 tokens, in blocks of 4
-    tokens (block i of sequence s is block 4 * s + i)."""
+    """Token ids, positions and metadata of up to three whole prompts of up to 32 tokens, sequence s in
+    the blocks TABLES[s]."""
     gen = torch.Generator().manual_seed(8)
     ids = torch.randint(1, 96, (sum(seq_lens),), generator=gen).to(device)
-    positions = torch.cat([torch.arange(n) for n in seq_lens]).to(device)
-    slots = torch.cat([16 * s + torch.arange(n) for s, n in enumerate(seq_lens)]).to(device)
-    tables = torch.tensor([[4 * s + i for i in range(4)] for s in range(len(seq_lens))], dtype=torch.int32)
+    tables = torch.tensor(TABLES[: len(seq_lens)], dtype=torch.int32)
+    token_positions = [torch.arange(n) for n in seq_lens]
+    positions = torch.cat(token_positions).to(device)
+    slots = torch.cat(
+        [
+            tables[s, p // BLOCK_SIZE].long() * BLOCK_SIZE + p % BLOCK_SIZE
+            for s, p in enumerate(token_positions)
+        ]
+    ).to(device)
     starts = np.cumsum([0, *seq_lens]).tolist()
     empty = torch.zeros(0, 0, dtype=torch.int32, device=device)
     meta = AttentionMetadata(
@@ -252,6 +252,39 @@ def prefill_batch(seq_lens: list[int], device: str = DEVICE):
         max_prefill_query_len=max(seq_lens),
     )
     return ids, positions, meta
+
+
+SEQ_LENS = [5, 21, 1]  # the second sequence spans two blocks
+
+
+def recording(ops: KernelOps, calls: Counter) -> KernelOps:
+    """``ops`` counting in ``calls`` how often each of its kernels runs."""
+
+    def counted(name, kernel):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return kernel(*args, **kwargs)
+
+        return call
+
+    kernels = {
+        f.name: counted(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops) if f.name != "name"
+    }
+    return dataclasses.replace(ops, **kernels)
+
+
+def calls_of_a_prefill(qk_norm: bool) -> Counter:
+    """The kernels one prefill step of the tiny model runs: each of 3 layers runs its norms (the first
+    layer's input norm has no residual to add yet; q/k norms with qk_norm), rotary, MLP and attention;
+    then the final norm."""
+    return Counter(
+        rms_norm=1 + (3 * 2 if qk_norm else 0),
+        fused_add_rms_norm=3 * 2 - 1 + 1,
+        apply_rotary=3,
+        silu_and_mul=3,
+        write_kv_cache=3,
+        prefill_attention=3,
+    )
 
 
 def _old_rotary(rotary, positions, q, k):
@@ -293,48 +326,45 @@ def old_logits(model, ids, positions, meta):
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @torch.inference_mode()
-def test_torch_backend_forward_is_bit_identical_to_the_old_forward(dtype, qk_norm):
+def test_torch_ops_forward_is_bit_identical_to_the_old_forward(dtype, qk_norm):
     model = tiny_model(qk_norm, dtype, device="cpu")
-    model.set_kernel_backend("torch")
-    ids, positions, meta = prefill_batch([5, 11, 1], device="cpu")
+    assert model.ops is TORCH_OPS, "the default"
+    ids, positions, meta = prefill_batch(SEQ_LENS, device="cpu")
     expected = old_logits(model, ids, positions, meta)
     got = model.compute_logits(model(ids, positions, meta))
     assert torch.equal(got, expected)
 
 
-def test_set_kernel_backend_reaches_every_layer():
-    model = tiny_model(True, torch.float32, device="cpu")
-    model.set_kernel_backend("triton")
-    with_backend = [m for m in model.modules() if hasattr(m, "backend") and m not in model.attention_layers()]
-    # per layer: 2 norms + q/k norms, rotary, MLP; and the final norm
-    assert len(with_backend) == 3 * 6 + 1 and all(m.backend == "triton" for m in with_backend)
-    assert all(attn.backend == "torch" for attn in model.attention_layers()), "attention is the runner's"
-    with pytest.raises(ValueError, match="kernel backend"):
-        model.set_kernel_backend("cuda")
-
-
-def _kernel_modules_for(device):
-    """The kernel modules the layers import lazily, compiled copies on CUDA if these are interpreted."""
-    modules = {}
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(f"pagetron.kernels.{name}")
-        jitted = [v for v in vars(module).values() if isinstance(v, interpreter.InterpretedFunction)]
-        modules[module.__name__] = compiled_copy(module) if device == "cuda" and jitted else module
-    return modules
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+@torch.inference_mode()
+def test_the_ops_a_model_is_built_with_reach_every_layer(qk_norm):
+    calls = Counter()
+    ops = recording(TORCH_OPS, calls)
+    model = tiny_model(qk_norm, torch.float32, device="cpu", ops=ops)
+    with_ops = [m for m in model.modules() if hasattr(m, "ops")]
+    # per layer: 2 norms (+ q/k norms), rotary, MLP, attention; the final norm; the model itself
+    assert len(with_ops) == 3 * (5 + 2 * qk_norm) + 2 and all(m.ops is ops for m in with_ops)
+    model(*prefill_batch(SEQ_LENS, device="cpu"))
+    assert calls == calls_of_a_prefill(qk_norm), "a layer ran kernels other than the model's"
+    default = tiny_model(qk_norm, torch.float32, device="cpu")
+    assert all(m.ops is TORCH_OPS for m in default.modules() if hasattr(m, "ops"))
+    with pytest.raises(ValueError, match="kernel set must be one of"):
+        kernel_ops("cuda")
 
 
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @torch.inference_mode()
-def test_triton_backend_forward_matches_torch_backend(dtype, qk_norm, monkeypatch):
-    for name, module in _kernel_modules_for(DEVICE).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    model = tiny_model(qk_norm, dtype)
-    ids, positions, meta = prefill_batch([5, 11, 1])
-    model.set_kernel_backend("torch")
-    expected = model.compute_logits(model(ids, positions, meta))
-    model.set_kernel_backend("triton")
+def test_triton_ops_forward_matches_torch_ops(dtype, qk_norm):
+    calls = Counter()
+    ids, positions, meta = prefill_batch(SEQ_LENS)
+    reference = tiny_model(qk_norm, dtype)
+    model = tiny_model(qk_norm, dtype, ops=recording(triton_ops_for_device(), calls))
+    model.load_state_dict(reference.state_dict())  # the same weights, whatever tiny_model does
+    assert reference.ops is TORCH_OPS and model.ops.name == "triton"
+    expected = reference.compute_logits(reference(ids, positions, meta))
     got = model.compute_logits(model(ids, positions, meta))
+    assert calls == calls_of_a_prefill(qk_norm), "every layer ran the triton kernels"
     if dtype == torch.float32:
         assert relative_error(got, expected) < 1e-5
         return

@@ -1,10 +1,10 @@
 """The Triton rotary kernel rotates q and k in place as the torch reference does, rounding once.
 
 Without CUDA the kernel runs in the Triton interpreter on small CPU shapes. The interpreter (triton 3.9)
-truncates fp32 -> bf16 casts where the GPU rounds to nearest even (cvt.rn), so these tests replace that one
-conversion with torch's. With CUDA the same small tests run compiled on the GPU, plus the Llama-2-13B and
-Llama-3-8B shapes (q and k views of a [8192, 15360] / [8192, 6144] qkv output; run with ``-s`` for the
-timing lines) and a CUDA graph capture.
+truncates fp32 -> bf16 casts where the GPU rounds to nearest even (cvt.rn); conftest.py makes it round as
+the GPU does. With CUDA the same small tests run compiled on the GPU, plus the Llama-2-13B and Llama-3-8B
+shapes (q and k views of a [8192, 15360] / [8192, 6144] qkv output; run with ``-s`` for the timing lines)
+and a CUDA graph capture.
 
 Numerics: the kernel computes round(x1 * cos - x2 * sin) in fp32. In the interpreter that is bit for bit
 the fp32 reference rounded once to the dtype; compiled, a fused multiply-add may move the fp32 value by an
@@ -12,31 +12,16 @@ ulp (rarely one bf16 step). The torch layer in bf16 also rounds cos / sin and ea
 within 1e-2 relative of it, and closer than it to exact rotation.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernel on the CPU
+from kernel_testing import DEVICE, for_device, needs_cuda, relative_error, triton_ops_for_device
+from pagetron.backend.model.kernel_ops import TORCH_OPS
+from pagetron.backend.model.layers.rotary import RotaryEmbedding
+from pagetron.kernels import rotary_embedding as kernel_module
+from pagetron.kernels.layers_ref import apply_rotary_ref
 
-import pytest  # noqa: E402
-
-from kernel_testing import (  # noqa: E402, F401 (two are autouse fixtures)
-    compiled_if_cuda,
-    interpreter_bf16_rounding,
-    no_interpreter_while_compiling,
-    relative_error,
-)
-from pagetron.backend.model.layers.rotary import RotaryEmbedding  # noqa: E402
-from pagetron.kernels import rotary_embedding as kernel_module  # noqa: E402
-from pagetron.kernels.layers_ref import apply_rotary_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-kernel_module = compiled_if_cuda(kernel_module, "_rotary_kernel")
-apply_rotary = kernel_module.apply_rotary
+apply_rotary = for_device(kernel_module).apply_rotary
 
 
 def assert_rounded_once(out: torch.Tensor, exact: torch.Tensor) -> float:
@@ -132,21 +117,22 @@ def old_rotary_forward(rotary, positions, q, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_layer_backends(dtype):
-    """The torch backend is the old layer code bit for bit (and leaves q and k alone); the triton
-    backend is the kernel."""
+def test_layer_ops(dtype):
+    """Built with the torch ops (the default), the layer is the old layer code bit for bit (and leaves q
+    and k alone); built with the triton ops, it is the kernel."""
     gen = torch.Generator().manual_seed(2)
     rotary = RotaryEmbedding(64, 128, 500000.0).to(DEVICE)
     qkv = Qkv(6, 4, 2, 64, dtype, gen)
     positions = torch.tensor([0, 1, 2, 100, 127, 5], device=DEVICE)
     before = qkv.data.clone()
     expected = old_rotary_forward(rotary, positions, qkv.q, qkv.k)
-    assert rotary.backend == "torch"
+    assert rotary.ops is TORCH_OPS
     for got, want in zip(rotary(positions, qkv.q, qkv.k), expected):
         assert torch.equal(got, want)
     assert torch.equal(qkv.data, before)
     exact = apply_rotary_ref(positions, qkv.q.float(), qkv.k.float(), rotary.cos_cache, rotary.sin_cache)
-    rotary.backend = "triton"
+    rotary = RotaryEmbedding(64, 128, 500000.0, ops=triton_ops_for_device()).to(DEVICE)
+    assert rotary.ops.name == "triton"
     q, k = rotary(positions, qkv.q, qkv.k)
     assert q is qkv.q and k is qkv.k
     assert_rounded_once(q, exact[0])

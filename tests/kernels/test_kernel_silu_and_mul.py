@@ -1,43 +1,28 @@
 """The Triton SiLU-and-mul kernel equals its torch reference (F.silu(gate) * up).
 
 Without CUDA the kernel runs in the Triton interpreter on small CPU shapes. The interpreter (triton 3.9)
-truncates fp32 -> bf16 casts where the GPU rounds to nearest even (cvt.rn), so these tests replace that one
-conversion with torch's. With CUDA the same small tests run compiled on the GPU, plus the Llama-2-13B MLP
-shape (T=8192, I=13824; run with ``-s`` for the timing line) and a CUDA graph capture.
+truncates fp32 -> bf16 casts where the GPU rounds to nearest even (cvt.rn); conftest.py makes it round as
+the GPU does. With CUDA the same small tests run compiled on the GPU, plus the Llama-2-13B MLP shape
+(T=8192, I=13824; run with ``-s`` for the timing line) and a CUDA graph capture.
 
 Tolerance: fp32 to 1e-6 relative (exp and division may differ from torch's by an ulp or two); bf16 /
 fp16 outputs bit-equal to torch's except where that moves the rounding of silu: at most 2 ulps there, on
 fewer than 1 in 100 elements (on an H200: bf16 none of 113M at the real shape; fp16 1 of 768).
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernel on the CPU
+from kernel_testing import DEVICE, for_device, needs_cuda, relative_error, ulp_distance
+from pagetron.backend.model.kernel_ops import TORCH_OPS
+from pagetron.backend.model.llama import LlamaMLP
+from pagetron.kernels import silu_and_mul as kernel_module
+from pagetron.kernels.layers_ref import silu_and_mul_ref
 
-import pytest  # noqa: E402
-
-from kernel_testing import (  # noqa: E402, F401 (two are autouse fixtures)
-    compiled_if_cuda,
-    interpreter_bf16_rounding,
-    no_interpreter_while_compiling,
-    relative_error,
-    ulp_distance,
-)
-from pagetron.backend.model.llama import LlamaMLP  # noqa: E402
-from pagetron.kernels import silu_and_mul as kernel_module  # noqa: E402
-from pagetron.kernels.layers_ref import silu_and_mul_ref  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # the interpreter's numpy exp overflows to inf for the far-out gates, as intended (silu -> -0)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
-
-kernel_module = compiled_if_cuda(kernel_module, "_silu_and_mul_kernel")
-silu_and_mul = kernel_module.silu_and_mul
+silu_and_mul = for_device(kernel_module).silu_and_mul
 
 
 def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -102,7 +87,7 @@ def test_reference_equals_the_old_mlp_code(dtype):
     gate, up = gate_up.split(144, dim=-1)  # LlamaMLP.forward before the kernels (frozen copy)
     expected = torch.nn.functional.silu(gate) * up
     assert torch.equal(silu_and_mul_ref(gate_up), expected)
-    assert mlp.backend == "torch" and torch.equal(mlp(x), mlp.down_proj(expected))
+    assert mlp.ops is TORCH_OPS and torch.equal(mlp(x), mlp.down_proj(expected))
 
 
 # ---- CUDA only: the Llama-2-13B MLP shape, graph capture ----

@@ -4,7 +4,7 @@ over the unquantized K/V.
 The semantics live in ``attention_ref``'s docstring; the kernel tests (test_kernel_*.py) compare the Triton
 kernels with these references on fp8 caches. Here: e4m3 rounding and clamping as documented, the error
 that fp8 storage adds (run with ``-s`` to see the figures), and the Attention layer passing its scales on
-(torch backend on CPU; on CUDA also the Triton backend against it).
+(torch ops on CPU; on CUDA also the Triton ops against them).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_testing import needs_cuda, relative_error, triton_ops_for_device
+from pagetron.backend.model.kernel_ops import TORCH_OPS
 from pagetron.backend.model.layers.attention import Attention, AttentionMetadata
 from pagetron.kernels.attention_ref import (
     FP8_DTYPE,
@@ -126,10 +128,6 @@ def paged_case(context_lens, num_kv_heads, head_dim, block_size, magnitude, seed
     for row, ids in zip(tables, owned):
         row[: len(ids)] = ids
     return k_cache, v_cache, tables, gen
-
-
-def relative_error(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def calibrated(cache):
@@ -277,9 +275,9 @@ def run_layer(attn, cache_dtype, dtype, device, seed=5, block_size=16):
     return outs
 
 
-def test_attention_layer_fp8_cache_torch_backend():
+def test_attention_layer_fp8_cache_torch_ops():
     plain = Attention(8, 2, 64)
-    assert plain.k_scale == 1.0 and plain.v_scale == 1.0
+    assert plain.ops is TORCH_OPS and plain.k_scale == 1.0 and plain.v_scale == 1.0
     expected = run_layer(plain, torch.float32, torch.float32, "cpu")
     for k_scale, v_scale in ((1.0, 1.0), (0.02, 0.011)):
         attn = Attention(8, 2, 64)
@@ -291,11 +289,12 @@ def test_attention_layer_fp8_cache_torch_backend():
         assert (attn.k_cache.float().abs() * k_scale).max() < 20  # stored as x / scale
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.02, 0.011)], ids=["unit", "fitted"])
-def test_cuda_attention_layer_fp8_triton_backend_matches_torch_backend(scales):
-    reference = Attention(32, 8, 128, backend="torch")
-    triton_attn = Attention(32, 8, 128, backend="triton")
+def test_cuda_attention_layer_fp8_triton_ops_match_torch_ops(scales):
+    reference = Attention(32, 8, 128, ops=TORCH_OPS)
+    triton_attn = Attention(32, 8, 128, ops=triton_ops_for_device())
+    assert triton_attn.ops.name == "triton"
     for attn in (reference, triton_attn):
         attn.k_scale, attn.v_scale = scales
     expected = run_layer(reference, FP8_DTYPE, torch.bfloat16, "cuda")
