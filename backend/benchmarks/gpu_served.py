@@ -1,6 +1,6 @@
 """Workload L (docs/benchmarks.md) on a GPU: the dummy-weight model served from the real tritonserver,
-closed-loop gRPC streaming at each concurrency (prompt 512 tokens, 256 output tokens), then the same closed loop
-offline at the highest concurrency, to show what serving costs.
+closed-loop gRPC streaming at each concurrency (prompt 512 tokens, 256 output tokens), then the same
+closed loop offline at the highest concurrency, to show what serving costs.
 
   pagetron bench gpu-served --shape llama2-13b --concurrency 1,8,64,256 --json result.json
 """
