@@ -6,7 +6,7 @@ PYVER := $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.vers
 # perf_analyzer needs libb64; the Triton Python stub embeds the system libpython and needs its venv module
 SYSTEM_PACKAGES := libb64-0d python$(PYVER) python$(PYVER)-venv libpython$(PYVER)
 
-.PHONY: setup system-deps test lint serve serve-openai demo bench clean
+.PHONY: setup system-deps test lint soak serve serve-openai demo bench clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -36,6 +36,12 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# the long reliability runs at full size (make test runs them shortened): a 120 s perf_analyzer soak and
+# 1,000 fuzzed requests
+soak: setup
+	PAGETRON_SOAK_S=120 PAGETRON_FUZZ_EXAMPLES=1000 $(VENV)/bin/pytest -q -p no:cacheprovider -s \
+		tests/serving/test_soak.py tests/serving/test_fuzz.py
 
 # extra `pagetron serve` flags, e.g. make serve SERVE_FLAGS="--max-model-len 4096"
 SERVE_FLAGS ?=

@@ -2,6 +2,8 @@
 
 PAGETRON_FAULT="raise-after:N"  every executed step after the first N raises
 PAGETRON_FAULT="hang-after:N"   the step after the first N blocks forever
+PAGETRON_FAULT="file:PATH"      one of the above read from PATH each time the model loads (empty: none),
+                                so one server can go through several faults, reloading in between
 
 It wraps the engine's executor (the seam the engine offers), so the engine's own failure handling runs.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.executor import Executor, ExecutorFactory, ExecutorWrapper, UniprocExecutor
@@ -38,7 +41,9 @@ class FaultyExecutor(ExecutorWrapper):
 
 def fault_injection_factory() -> ExecutorFactory | None:
     """The executor factory $PAGETRON_FAULT asks for, or None when it is unset."""
-    spec = os.environ.get(ENV_VAR)
+    spec = os.environ.get(ENV_VAR, "")
+    if spec.startswith("file:"):
+        spec = Path(spec.removeprefix("file:")).read_text().strip()
     if not spec:
         return None
     kind, _, count = spec.partition(":")

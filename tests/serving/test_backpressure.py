@@ -12,28 +12,9 @@ from model_factory import make_hf_model
 from pagetron.backend import LLM, SamplingParams
 from pagetron.backend.core.config import EngineConfig
 from pagetron.backend.engine.llm_engine import LLMEngine
-from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.serving.async_engine import AsyncEngine
 from pagetron.backend.serving.request_parser import ParsedRequest
-
-
-class Sink:
-    def __init__(self):
-        self.tokens: list[int] = []
-        self.error: tuple[str, str] | None = None
-        self.done = threading.Event()
-
-    def is_cancelled(self) -> bool:
-        return False
-
-    def send(self, output: RequestOutput, final: bool) -> None:
-        self.tokens += output.outputs[0].token_ids
-        if final:
-            self.done.set()
-
-    def send_error(self, message: str, code: str) -> None:
-        self.error = (message, code)
-        self.done.set()
+from sinks import RecordingSink
 
 
 def test_the_queue_bound_refuses_exactly_the_request_past_it(tmp_path):
@@ -46,7 +27,7 @@ def test_the_queue_bound_refuses_exactly_the_request_past_it(tmp_path):
     )]  # fmt: skip
     engine = AsyncEngine(LLMEngine(EngineConfig(**args)), max_queued_requests=1)
     engine.start()
-    sinks = [Sink() for _ in prompts]
+    sinks = [RecordingSink() for _ in prompts]
     try:
         for i in range(4):  # two seats and one place in the queue: the fourth is refused
             engine.submit(f"r{i}", ParsedRequest(prompt=prompts[i], params=params, stream=True), sinks[i])
@@ -56,7 +37,7 @@ def test_the_queue_bound_refuses_exactly_the_request_past_it(tmp_path):
             "the server is at capacity: 3 requests in flight (max_num_seqs 2 + max_queued_requests 1)"
         )
         for sink in sinks[:3]:
-            assert sink.done.wait(60)
+            sink.wait(60)
     finally:
         engine.shutdown()
     for sink, tokens in zip(sinks[:3], expected):

@@ -1,9 +1,6 @@
 """When sending responses falls behind the engine, each request's queued deltas go out as one response:
 nothing is lost, reordered or sent after a request's final response or error."""
 
-import threading
-import time
-
 from model_factory import make_hf_model
 from pagetron.backend import LLM, SamplingParams
 from pagetron.backend.core.config import EngineConfig
@@ -11,6 +8,7 @@ from pagetron.backend.engine.llm_engine import LLMEngine
 from pagetron.backend.engine.outputs import CompletionOutput, RequestOutput
 from pagetron.backend.serving.async_engine import AsyncEngine, LiveRequest, coalesce
 from pagetron.backend.serving.request_parser import ParsedRequest
+from sinks import RecordingSink
 
 
 def delta(request_id: str, token_ids: list[int], text: str, finish_reason: str | None = None):
@@ -65,29 +63,6 @@ def test_a_request_after_its_final_output_is_not_merged_into():
     assert len(merged) == 1 and merged[0][1].outputs[0].token_ids == [1]
 
 
-class SlowSink:
-    """Takes 30 ms per response, far slower than a tiny model's step."""
-
-    def __init__(self):
-        self.responses: list[RequestOutput] = []
-        self.finals = 0
-        self.done = threading.Event()
-
-    def is_cancelled(self) -> bool:
-        return False
-
-    def send(self, output: RequestOutput, final: bool) -> None:
-        time.sleep(0.03)
-        assert self.finals == 0, "a response after the final one"
-        self.responses.append(output)
-        if final:
-            self.finals += 1
-            self.done.set()
-
-    def send_error(self, message: str, code: str) -> None:
-        raise AssertionError(f"unexpected error {code}: {message}")
-
-
 def test_slow_sends_coalesce_without_losing_tokens(tmp_path):
     folder = make_hf_model(tmp_path, "llama", num_kv_heads=2, tie_word_embeddings=False)
     args = {"model": str(folder), "kv_cache_memory_gb": 0.01, "max_num_seqs": 8}
@@ -99,17 +74,16 @@ def test_slow_sends_coalesce_without_losing_tokens(tmp_path):
 
     engine = AsyncEngine(LLMEngine(EngineConfig(**args)))
     engine.start()
-    sinks = [SlowSink() for _ in prompts]
+    sinks = [RecordingSink(send_s=0.03) for _ in prompts]  # far slower than a tiny model's step
     try:
         for i, (prompt, sink) in enumerate(zip(prompts, sinks)):
             engine.submit(f"r{i}", ParsedRequest(prompt=prompt, params=params, stream=True), sink)
         for sink in sinks:
-            assert sink.done.wait(30)
+            sink.wait(30)
     finally:
         engine.shutdown()
     for sink, tokens in zip(sinks, expected):
-        received = [t for r in sink.responses for t in r.outputs[0].token_ids]
-        assert received == tokens
+        assert sink.error is None and sink.tokens == tokens
         assert sink.finals == 1 and sink.responses[-1].outputs[0].finish_reason == "length"
         # 40 tokens at 30 ms per send: the engine finishes long before one response per token could go
         assert len(sink.responses) < 20

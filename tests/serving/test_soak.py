@@ -1,6 +1,7 @@
-"""Soak: the real perf_analyzer streams at concurrency 64 for PAGETRON_SOAK_S seconds (120 by default) of
-short greedy requests. Zero failed requests, every KV block free afterwards, and the server's memory
-(tritonserver plus the model's stub) grows by less than MEMORY_GROWTH_BOUND_MB."""
+"""Soak: the real perf_analyzer streams at concurrency 64 for PAGETRON_SOAK_S seconds (20 by default; `make
+soak` runs 120) of short greedy requests against the session's server. Zero failed requests, every KV block
+free afterwards, and the server's memory (tritonserver plus the model's stub) grows by less than
+MEMORY_GROWTH_BOUND_MB."""
 
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import start_server
-
 from grpc_helpers import scrape_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "perf_analyzer_configs" / "run_perf_analyzer.py"
 CONCURRENCY = 64
-SOAK_S = float(os.environ.get("PAGETRON_SOAK_S", "120"))
+SOAK_S = float(os.environ.get("PAGETRON_SOAK_S", "20"))
 MEMORY_GROWTH_BOUND_MB = 150
 TOKENS_PER_REQUEST = 4  # perf_analyzer_configs/smoke.json
 COUNTERS = ("vllm:e2e_request_latency_seconds_count", "vllm:generation_tokens_total")
@@ -86,31 +85,29 @@ def perf_analyzer_level(url: str, requests: int, out: Path) -> dict:
     }
 
 
-def test_soak_under_perf_analyzer(tmp_path):
-    server = start_server(tmp_path, engine_args={"max_num_seqs": CONCURRENCY})
+def test_soak_under_perf_analyzer(triton_server, tmp_path):
+    """Concurrency 64 on the session server (max_num_seqs 32): half the streams wait in its queue."""
+    server = triton_server
     METRICS_PORT[server.grpc_url] = server.metrics_port
-    try:
-        pids = [server.pid, *server.stub_pids()]
-        warm = perf_analyzer_level(server.grpc_url, 4 * CONCURRENCY, tmp_path / "warm")  # also the rate
-        before_mb = rss_mb(pids)
-        requests = max(4 * CONCURRENCY, int(warm["requests_per_s"] * SOAK_S))
-        level = perf_analyzer_level(server.grpc_url, requests, tmp_path / "soak")
-        after_mb = rss_mb(pids)
-        # every request the server took finished, with every token (a failed one would also fail
-        # perf_analyzer's exit code); perf_analyzer may send a few more than asked to fill its window
-        assert level["finished"] >= requests and level["tokens"] == level["finished"] * TOKENS_PER_REQUEST
-        deadline = time.monotonic() + 10
-        while (m := scrape_metrics(server.metrics_url))["vllm:num_requests_running"] or m[
-            "vllm:gpu_cache_usage_perc"
-        ]:
-            assert time.monotonic() < deadline, m
-            time.sleep(0.2)
-        assert after_mb - before_mb < MEMORY_GROWTH_BOUND_MB, (before_mb, after_mb)
-        print(
-            f"\nsoak: {level['finished']:.0f} requests at concurrency {CONCURRENCY} "
-            f"in {level['seconds']:.0f} s "
-            f"({level['requests_per_s']:.1f} req/s), 0 failed, KV back to 0, server RSS "
-            f"{before_mb:.0f} -> {after_mb:.0f} MB (bound +{MEMORY_GROWTH_BOUND_MB} MB)"
-        )
-    finally:
-        server.stop()
+    pids = [server.pid, *server.stub_pids()]
+    warm = perf_analyzer_level(server.grpc_url, 4 * CONCURRENCY, tmp_path / "warm")  # also the rate
+    before_mb = rss_mb(pids)
+    requests = max(4 * CONCURRENCY, int(warm["requests_per_s"] * SOAK_S))
+    level = perf_analyzer_level(server.grpc_url, requests, tmp_path / "soak")
+    after_mb = rss_mb(pids)
+    # every request the server took finished, with every token (a failed one would also fail
+    # perf_analyzer's exit code); perf_analyzer may send a few more than asked to fill its window
+    assert level["finished"] >= requests and level["tokens"] == level["finished"] * TOKENS_PER_REQUEST
+    deadline = time.monotonic() + 10
+    while (m := scrape_metrics(server.metrics_url))["vllm:num_requests_running"] or m[
+        "vllm:gpu_cache_usage_perc"
+    ]:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.2)
+    assert after_mb - before_mb < MEMORY_GROWTH_BOUND_MB, (before_mb, after_mb)
+    print(
+        f"\nsoak: {level['finished']:.0f} requests at concurrency {CONCURRENCY} "
+        f"in {level['seconds']:.0f} s "
+        f"({level['requests_per_s']:.1f} req/s), 0 failed, KV back to 0, server RSS "
+        f"{before_mb:.0f} -> {after_mb:.0f} MB (bound +{MEMORY_GROWTH_BOUND_MB} MB)"
+    )
