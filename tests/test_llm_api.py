@@ -160,6 +160,11 @@ def test_abort_frees_every_block_at_once(smollm):
     assert not engine.has_unfinished_requests()
 
 
+@pytest.fixture(scope="module")
+def short_llm():
+    return LLM(max_model_len=256, kv_cache_memory_gb=0.05)
+
+
 @pytest.mark.parametrize(
     "prompt, params, field",
     [
@@ -170,8 +175,8 @@ def test_abort_frees_every_block_at_once(smollm):
         (3.5, GREEDY, "prompt"),
     ],
 )
-def test_bad_prompts_name_the_field_and_leave_the_batch_alone(prompt, params, field):
-    llm = LLM(max_model_len=256, kv_cache_memory_gb=0.05)
+def test_bad_prompts_name_the_field_and_leave_the_batch_alone(short_llm, prompt, params, field):
+    llm = short_llm
     with pytest.raises(InvalidRequestError) as e:
         llm.generate([GIRL, prompt], params, use_tqdm=False)
     assert e.value.field == field and "prompt 1" in str(e.value)

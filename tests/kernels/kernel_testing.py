@@ -41,24 +41,22 @@ def _interpreted(module: ModuleType) -> bool:
 def for_device(module: ModuleType) -> ModuleType:
     """The kernel module ``module`` as this device runs it: interpreted on CPU, compiled on CUDA.
 
-    triton.jit picks one or the other when it decorates, i.e. when the module is imported. A module
-    imported the other way (on CUDA under a TRITON_INTERPRET=1 that something else set; on CPU before
-    conftest.py set it) is replaced by a private copy imported with the setting this device needs."""
-    interpret = DEVICE == "cpu"
-    if _interpreted(module) == interpret:
+    triton.jit picks one or the other when it decorates, i.e. when the module is imported. On CPU it was
+    imported after conftest.py set TRITON_INTERPRET=1. On CUDA one imported under a TRITON_INTERPRET=1 that
+    something else set is replaced by a private copy imported without it, whose kernels compile."""
+    if DEVICE == "cpu":
+        assert _interpreted(module), f"{module.__name__} was imported before TRITON_INTERPRET=1 was set"
+        return module
+    if not _interpreted(module):
         return module
     spec = importlib.util.find_spec(module.__name__)
     copy = importlib.util.module_from_spec(spec)
     saved = os.environ.pop("TRITON_INTERPRET", None)
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"
     try:
         spec.loader.exec_module(copy)
     finally:
-        os.environ.pop("TRITON_INTERPRET", None)
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
-    assert _interpreted(copy) == interpret
     return copy
 
 
