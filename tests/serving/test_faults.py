@@ -25,7 +25,7 @@ def fault_server(tmp_path_factory):
     fault_file = tmp / "fault"
     fault_file.write_text("")
     server = start_server(tmp, parameters={"stall_timeout_s": "6"}, env={FAULT_ENV: f"file:{fault_file}"})
-    server.fault_file = fault_file
+    server.fault_file, server.loaded_fault = fault_file, ""
     yield server
     server.stop()
 
@@ -38,7 +38,10 @@ def model_request(server, action: str, timeout: float = 300) -> None:
 
 def load_with_fault(server, fault: str) -> None:
     """Unloads the model if it is loaded (waiting for its stub to go), then loads it with ``fault``."""
+    if server.is_ready() and server.loaded_fault == fault:
+        return
     server.fault_file.write_text(fault)
+    server.loaded_fault = fault
     if server.is_ready():
         stubs = server.stub_pids()
         model_request(server, "unload")
