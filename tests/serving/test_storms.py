@@ -10,7 +10,7 @@ import time
 
 from conftest import start_server
 
-from grpc_helpers import SERVER_ENGINE_ARGS, engine_idle, scrape_metrics, wait_until
+from grpc_helpers import engine_idle, scrape_metrics, wait_until
 from pagetron.backend import LLM, SamplingParams
 from pagetron.client.errors import TritonRequestError
 from pagetron.client.grpc_aio_client import AsyncTritonLLMClient
@@ -20,9 +20,10 @@ PROMPTS = [[1, 1000 + 37 * i, 2000 + 11 * i, 3000 + i, 450, 12] for i in range(8
 STREAMS_PER_CHANNEL = 50
 
 
-def offline_outputs(engine_args: dict, max_tokens: int) -> list[list[int]]:
+def offline_outputs(llm: LLM, max_tokens: int) -> list[list[int]]:
+    """Greedy outputs of the session's offline engine (greedy tokens do not depend on engine args)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    outs = LLM(**engine_args).generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -58,9 +59,9 @@ def wait_for_idle_kv(metrics_url: str, timeout_s: float = 15) -> dict[str, float
     return scrape_metrics(metrics_url)  # the callers' assertions show it
 
 
-def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_server):
+def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_server, smollm):
     max_tokens, count = 24, 200
-    expected = offline_outputs(SERVER_ENGINE_ARGS, max_tokens)
+    expected = offline_outputs(smollm, max_tokens)
     rng = random.Random(5)
     cancel_after = {i: rng.randint(1, max_tokens - 1) for i in rng.sample(range(count), count // 2)}
     started = time.monotonic()
@@ -83,9 +84,9 @@ def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_ser
     )
 
 
-def test_preemption_storm_completes_everything_exactly(tmp_path):
+def test_preemption_storm_completes_everything_exactly(tmp_path, smollm):
     max_tokens, count = 40, 24
-    expected = offline_outputs(SERVER_ENGINE_ARGS, max_tokens)
+    expected = offline_outputs(smollm, max_tokens)
     # 24 requests of 46 tokens need 72 blocks of 16; the pool has 12. Without the growth reservation
     # the scheduler admits greedily and must preempt (vLLM's behaviour).
     engine_args = {"num_kv_blocks": 12, "reserve_kv_for_growth": False}
