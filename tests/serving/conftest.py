@@ -48,9 +48,14 @@ def start_server(
     return server
 
 
+# The session's server serves both models with the context the OpenAI tests need (a chat without
+# max_tokens may fill max_model_len; the KV pool holds that): one tritonserver start for most tests.
+SESSION_ENGINE_ARGS = {"max_model_len": 2048}
+
+
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("triton"))
+    server = start_server(tmp_path_factory.mktemp("triton"), SESSION_ENGINE_ARGS, models=("llm", "embed"))
     yield server
     server.stop()
     assert not _alive(server.pid)
@@ -60,23 +65,14 @@ def triton_server(tmp_path_factory):
 class OpenAIStack:
     server: TritonServer
     frontend: Frontend
-    engine_args: dict  # the served engine's, for an offline engine to compare with
 
 
 @pytest.fixture(scope="session")
-def openai_stack(tmp_path_factory):
-    """tritonserver serving `llm` and `embed`, and `pagetron openai` (API key required) in front of it."""
-    tmp = tmp_path_factory.mktemp("openai")
-    engine_args = {"max_model_len": 2048}  # a chat without max_tokens may fill it; the KV pool holds that
-    server = start_server(tmp, engine_args, models=("llm", "embed"))
-    try:
-        frontend = start_frontend(server.grpc_url, tmp / "frontend.log")
-    except Exception:
-        server.stop()
-        raise
-    yield OpenAIStack(server, frontend, {**SERVER_ENGINE_ARGS, **engine_args})
+def openai_stack(triton_server, tmp_path_factory):
+    """`pagetron openai` (API key required) in front of the session's tritonserver."""
+    frontend = start_frontend(triton_server.grpc_url, tmp_path_factory.mktemp("openai") / "frontend.log")
+    yield OpenAIStack(triton_server, frontend)
     frontend.stop()
-    server.stop()
 
 
 def _alive(pid: int | None) -> bool:

@@ -20,8 +20,8 @@ TEXTS = ["Hello world", "Triton batches concurrent requests.", "Café déjà vu 
 
 
 @pytest.fixture(scope="module")
-def server(openai_stack):
-    return openai_stack.server  # serves llm and embed
+def server(triton_server):
+    return triton_server  # serves llm and embed
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from grpc_helpers import scrape_metrics
-from pagetron.backend import LLM, SamplingParams
+from pagetron.backend import SamplingParams
 
 CHAT = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -27,8 +27,8 @@ PROMPTS = ["Once upon a time, there was a little girl named", "The capital of Fr
 
 
 @pytest.fixture(scope="module")
-def offline(openai_stack):
-    return LLM(**openai_stack.engine_args)
+def offline(smollm):
+    return smollm  # the session's offline engine: greedy outputs do not depend on engine arguments
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from grpc_helpers import SERVER_ENGINE_ARGS, make_inputs, scrape_metrics, stream_generate
-from pagetron.backend import LLM, SamplingParams
+from grpc_helpers import make_inputs, scrape_metrics, stream_generate
+from pagetron.backend import SamplingParams
 from pagetron.client import TritonRequestError
 
 QUESTIONS = [
@@ -29,9 +29,8 @@ PROMPTS = [q + suffix for q in QUESTIONS for suffix in ("", " (really)")]  # 16 
 
 
 @pytest.fixture(scope="module")
-def offline():
-    llm = LLM(**SERVER_ENGINE_ARGS)
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+def offline(smollm):
+    outs = smollm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     return {p: (o.outputs[0].text, o.outputs[0].token_ids) for p, o in zip(PROMPTS, outs)}
 
 
