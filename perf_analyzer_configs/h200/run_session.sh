@@ -14,7 +14,7 @@ run() {  # name, command...: runs one part with its log under $OUT
 }
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
 if [[ $PARTS == *tests* ]]; then
-  for t in tests/test_kernel_*.py tests/test_kv_cache_fp8.py; do
+  for t in tests/kernels/test_*.py; do
     run "cuda-$(basename "$t" .py)" python3 -m pytest -q -p no:cacheprovider -k cuda "$t"
   done
 fi
