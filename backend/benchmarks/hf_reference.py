@@ -7,17 +7,25 @@ import os
 import torch
 
 
-def load_hf_model(model: str | None, dtype: torch.dtype = torch.float32):
-    """transformers' own model for an HF folder or a .gguf file (None: the bundled default model)."""
+def load_hf_model(model: str | None, dtype: torch.dtype = torch.float32, gguf_loader: bool = False):
+    """transformers' own model for an HF folder or a .gguf file (None: the bundled default model).
+
+    NOTE: transformers' GGUF loader parses the file's metadata twice with the pure-Python gguf reader
+    (about 20 s for SmolLM2's 49k-token vocabulary). Pagetron's conversion of a GGUF equals that loader
+    tensor for tensor (tests/test_loader_gguf.py), so by default transformers loads the converted folder
+    (safetensors and config, in Pagetron's cache); ``gguf_loader=True`` goes through transformers' own.
+    """
     from transformers import AutoModelForCausalLM
 
-    from pagetron.backend.model.loader import default_model_path
+    from pagetron.backend.model.loader import default_model_path, load_model_files
 
     path = model or default_model_path()
-    if path.endswith(".gguf"):
+    if path.endswith(".gguf") and gguf_loader:
         folder, name = os.path.split(os.path.abspath(path))
         hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
     else:
+        if path.endswith(".gguf"):
+            path = str(load_model_files(path).weight_files[0].parent)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return hf.eval()
 

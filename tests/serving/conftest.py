@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from grpc_helpers import SERVER_ENGINE_ARGS
+from model_factory import make_hf_model
 from openai_frontend import Frontend, start_frontend
 from pagetron.backend.serving.launcher import TritonServer, free_port, prepare_model_repository
 
@@ -59,6 +60,47 @@ def triton_server(tmp_path_factory):
     yield server
     server.stop()
     assert not _alive(server.pid)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with SmolLM2's tokenizer, for the tests that need load
+    and exact outputs but not SmolLM2's answers: its steps cost a few milliseconds, not a hundred."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    return make_hf_model(root, "llama", num_kv_heads=2, tie_word_embeddings=False, vocab_size=49152,
+                         with_tokenizer=True)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model_dir):
+    """The offline engine the tiny servers' outputs are compared with."""
+    from pagetron.backend import LLM
+
+    return LLM(str(tiny_model_dir), kv_cache_memory_gb=0.05)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory, tiny_model_dir):
+    """The tiny model with the session server's limits (32 running, 1,024 queued): storms and the soak."""
+    server = start_server(tmp_path_factory.mktemp("tiny"), {"model": str(tiny_model_dir)})
+    yield server
+    server.stop()
+
+
+# The limits tests' server (backpressure, preemption storm), also on the tiny model: 4 running requests,
+# 4 queued (a fifth waiting one is refused), and 6 KV blocks of 16 tokens, so 4 requests that grow past
+# 24 tokens must preempt each other (admission without the growth reservation).
+SMALL_ENGINE_ARGS = {"max_num_seqs": 4, "num_kv_blocks": 6, "reserve_kv_for_growth": False}
+SMALL_MAX_QUEUED = 4
+
+
+@pytest.fixture(scope="session")
+def small_server(tmp_path_factory, tiny_model_dir):
+    engine_args = {**SMALL_ENGINE_ARGS, "model": str(tiny_model_dir)}
+    parameters = {"max_queued_requests": str(SMALL_MAX_QUEUED)}
+    server = start_server(tmp_path_factory.mktemp("small"), engine_args, parameters)
+    yield server
+    server.stop()
 
 
 @dataclass

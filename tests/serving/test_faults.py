@@ -16,15 +16,21 @@ import pytest
 from conftest import start_server
 
 from grpc_helpers import stream_generate, wait_until
+from pagetron.backend import SamplingParams
 from pagetron.backend.serving.constants import FAULT_ENV
 
 
 @pytest.fixture(scope="module")
-def fault_server(tmp_path_factory):
+def fault_server(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("faults")
     fault_file = tmp / "fault"
     fault_file.write_text("")
-    server = start_server(tmp, parameters={"stall_timeout_s": "6"}, env={FAULT_ENV: f"file:{fault_file}"})
+    server = start_server(
+        tmp,
+        {"model": str(tiny_model_dir)},  # faults are about the server: a tiny model reloads quickly
+        parameters={"stall_timeout_s": "6"},
+        env={FAULT_ENV: f"file:{fault_file}"},
+    )
     server.fault_file, server.loaded_fault = fault_file, ""
     yield server
     server.stop()
@@ -108,7 +114,7 @@ def test_admin_apis_refuse_requests_without_the_key(fault_server):
     assert r.error is None
 
 
-def test_explicit_unload_frees_the_stub_and_load_serves_again(fault_server):
+def test_explicit_unload_frees_the_stub_and_load_serves_again(fault_server, tiny_llm):
     server = fault_server
     load_with_fault(server, "")
     [stub] = server.stub_pids()
@@ -117,12 +123,10 @@ def test_explicit_unload_frees_the_stub_and_load_serves_again(fault_server):
     assert wait_until(lambda: stub not in server.stub_pids(), 30), "the stub (and the engine's memory) stayed"
     model_request(server, "load")
     assert server.is_ready()
-    r = stream_generate(
-        server.grpc_url,
-        "Once upon a time, there was a little girl named",
-        {"temperature": 0, "max_tokens": 3},
-    )
-    assert r.error is None and r.text == " Emma who loved"
+    prompt = "Once upon a time, there was a little girl named"
+    r = stream_generate(server.grpc_url, prompt, {"temperature": 0, "max_tokens": 3})
+    [expected] = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert r.error is None and r.token_ids == expected.outputs[0].token_ids
     index = json.loads(
         urllib.request.urlopen(
             urllib.request.Request(

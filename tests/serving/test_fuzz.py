@@ -1,7 +1,8 @@
-"""Fuzzing the served model: hypothesis generates sampling_parameters (JSON of any shape: wrong types, huge
-and negative numbers, NaN, nested junk, unknown keys, or not JSON at all) and prompts (text with control
-characters, invalid UTF-8, empty, token ids out of range, 1 MB strings). Every reply is a valid output or
-INVALID_ARG, the server never goes down, and the number of inputs tried is printed."""
+"""Fuzzing the served model (a tiny model with SmolLM2's tokenizer: input handling is under test).
+Hypothesis generates sampling_parameters (JSON of any shape: wrong types, huge and negative numbers, NaN,
+nested junk, unknown keys, or not JSON at all) and prompts (text with control characters, invalid UTF-8,
+empty, token ids out of range, 1 MB strings). Every reply is a valid output or INVALID_ARG, the server
+never goes down, and the number of inputs tried is printed."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ SAMPLING_KEYS = [
 # Valid values this large would make a case run for seconds; smaller ones keep the run short.
 LONG_RUNNING = {"max_tokens": 8, "min_tokens": 8, "n": 3, "logprobs": 5}
 TRIED = {"inputs": 0, "outputs": 0, "invalid": 0}
-EXAMPLES = int(os.environ.get("PAGETRON_FUZZ_EXAMPLES", "300"))  # more by hand
+EXAMPLES = int(os.environ.get("PAGETRON_FUZZ_EXAMPLES", "300"))  # `make soak` runs 1,000
 
 scalars = st.one_of(
     st.none(),
@@ -79,10 +80,10 @@ def as_json(params) -> str | None:
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(prompt=prompts, params=sampling)
-def test_fuzzed_requests_get_output_or_invalid_arg(triton_server, prompt, params):
+def test_fuzzed_requests_get_output_or_invalid_arg(tiny_server, prompt, params):
     TRIED["inputs"] += 1
     r = stream_generate(
-        triton_server.grpc_url,
+        tiny_server.grpc_url,
         prompt,
         as_json(bounded(params)),
         timeout=60,
@@ -95,9 +96,9 @@ def test_fuzzed_requests_get_output_or_invalid_arg(triton_server, prompt, params
         assert r.error.startswith("[INVALID_ARG] "), (r.error, prompt, params)
 
 
-def test_the_server_is_whole_after_fuzzing(triton_server):
-    assert triton_server.process.poll() is None and triton_server.is_ready()
-    r = stream_generate(triton_server.grpc_url, "Hello", {"max_tokens": 3, "temperature": 0})
+def test_the_server_is_whole_after_fuzzing(tiny_server):
+    assert tiny_server.process.poll() is None and tiny_server.is_ready()
+    r = stream_generate(tiny_server.grpc_url, "Hello", {"max_tokens": 3, "temperature": 0})
     assert r.error is None and len(r.token_ids) == 3
     print(
         f"\nfuzzing: {TRIED['inputs']} inputs tried, {TRIED['outputs']} valid outputs, "

@@ -8,7 +8,7 @@ import asyncio
 import random
 import time
 
-from conftest import start_server
+from conftest import SMALL_ENGINE_ARGS, SMALL_MAX_QUEUED
 
 from grpc_helpers import engine_idle, scrape_metrics, wait_until
 from pagetron.backend import LLM, SamplingParams
@@ -21,7 +21,7 @@ STREAMS_PER_CHANNEL = 50
 
 
 def offline_outputs(llm: LLM, max_tokens: int) -> list[list[int]]:
-    """Greedy outputs of the session's offline engine (greedy tokens do not depend on engine args)."""
+    """Greedy outputs of the offline engine on the served model (they do not depend on engine args)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
@@ -59,13 +59,13 @@ def wait_for_idle_kv(metrics_url: str, timeout_s: float = 15) -> dict[str, float
     return scrape_metrics(metrics_url)  # the callers' assertions show it
 
 
-def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_server, smollm):
+def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(tiny_server, tiny_llm):
     max_tokens, count = 24, 200
-    expected = offline_outputs(smollm, max_tokens)
+    expected = offline_outputs(tiny_llm, max_tokens)
     rng = random.Random(5)
     cancel_after = {i: rng.randint(1, max_tokens - 1) for i in rng.sample(range(count), count // 2)}
     started = time.monotonic()
-    results = asyncio.run(run_streams(triton_server.grpc_url, count, max_tokens, cancel_after))
+    results = asyncio.run(run_streams(tiny_server.grpc_url, count, max_tokens, cancel_after))
     seconds = time.monotonic() - started
     survivors = [i for i in results if i not in cancel_after]
     for i in survivors:
@@ -75,7 +75,7 @@ def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_ser
     for i in cancel_after:  # what a cancelled stream got before leaving is a prefix of the full output
         tokens, error = results[i]
         assert error == "cancelled" and tokens == expected[i % len(PROMPTS)][: len(tokens)], (i, error)
-    m = wait_for_idle_kv(triton_server.metrics_url)
+    m = wait_for_idle_kv(tiny_server.metrics_url)
     assert m["vllm:gpu_cache_usage_perc"] == 0 and m["vllm:num_requests_running"] == 0
     assert m["vllm:num_requests_waiting"] == 0
     print(
@@ -84,28 +84,24 @@ def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_ser
     )
 
 
-def test_preemption_storm_completes_everything_exactly(tmp_path, smollm):
-    max_tokens, count = 40, 24
-    expected = offline_outputs(smollm, max_tokens)
-    # 24 requests of 46 tokens need 72 blocks of 16; the pool has 12. Without the growth reservation
-    # the scheduler admits greedily and must preempt (vLLM's behaviour).
-    engine_args = {"num_kv_blocks": 12, "reserve_kv_for_growth": False}
-    server = start_server(tmp_path, engine_args=engine_args)
-    try:
-        before = scrape_metrics(server.metrics_url)
-        started = time.monotonic()
-        results = asyncio.run(run_streams(server.grpc_url, count, max_tokens, {}))
-        seconds = time.monotonic() - started
-        for i, (tokens, error) in results.items():
-            assert error is None, (i, error)
-            assert tokens == expected[i % len(PROMPTS)], i
-        m = wait_for_idle_kv(server.metrics_url)
-        preemptions = m["vllm:num_preemptions_total"] - before.get("vllm:num_preemptions_total", 0)
-        assert preemptions > 0
-        assert m["vllm:gpu_cache_usage_perc"] == 0 and m["vllm:num_requests_running"] == 0
-        print(
-            f"\npreemption storm: {count} streams on a 12-block KV pool, {preemptions:.0f} preemptions, "
-            f"every output equal to an unconstrained offline run, {seconds:.1f} s"
-        )
-    finally:
-        server.stop()
+def test_preemption_storm_completes_everything_exactly(small_server, tiny_llm):
+    max_tokens, count = 40, SMALL_ENGINE_ARGS["max_num_seqs"] + SMALL_MAX_QUEUED
+    expected = offline_outputs(tiny_llm, max_tokens)
+    # 8 requests of 46 tokens (3 blocks of 16 each), 4 running at a time on a pool of 6 blocks: without the
+    # growth reservation the scheduler admits greedily and must preempt (vLLM's behaviour)
+    server = small_server
+    before = scrape_metrics(server.metrics_url)
+    started = time.monotonic()
+    results = asyncio.run(run_streams(server.grpc_url, count, max_tokens, {}))
+    seconds = time.monotonic() - started
+    for i, (tokens, error) in results.items():
+        assert error is None, (i, error)
+        assert tokens == expected[i % len(PROMPTS)], i
+    m = wait_for_idle_kv(server.metrics_url)
+    preemptions = m["vllm:num_preemptions_total"] - before.get("vllm:num_preemptions_total", 0)
+    assert preemptions > 0
+    assert m["vllm:gpu_cache_usage_perc"] == 0 and m["vllm:num_requests_running"] == 0
+    print(
+        f"\npreemption storm: {count} streams on a 6-block KV pool, {preemptions:.0f} preemptions, "
+        f"every output equal to an unconstrained offline run, {seconds:.1f} s"
+    )
