@@ -64,11 +64,12 @@ def triton_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama (2 layers, hidden 64) with SmolLM2's tokenizer, for the tests that need load
-    and exact outputs but not SmolLM2's answers: its steps cost a few milliseconds, not a hundred."""
+    """A tiny random Llama (2 layers, hidden 64, 4,096 positions) with SmolLM2's tokenizer, for the tests
+    that need load, long streams or exact outputs but not SmolLM2's answers: its steps cost a few
+    milliseconds, not a hundred, and it loads at once."""
     root = tmp_path_factory.mktemp("tiny-model")
     return make_hf_model(root, "llama", num_kv_heads=2, tie_word_embeddings=False, vocab_size=49152,
-                         with_tokenizer=True)  # fmt: skip
+                         with_tokenizer=True, max_position_embeddings=4096)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -22,14 +22,14 @@ SERVE = [sys.executable, "-m", "pagetron.backend.cli", "serve"]
 ENGINE_ARGS = ["--max-model-len", "512", "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "8"]
 
 
-def serve_command(ports: dict[str, int], openai: bool = False) -> list[str]:
+def serve_command(ports: dict[str, int], openai: bool = False, model: Path | None = None) -> list[str]:
     cmd = SERVE + [
         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
         "--metrics-port", str(ports["metrics"]), "--exit-timeout-s", "5", "--drain-grace-s", "2",
     ]  # fmt: skip
     if openai:
         cmd += ["--openai", "--openai-port", str(ports["openai"])]
-    return cmd + ENGINE_ARGS
+    return cmd + ENGINE_ARGS + (["--model", str(model)] if model is not None else [])
 
 
 def free_ports() -> dict[str, int]:
@@ -70,14 +70,17 @@ def remove_repository(ports: dict[str, int]) -> None:
     shutil.rmtree(pagetron_cache_dir() / "serve" / f"repo-{ports['grpc']}", ignore_errors=True)
 
 
-def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
+def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path, tiny_model_dir):
     ports = free_ports()
     # tritonserver (--model-repository), each stub (its model.py) and serve's guard name the repository
     markers = (f"/serve/repo-{ports['grpc']}/", f"/serve/repo-{ports['grpc']} ",
                f"openai --triton-url 127.0.0.1:{ports['grpc']}")  # fmt: skip
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
     serve = subprocess.Popen(
-        serve_command(ports, openai=True), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        serve_command(ports, openai=True, model=tiny_model_dir),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     probe = TritonServer(
         tmp_path, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"]
@@ -159,13 +162,16 @@ def test_a_taken_port_fails_at_once_naming_the_port_and_its_holder():
         assert not pids_matching(f"tritonserver.*--grpc-port={ports['grpc']} ")
 
 
-def test_a_port_taken_while_the_model_loads_is_reported_not_retried(tmp_path):
+def test_a_port_taken_while_the_model_loads_is_reported_not_retried(tmp_path, tiny_model_dir):
     """tritonserver loads its models before it binds its ports, so a port taken once it has started
     (after serve's own check) fails its first start: serve names the port and exits, no restart."""
     ports = free_ports()
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
     serve = subprocess.Popen(
-        serve_command(ports), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        serve_command(ports, model=tiny_model_dir),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     pattern = f"tritonserver.*--grpc-port={ports['grpc']} "
     holder = socket.socket()
