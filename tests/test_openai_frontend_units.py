@@ -44,19 +44,19 @@ def test_health_is_busy_not_unhealthy_when_the_queue_is_full():
 
 
 def test_a_frontend_that_dies_at_once_is_restarted_ever_more_slowly(capsys):
-    frontend = OpenAIFrontend("127.0.0.1:1", port=1)
+    frontend = OpenAIFrontend("127.0.0.1:1", port=1, first_retry_s=0.2)
     frontend.command = [sys.executable, "-c", "raise SystemExit(3)"]
     starts, delays = 0, []
-    deadline = time.monotonic() + 30  # the delays alone are 1 + 2 + 4 s
+    deadline = time.monotonic() + 30  # the delays alone are 0.2 + 0.4 + 0.8 s
     while time.monotonic() < deadline and starts < 4:
         before = frontend.process
         frontend.ensure_running()
         if frontend.process is not before:
             starts += 1
         if frontend.retry_at is not None and (not delays or delays[-1][0] is not before):
-            delays.append((before, round(frontend.retry_at - time.monotonic())))
+            delays.append((before, round(frontend.retry_at - time.monotonic(), 1)))
         time.sleep(0.05)
     frontend.process.wait()
-    assert starts == 4  # the first start and three restarts, after 1, 2 and 4 s
-    assert [d for _, d in delays][:3] == [1, 2, 4]
-    assert "restarting in 1 s" in capsys.readouterr().err
+    assert starts == 4  # the first start and three restarts, after 0.2, 0.4 and 0.8 s
+    assert [d for _, d in delays][:3] == [0.2, 0.4, 0.8]
+    assert "restarting in 0.2 s" in capsys.readouterr().err

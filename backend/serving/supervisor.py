@@ -162,6 +162,7 @@ class OpenAIFrontend:
         host: str = "127.0.0.1",
         api_key: str | None = None,
         guard: ProcessGroupGuard | None = None,
+        first_retry_s: float = 1.0,
     ) -> None:
         self.command = frontend_command(triton_url, port, host)
         self.env = dict(os.environ)
@@ -173,7 +174,8 @@ class OpenAIFrontend:
         self.guard = guard
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
-        self.backoff_s = 0.5  # doubled before its first use
+        self.first_retry_s = first_retry_s  # after a quick exit; doubled after each one that follows
+        self.backoff_s = first_retry_s / 2  # doubled before its first use
         self.retry_at: float | None = None
 
     def ensure_running(self) -> None:
@@ -186,13 +188,13 @@ class OpenAIFrontend:
                 # one that dies at once (its port taken, say) is retried ever more slowly, up to a minute
                 quick = now - self.started_at < FRONTEND_QUICK_EXIT_S
                 delay = min(2 * self.backoff_s, 60.0) if quick else 0.0
-                self.backoff_s = delay if quick else 0.5
+                self.backoff_s = delay if quick else self.first_retry_s / 2
                 self.retry_at = now + delay
                 holder = port_holder_text(self.port) if quick else ""
                 taken = f"; port {self.port} is in use{holder}" if holder else ""
                 print(
                     f"pagetron: the OpenAI frontend exited ({self.process.returncode}){taken}; "
-                    f"restarting in {delay:.0f} s",
+                    f"restarting in {delay:.3g} s",
                     file=sys.stderr,
                 )
             if now < self.retry_at:

@@ -85,7 +85,7 @@ def tiny_server(tmp_path_factory, tiny_model_dir):
     """The tiny model with the session server's limits (32 running, 1,024 queued): storms and the soak."""
     server = start_server(tmp_path_factory.mktemp("tiny"), {"model": str(tiny_model_dir)})
     yield server
-    server.stop()
+    server.kill()  # a graceful stop is tested elsewhere
 
 
 # The limits tests' server (backpressure, preemption storm), also on the tiny model: 4 running requests,
@@ -101,7 +101,7 @@ def small_server(tmp_path_factory, tiny_model_dir):
     parameters = {"max_queued_requests": str(SMALL_MAX_QUEUED)}
     server = start_server(tmp_path_factory.mktemp("small"), engine_args, parameters)
     yield server
-    server.stop()
+    server.kill()
 
 
 @dataclass

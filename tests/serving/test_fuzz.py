@@ -22,7 +22,6 @@ SAMPLING_KEYS = [
 ]  # fmt: skip
 # Valid values this large would make a case run for seconds; smaller ones keep the run short.
 LONG_RUNNING = {"max_tokens": 8, "min_tokens": 8, "n": 3, "logprobs": 5}
-TRIED = {"inputs": 0, "outputs": 0, "invalid": 0}
 EXAMPLES = int(os.environ.get("PAGETRON_FUZZ_EXAMPLES", "300"))  # `make soak` runs 1,000
 
 scalars = st.one_of(
@@ -78,30 +77,27 @@ def as_json(params) -> str | None:
     return json.dumps(params, allow_nan=True)  # NaN and Infinity as JS literals, which strict JSON refuses
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(prompt=prompts, params=sampling)
-def test_fuzzed_requests_get_output_or_invalid_arg(tiny_server, prompt, params):
-    TRIED["inputs"] += 1
-    r = stream_generate(
-        tiny_server.grpc_url,
-        prompt,
-        as_json(bounded(params)),
-        timeout=60,
-    )
-    if r.error is None:
-        TRIED["outputs"] += 1
-        assert r.finish_reason in ("length", "stop"), r
-    else:
-        TRIED["invalid"] += 1
-        assert r.error.startswith("[INVALID_ARG] "), (r.error, prompt, params)
+def test_fuzzed_requests_get_output_or_invalid_arg_and_the_server_stays_whole(tiny_server):
+    tried = {"inputs": 0, "outputs": 0, "invalid": 0}
 
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(prompt=prompts, params=sampling)
+    def one(prompt, params):
+        tried["inputs"] += 1
+        r = stream_generate(tiny_server.grpc_url, prompt, as_json(bounded(params)), timeout=60)
+        if r.error is None:
+            tried["outputs"] += 1
+            assert r.finish_reason in ("length", "stop"), r
+        else:
+            tried["invalid"] += 1
+            assert r.error.startswith("[INVALID_ARG] "), (r.error, prompt, params)
 
-def test_the_server_is_whole_after_fuzzing(tiny_server):
+    one()
     assert tiny_server.process.poll() is None and tiny_server.is_ready()
     r = stream_generate(tiny_server.grpc_url, "Hello", {"max_tokens": 3, "temperature": 0})
     assert r.error is None and len(r.token_ids) == 3
     print(
-        f"\nfuzzing: {TRIED['inputs']} inputs tried, {TRIED['outputs']} valid outputs, "
-        f"{TRIED['invalid']} INVALID_ARG, 0 crashes"
+        f"\nfuzzing: {tried['inputs']} inputs tried, {tried['outputs']} valid outputs, "
+        f"{tried['invalid']} INVALID_ARG, 0 crashes"
     )
-    assert TRIED["inputs"] >= EXAMPLES
+    assert tried["inputs"] >= EXAMPLES

@@ -1,13 +1,17 @@
-"""Readiness tells the truth: an engine fault (exception or hang) fails in-flight requests with a clear
-error and the model stops being READY within seconds; explicit unload frees the stub and load works again.
+"""A served model's life: strict engine arguments at load; readiness tells the truth (an engine fault,
+exception or hang, fails in-flight requests with a clear error and the model stops being READY within
+seconds); explicit unload frees the stub and load works again; SIGINT with streams in flight ends each
+stream and leaves no process behind.
 
-One server for the whole module: its fault is read from a file each time the model loads
-(PAGETRON_FAULT=file:PATH), so the scenarios run one after another with a reload in between."""
+One server for the module: its fault is read from a file each time the model loads
+(PAGETRON_FAULT=file:PATH), so the scenarios run one after another with a reload in between, and the
+last test stops it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +19,7 @@ import urllib.request
 import pytest
 from conftest import start_server
 
-from grpc_helpers import stream_generate, wait_until
+from grpc_helpers import scrape_metrics, stream_generate, wait_until
 from pagetron.backend import SamplingParams
 from pagetron.backend.serving.constants import FAULT_ENV
 
@@ -158,3 +162,59 @@ def test_engine_fault_fails_requests_and_drops_readiness(fault_server, fault, ex
     assert probe(server).returncode != 0
     after = stream_generate(server.grpc_url, "Hello", {"max_tokens": 2}, timeout=30)
     assert after.error is not None
+
+
+def test_unknown_engine_argument_fails_the_load_naming_the_key(tmp_path):
+    server = start_server(tmp_path, engine_args={"max_num_seq": 4}, wait=False)
+    try:
+        assert server.process.wait(120) != 0  # the only model failed to load: the server exits
+    finally:
+        server.stop()
+    log = (tmp_path / "tritonserver.log").read_text()
+    assert "engine argument 'max_num_seq': unknown engine argument" in log
+
+
+def test_sigint_with_streams_in_flight_ends_each_stream_and_leaves_no_process(fault_server):
+    """The module's last test: it stops the server."""
+    server = fault_server
+    load_with_fault(server, "")
+    results = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                stream_generate(
+                    server.grpc_url,
+                    "Tell me a story.",
+                    {"max_tokens": 4000, "ignore_eos": True},
+                    stream=True,
+                    timeout=60,
+                )
+            )
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    group = server.pid
+    deadline = time.monotonic() + 60
+    while scrape_metrics(server.metrics_url).get("vllm:num_requests_running", 0) < 3:
+        assert time.monotonic() < deadline, "the three streams never ran together"
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    code = server.stop()  # what Ctrl-C on `pagetron serve` does: drain (3 s grace here), then SIGINT
+    for t in threads:
+        t.join(90)
+    assert code == 0 and time.monotonic() - t0 < 20
+    assert len(results) == 3
+    for r in results:
+        # each stream ended with its whole output or a clear error, never a hang
+        assert (
+            r.error is None and len(r.token_ids) == 4000
+        ) or r.error == "[UNAVAILABLE] the server is shutting down", r
+    assert any(r.error for r in results)  # 4,000 tokens take longer than the 3 s grace, even on a tiny model
+    assert not _stub_running(group)
+
+
+def _stub_running(group: int) -> bool:
+    out = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True)
+    return bool(out.stdout.strip())
