@@ -49,14 +49,17 @@ def start_server(
     return server
 
 
-# The session's server serves both models with the context the OpenAI tests need (a chat without
-# max_tokens may fill max_model_len; the KV pool holds that): one tritonserver start for most tests.
+# The session's server: one tritonserver start for most tests. It serves `embed` and, as `llm`, the tiny
+# model (the served path does not depend on the weights: served outputs are compared with the offline
+# engine on the same model, and HF parity covers SmolLM2's; the supervision test serves SmolLM2 itself),
+# with the context the OpenAI tests need (a chat without max_tokens may fill max_model_len).
 SESSION_ENGINE_ARGS = {"max_model_len": 2048}
 
 
 @pytest.fixture(scope="session")
-def triton_server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("triton"), SESSION_ENGINE_ARGS, models=("llm", "embed"))
+def triton_server(tmp_path_factory, tiny_model_dir):
+    engine_args = {**SESSION_ENGINE_ARGS, "model": str(tiny_model_dir)}
+    server = start_server(tmp_path_factory.mktemp("triton"), engine_args, models=("llm", "embed"))
     yield server
     server.stop()
     assert not _alive(server.pid)
@@ -78,14 +81,6 @@ def tiny_llm(tiny_model_dir):
     from pagetron.backend import LLM
 
     return LLM(str(tiny_model_dir), kv_cache_memory_gb=0.05)
-
-
-@pytest.fixture(scope="session")
-def tiny_server(tmp_path_factory, tiny_model_dir):
-    """The tiny model with the session server's limits (32 running, 1,024 queued): storms and the soak."""
-    server = start_server(tmp_path_factory.mktemp("tiny"), {"model": str(tiny_model_dir)})
-    yield server
-    server.kill()  # a graceful stop is tested elsewhere
 
 
 # The limits tests' server (backpressure, preemption storm), also on the tiny model: 4 running requests,

@@ -18,6 +18,7 @@ import pytest
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from pagetron.backend import SamplingParams
 from pagetron.client.cli import add_client_commands, client_sampling_params, run_client, run_probe
 from pagetron.client.errors import TritonRequestError, triton_code
 from pagetron.client.grpc_aio_client import AsyncTritonLLMClient
@@ -308,11 +309,18 @@ GREEDY_PROMPT = "Once upon a time, there was a little girl named"
 GREEDY = {"max_tokens": 8, "temperature": 0.0}
 
 
-def test_stream_and_non_stream_greedy_agree(triton_server):
+@pytest.fixture(scope="module")
+def greedy(tiny_llm):
+    """The served model's greedy continuation of GREEDY_PROMPT, offline (8 tokens)."""
+    [out] = tiny_llm.generate(GREEDY_PROMPT, SamplingParams(**GREEDY), use_tqdm=False)
+    return out.outputs[0]
+
+
+def test_stream_and_non_stream_greedy_agree(triton_server, greedy):
     url = triton_server.grpc_url
     streamed = complete(url, GREEDY_PROMPT, GREEDY, stream=True, return_num_input_tokens=True)
     single = complete(url, GREEDY_PROMPT, GREEDY, stream=False)
-    assert streamed.text.startswith(" Emma who loved to play")
+    assert streamed.text == greedy.text and streamed.token_ids[0] == greedy.token_ids
     assert single.text == streamed.text
     assert single.token_ids == streamed.token_ids and len(single.token_ids[0]) == 8
     assert single.num_output_tokens == streamed.num_output_tokens == [8]
@@ -328,7 +336,7 @@ def test_stream_chunks_arrive_incrementally(triton_server):
     assert chunks[-1].finish_reason == "length"
 
 
-def test_token_id_prompt_and_early_break(triton_server):
+def test_token_id_prompt_and_early_break(triton_server, greedy):
     url = triton_server.grpc_url
     ids = complete(url, GREEDY_PROMPT, GREEDY).token_ids[0]
     with TritonLLMClient(url) as client:
@@ -342,10 +350,10 @@ def test_token_id_prompt_and_early_break(triton_server):
     assert streamed.num_input_tokens == 8
     assert single.token_ids == streamed.token_ids and single.num_output_tokens == [8]
     assert first.num_tokens >= 1
-    assert again.text.startswith(" Emma who loved to play")
+    assert again.text == greedy.text
 
 
-def test_invalid_argument_surfaces_with_code(triton_server, capsys):
+def test_invalid_argument_surfaces_with_code(triton_server, capsys, greedy):
     url = triton_server.grpc_url
     with pytest.raises(TritonRequestError) as raised:
         list(generate(url, "Hi", {"max_tokens": 4, "bogus_key": 1}))
@@ -365,16 +373,17 @@ def test_invalid_argument_surfaces_with_code(triton_server, capsys):
     ns = parser().parse_args(["client", "Hi", "--url", url, "--sampling-params", '{"bogus_key": 1}'])
     assert ns.func(ns) == 1
     assert capsys.readouterr().err.startswith("pagetron client: error: [INVALID_ARG]")
-    assert complete(url, GREEDY_PROMPT, GREEDY).text.startswith(" Emma who loved to play")
+    assert complete(url, GREEDY_PROMPT, GREEDY).text == greedy.text
 
 
-def test_client_cli_streams_text(triton_server, capsys):
+def test_client_cli_streams_text(triton_server, capsys, tiny_llm):
     ns = parser().parse_args(
         ["client", GREEDY_PROMPT, "--stream", "--url", triton_server.grpc_url, "--max-tokens", "5"]
         + ["--temperature", "0"]
     )
     assert ns.func(ns) == 0
-    assert capsys.readouterr().out == " Emma who loved to play\n"
+    [expected] = tiny_llm.generate(GREEDY_PROMPT, SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)
+    assert capsys.readouterr().out == expected.outputs[0].text + "\n"
 
 
 def test_probe_healthy_then_stopped_server(triton_server, capsys):

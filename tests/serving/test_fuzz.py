@@ -77,14 +77,14 @@ def as_json(params) -> str | None:
     return json.dumps(params, allow_nan=True)  # NaN and Infinity as JS literals, which strict JSON refuses
 
 
-def test_fuzzed_requests_get_output_or_invalid_arg_and_the_server_stays_whole(tiny_server):
+def test_fuzzed_requests_get_output_or_invalid_arg_and_the_server_stays_whole(triton_server):
     tried = {"inputs": 0, "outputs": 0, "invalid": 0}
 
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(prompt=prompts, params=sampling)
     def one(prompt, params):
         tried["inputs"] += 1
-        r = stream_generate(tiny_server.grpc_url, prompt, as_json(bounded(params)), timeout=60)
+        r = stream_generate(triton_server.grpc_url, prompt, as_json(bounded(params)), timeout=60)
         if r.error is None:
             tried["outputs"] += 1
             assert r.finish_reason in ("length", "stop"), r
@@ -93,8 +93,8 @@ def test_fuzzed_requests_get_output_or_invalid_arg_and_the_server_stays_whole(ti
             assert r.error.startswith("[INVALID_ARG] "), (r.error, prompt, params)
 
     one()
-    assert tiny_server.process.poll() is None and tiny_server.is_ready()
-    r = stream_generate(tiny_server.grpc_url, "Hello", {"max_tokens": 3, "temperature": 0})
+    assert triton_server.process.poll() is None and triton_server.is_ready()
+    r = stream_generate(triton_server.grpc_url, "Hello", {"max_tokens": 3, "temperature": 0})
     assert r.error is None and len(r.token_ids) == 3
     print(
         f"\nfuzzing: {tried['inputs']} inputs tried, {tried['outputs']} valid outputs, "

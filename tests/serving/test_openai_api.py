@@ -27,8 +27,8 @@ PROMPTS = ["Once upon a time, there was a little girl named", "The capital of Fr
 
 
 @pytest.fixture(scope="module")
-def offline(smollm):
-    return smollm  # the session's offline engine: greedy outputs do not depend on engine arguments
+def offline(tiny_llm):
+    return tiny_llm  # the served model, offline: greedy outputs do not depend on engine arguments
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +155,12 @@ def test_n_and_seed_are_reproducible_and_equal_offline(client, offline):
 
 def test_stop_and_penalties_reach_the_engine(client, offline):
     prompt = "Count: one, two, three,"
-    stopped = client.completions.create(model="llm", prompt=prompt, max_tokens=32, temperature=0, stop=[","])
-    expected = offline.generate(prompt, greedy(max_tokens=32, stop=[","]), use_tqdm=False)[0].outputs[0]
-    assert stopped.choices[0].text == expected.text and "," not in expected.text
-    assert stopped.choices[0].finish_reason == "stop"
+    plain = offline.generate(prompt, greedy(max_tokens=32), use_tqdm=False)[0].outputs[0].text
+    stop = plain[len(plain) // 2 :][:3]  # a string the model is known to produce, mid-way
+    stopped = client.completions.create(model="llm", prompt=prompt, max_tokens=32, temperature=0, stop=[stop])
+    expected = offline.generate(prompt, greedy(max_tokens=32, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert stopped.choices[0].text == expected.text and stop not in expected.text
+    assert stopped.choices[0].finish_reason == expected.finish_reason == "stop"
     penalised = client.completions.create(
         model="llm", prompt=prompt, max_tokens=16, temperature=0, presence_penalty=1.5, frequency_penalty=1.0
     )

@@ -12,20 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pagetron.backend import SamplingParams
+
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "perf_analyzer_configs" / "run_perf_analyzer.py"
 REQUESTS_PER_LEVEL = 4
 TOKENS_PER_REQUEST = 4
-# Greedy continuations by SmolLM2-135M-Instruct (the default model), from the offline engine:
-# LLM().generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-GREEDY_TEXT = {
-    "Once upon a time, there was a little girl named": " Emma who loved to",
-    "The capital of France is": " Paris.\n\n",
-    "Write a haiku about the sea:": "\n\nThe sun",
-}
 
 
-def test_perf_analyzer_streaming_smoke(triton_server, tmp_path):
+def greedy_text(llm, prompts: list[str]) -> dict[str, str]:
+    """The served model's greedy continuations, offline, as smoke.json asks for them."""
+    params = SamplingParams(temperature=0, max_tokens=TOKENS_PER_REQUEST, ignore_eos=True)
+    return {p: o.outputs[0].text for p, o in zip(prompts, llm.generate(prompts, params, use_tqdm=False))}
+
+
+def test_perf_analyzer_streaming_smoke(triton_server, tiny_llm, tmp_path):
     out = tmp_path / "perf_analyzer"
     command = [sys.executable, str(RUNNER), "--url", triton_server.grpc_url, "--concurrency", "1:2"]
     command += ["--request-count", str(REQUESTS_PER_LEVEL), "--timeout", "60", "--out", str(out)]
@@ -51,6 +52,8 @@ def test_perf_analyzer_streaming_smoke(triton_server, tmp_path):
     assert all(float(row["Inferences/Second"]) > 0 for row in rows)
 
     # what was streamed: each request's responses join into the greedy continuation of its prompt
+    smoke = json.loads((REPO / "perf_analyzer_configs" / "smoke.json").read_text())
+    expected = greedy_text(tiny_llm, [entry["text_input"][0] for entry in smoke["data"]])
     for level in (1, 2):
         export = json.loads((out / f"c{level}.profile.json").read_text())
         requests = [r for experiment in export["experiments"] for r in experiment["requests"]]
@@ -58,5 +61,5 @@ def test_perf_analyzer_streaming_smoke(triton_server, tmp_path):
         for request in requests:
             prompt = request["request_inputs"]["text_input"]
             streamed = "".join(response.get("text_output", "") for response in request["response_outputs"])
-            assert streamed == GREEDY_TEXT[prompt]
+            assert streamed == expected[prompt]
             assert len(request["response_timestamps"]) >= 2  # streamed, not one final response

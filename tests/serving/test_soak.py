@@ -1,7 +1,7 @@
 """Soak: the real perf_analyzer streams at concurrency 64 for PAGETRON_SOAK_S seconds (10 by default;
-`make soak` runs 120) of short greedy requests against a server of a tiny model (the soak is about the
-server, not the model). Zero failed requests, every KV block free afterwards, and the server's memory
-(tritonserver plus the model's stub) grows by less than MEMORY_GROWTH_BOUND_MB."""
+`make soak` runs 120) of short greedy requests against the session's server (a tiny model: the soak is
+about the server, not the model). Zero failed requests, every KV block free afterwards, and the server's
+memory (tritonserver plus the model's stub) grows by less than MEMORY_GROWTH_BOUND_MB."""
 
 from __future__ import annotations
 
@@ -85,9 +85,9 @@ def perf_analyzer_level(url: str, requests: int, out: Path) -> dict:
     }
 
 
-def test_soak_under_perf_analyzer(tiny_server, tmp_path):
-    """Concurrency 64 on the tiny model's server (max_num_seqs 32): half the streams wait in its queue."""
-    server = tiny_server
+def test_soak_under_perf_analyzer(triton_server, tmp_path):
+    """Concurrency 64 on the session server (max_num_seqs 32): half the streams wait in its queue."""
+    server = triton_server
     METRICS_PORT[server.grpc_url] = server.metrics_port
     pids = [server.pid, *server.stub_pids()]
     warm = perf_analyzer_level(server.grpc_url, 2 * CONCURRENCY, tmp_path / "warm")  # also the rate

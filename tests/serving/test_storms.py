@@ -58,13 +58,13 @@ def wait_for_idle_kv(metrics_url: str, timeout_s: float = 15) -> dict[str, float
     return scrape_metrics(metrics_url)  # the callers' assertions show it
 
 
-def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(tiny_server, tiny_llm):
+def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(triton_server, tiny_llm):
     max_tokens, count = 24, 200
     expected = offline_outputs(tiny_llm, max_tokens)
     rng = random.Random(5)
     cancel_after = {i: rng.randint(1, max_tokens - 1) for i in rng.sample(range(count), count // 2)}
     started = time.monotonic()
-    results = asyncio.run(run_streams(tiny_server.grpc_url, count, max_tokens, cancel_after))
+    results = asyncio.run(run_streams(triton_server.grpc_url, count, max_tokens, cancel_after))
     seconds = time.monotonic() - started
     survivors = [i for i in results if i not in cancel_after]
     for i in survivors:
@@ -79,7 +79,7 @@ def test_cancellation_storm_spares_every_survivor_and_frees_the_cache(tiny_serve
         else:
             assert error == "cancelled" and tokens == expected[i % len(PROMPTS)][: len(tokens)], (i, error)
     assert len(cancelled) >= len(cancel_after) // 2, f"only {len(cancelled)} streams left mid-generation"
-    m = wait_for_idle_kv(tiny_server.metrics_url)
+    m = wait_for_idle_kv(triton_server.metrics_url)
     assert m["vllm:gpu_cache_usage_perc"] == 0 and m["vllm:num_requests_running"] == 0
     assert m["vllm:num_requests_waiting"] == 0
     print(

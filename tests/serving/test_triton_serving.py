@@ -29,8 +29,8 @@ PROMPTS = [q + suffix for q in QUESTIONS for suffix in ("", " (really)")]  # 16 
 
 
 @pytest.fixture(scope="module")
-def offline(smollm):
-    outs = smollm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+def offline(tiny_llm):
+    outs = tiny_llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     return {p: (o.outputs[0].text, o.outputs[0].token_ids) for p, o in zip(PROMPTS, outs)}
 
 
@@ -108,11 +108,11 @@ def test_n_outputs_and_extra_outputs(triton_server):
     assert r.error is None and r.token_ids[:4] == r.token_ids[4:]  # both greedy copies, concatenated
 
 
-def test_messages_input_is_rendered_with_the_chat_template_by_the_server(triton_server, smollm):
+def test_messages_input_is_rendered_with_the_chat_template_by_the_server(triton_server, tiny_llm):
     from pagetron.client import GenerateRequest, TritonLLMClient
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    expected = smollm.chat(messages, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+    expected = tiny_llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
     request = GenerateRequest(messages, {"temperature": 0, "max_tokens": 12}, return_num_input_tokens=True)
     with TritonLLMClient(triton_server.grpc_url) as client:
         result = client.complete(request, timeout=120)
