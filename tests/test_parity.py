@@ -57,8 +57,8 @@ def smollm_prompts(smollm):
 @pytest.fixture(scope="module")
 def max_tokens(smollm_prompts):
     return [
-        32 - 2 * (i % 5) for i in range(len(smollm_prompts))
-    ]  # 24..32: sequences leave at different steps
+        24 - 2 * (i % 5) for i in range(len(smollm_prompts))
+    ]  # 16..24: sequences leave at different steps
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_smollm2_default_engine_matches_hf(smollm, smollm_prompts, max_tokens, h
     assert ours == hf_outputs
     assert outs[0].outputs[0].text == smollm.tokenizer.decode(hf_outputs[0], skip_special_tokens=True)
     # prefix caching is on: the shared system prompt is served from the cache for the later requests
-    assert sum(o.num_cached_tokens for o in outs[:4]) >= 3 * 32
+    assert sum(o.num_cached_tokens for o in outs[:4]) >= 3 * 32  # two 16-token blocks each, at least
 
 
 @pytest.mark.parametrize(

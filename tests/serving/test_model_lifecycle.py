@@ -32,7 +32,7 @@ def fault_server(tmp_path_factory, tiny_model_dir):
     server = start_server(
         tmp,
         {"model": str(tiny_model_dir)},  # faults are about the server: a tiny model reloads quickly
-        parameters={"stall_timeout_s": "6"},
+        parameters={"stall_timeout_s": "3"},  # a tiny model's steps take milliseconds
         env={FAULT_ENV: f"file:{fault_file}"},
     )
     server.fault_file, server.loaded_fault = fault_file, ""

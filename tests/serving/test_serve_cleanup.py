@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from grpc_helpers import pids_matching, wait_until
+from grpc_helpers import pids_matching, stream_generate, wait_until
 from pagetron.backend.model.loader import pagetron_cache_dir
 from pagetron.backend.serving.launcher import TritonServer, free_port, group_processes, stub_shm_regions
 
@@ -70,14 +70,16 @@ def remove_repository(ports: dict[str, int]) -> None:
     shutil.rmtree(pagetron_cache_dir() / "serve" / f"repo-{ports['grpc']}", ignore_errors=True)
 
 
-def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path, tiny_model_dir):
+def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
+    """Serves the default model, SmolLM2 (the other served tests run a tiny one): its known greedy
+    continuation is checked end to end here first."""
     ports = free_ports()
     # tritonserver (--model-repository), each stub (its model.py) and serve's guard name the repository
     markers = (f"/serve/repo-{ports['grpc']}/", f"/serve/repo-{ports['grpc']} ",
                f"openai --triton-url 127.0.0.1:{ports['grpc']}")  # fmt: skip
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
     serve = subprocess.Popen(
-        serve_command(ports, openai=True, model=tiny_model_dir),
+        serve_command(ports, openai=True),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -93,6 +95,9 @@ def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path, tiny_mo
 
     try:
         assert wait_until(up, 300, 0.5) and serve.poll() is None, "pagetron serve never became ready"
+        prompt = "Once upon a time, there was a little girl named"
+        known = stream_generate(probe.grpc_url, prompt, {"max_tokens": 4, "temperature": 0})
+        assert known.error is None and known.text == " Emma who loved to"
         [server] = pids_matching(f"tritonserver.*--grpc-port={ports['grpc']} ")
         processes = processes_with(*markers)
         kinds = sorted(

@@ -64,16 +64,14 @@ def check_the_frontend(root: str, frontend_pattern: str) -> None:
     assert pids_matching(frontend_pattern) != [frontend]
 
 
-def test_stub_killed_under_load_then_sigterm(tmp_path):
-    """The default model, SmolLM2 (the other served tests run a tiny one): its known continuation is
-    checked end to end here."""
+def test_stub_killed_under_load_then_sigterm(tmp_path, tiny_model_dir):
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port(), "openai": free_port()}
     cmd = [
         sys.executable, "-m", "pagetron.backend.cli", "serve", "--openai",
         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
         "--metrics-port", str(ports["metrics"]), "--openai-port", str(ports["openai"]),
         "--exit-timeout-s", "5", "--drain-grace-s", "2",
-        "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "8", "--max-model-len", "4096",
+        "--model", str(tiny_model_dir), "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "8",
     ]  # fmt: skip
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
     env = {**os.environ, OPENAI_API_KEY_ENV: "serve-key"}
@@ -90,11 +88,7 @@ def test_stub_killed_under_load_then_sigterm(tmp_path):
         check_the_frontend(root, frontend_pattern)
         [stub] = pids_matching(stub_pattern)
 
-        known = stream_generate(
-            url, "Once upon a time, there was a little girl named", {"max_tokens": 4, "temperature": 0}
-        )
-        assert known.error is None and known.text == " Emma who loved to"
-        thread, result = stream_in_background(url, max_tokens=4000)
+        thread, result = stream_in_background(url, max_tokens=4000)  # seconds, even on the tiny model
         assert wait_until(lambda: running(metrics), 30), "the stream never ran"
         killed_at = time.monotonic()
         os.kill(stub, signal.SIGKILL)
