@@ -32,9 +32,34 @@ def test_sampling_parameters_tensor_wins_over_http_parameters_and_strings_are_nu
 
 
 @pytest.mark.parametrize("flag", ["return_logprobs", "return_cumulative_logprob"])
-def test_asking_for_logprobs_or_their_sum_turns_on_sampled_token_logprobs(flag):
+def test_asking_for_logprob_outputs_does_not_turn_on_logprobs(flag):
+    """As the vLLM backend: `logprobs` is null and the sum still computed unless the request asks."""
     parsed = parse_request({"input_ids": np.array([5, 6], dtype=np.int32), flag: np.array([True])})
-    assert parsed.prompt == [5, 6] and parsed.params.logprobs == 0
+    assert parsed.prompt == [5, 6] and parsed.params.logprobs is None and getattr(parsed, flag)
+
+
+@pytest.mark.parametrize(
+    "stream, exclude, prepended",
+    [
+        (False, None, True),
+        (True, None, False),
+        (False, True, False),
+        (False, False, True),
+        (True, True, False),
+    ],
+)
+def test_the_prompt_is_prepended_unless_streaming_or_excluded(stream, exclude, prepended):
+    inputs = {"text_input": np.array([b"Hi"], dtype=object), "stream": np.array([stream])}
+    if exclude is not None:
+        inputs["exclude_input_in_output"] = np.array([exclude])
+    assert parse_request(inputs).exclude_input_in_output is not prepended
+
+
+def test_streaming_with_the_prompt_in_the_output_is_refused():
+    inputs = {"text_input": np.array([b"Hi"], dtype=object), "stream": np.array([True])}
+    with pytest.raises(InvalidRequestError) as e:
+        parse_request({**inputs, "exclude_input_in_output": np.array([False])})
+    assert e.value.field == "exclude_input_in_output" and "When streaming" in e.value.message
 
 
 def test_bad_inputs_name_the_field():

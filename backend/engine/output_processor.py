@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pagetron.backend.core.detokenizer import decode_full
 from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import SequenceUpdate
 from pagetron.backend.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -66,7 +67,7 @@ class RequestState:
                     index=seq.index,
                     text=delta if delta_only else sent.text,
                     token_ids=list(new_token_ids) if delta_only else list(seq.output_token_ids),
-                    cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
+                    cumulative_logprob=seq.cumulative_logprob,
                     logprobs=logprobs,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
@@ -85,7 +86,7 @@ class RequestState:
         for step in seq.logprobs[len(sent.logprobs) :]:
             sent.logprobs.append(
                 {
-                    tid: Logprob(lp, rank, tok.decode([tid]) if tok is not None else None)
+                    tid: Logprob(lp, rank, decode_full(tok, [tid], False) if tok is not None else None)
                     for tid, (lp, rank) in step.items()
                 }
             )

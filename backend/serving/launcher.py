@@ -30,6 +30,7 @@ from pagetron.backend.serving.constants import (
     ADMIN_HEADER,
     ADMIN_KEY_ENV,
     ADMIN_KEY_FILE_ENV,
+    BACKEND_NAME,
     DRAIN_DONE_SUFFIX,
     DRAIN_FILE,
     ENGINE_ARGS_FILE,
@@ -52,8 +53,16 @@ def pytriton_root() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tritonserver"
 
 
+def bundled_libraries() -> Path:
+    """The wheel's own shared libraries (libarchive, libcudart, ...), which its binaries find by RPATH."""
+    return pytriton_root().parent.parent / "nvidia_pytriton.libs"
+
+
 def build_backend_dir(dest: Path) -> Path:
-    """dest/python/ with the Python backend, its utils and the stub for this interpreter (as links)."""
+    """dest/python/ with the Python backend, its utils and the stub for this interpreter, and
+    dest/pagetron/model.py: Pagetron as a Python-based backend, so a model folder written for Triton's
+    vLLM backend runs with `backend: "pagetron"` (Triton runs a backend folder's model.py on the Python
+    backend)."""
     root = pytriton_root()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     sources = {
@@ -66,10 +75,17 @@ def build_backend_dir(dest: Path) -> Path:
     for name, source in sources.items():
         if not source.exists():
             raise LaunchError(f"{source} is missing (no Python {version} stub in this nvidia-pytriton?)")
-        link = python_dir / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(source)
+        target = python_dir / name
+        target.unlink(missing_ok=True)
+        if name == "libtriton_python.so":
+            # a copy: Triton refuses a Python-based backend (below) whose backend library resolves outside
+            # the backend directory; its libraries are found through LD_LIBRARY_PATH (bundled_libraries)
+            shutil.copy2(source, target)
+        else:
+            target.symlink_to(source)  # the stub finds its libraries next to the file it links to
+    own = dest / BACKEND_NAME
+    own.mkdir(exist_ok=True)
+    (own / "model.py").write_text((REPO_TEMPLATE / MODEL_NAME / "1" / "model.py").read_text())
     return dest
 
 
@@ -453,6 +469,11 @@ class TritonServer:
         python_bin = stub_python_bin(pagetron_cache_dir() / "stub_env")
         env = dict(os.environ)
         env["PATH"] = f"{python_bin}{os.pathsep}{env.get('PATH', '')}"
+        libraries = [
+            str(bundled_libraries()),
+            *filter(None, env.get("LD_LIBRARY_PATH", "").split(os.pathsep)),
+        ]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libraries)
         env.update(self.env)
         log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115 (owned by the process)
         self.process = subprocess.Popen(

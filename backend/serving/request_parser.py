@@ -25,6 +25,7 @@ class ParsedRequest:
     prompt: str | list[int] | dict  # dict: {"messages": [...]}, rendered with the chat template
     params: SamplingParams
     stream: bool = False
+    # as Triton's vLLM backend: when not given, the prompt is prepended unless streaming
     exclude_input_in_output: bool = True
     return_finish_reason: bool = False
     return_cumulative_logprob: bool = False
@@ -37,10 +38,14 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None =
     """Raises InvalidRequestError / SamplingParamsError naming the offending input or key."""
     prompt = _prompt(inputs)
     flags = {name: _bool(inputs, name) for name in BOOL_INPUT_NAMES if name in inputs}
+    stream = flags.get("stream", False)
+    if "exclude_input_in_output" not in flags:
+        flags["exclude_input_in_output"] = stream
+    elif stream and not flags["exclude_input_in_output"]:
+        raise InvalidRequestError(
+            "exclude_input_in_output", "When streaming, `exclude_input_in_output` = False is not allowed."
+        )
     params = _sampling_params(inputs, parameters)
-    wants_logprobs = flags.get("return_logprobs") or flags.get("return_cumulative_logprob")
-    if wants_logprobs and params.logprobs is None:
-        params.logprobs = 0  # the sampled token's logprob, as Triton's vLLM backend does
     return ParsedRequest(prompt=prompt, params=params, **flags)
 
 

@@ -44,10 +44,10 @@ class ResponseBuilder:
             "text_output": [t.encode("utf-8") for t in texts],
             "output_ids": [t for o in outputs for t in o.token_ids],
         }
-        if parsed.return_finish_reason:
-            values["finish_reason"] = [(o.finish_reason or "").encode() for o in outputs]
+        if parsed.return_finish_reason:  # "None" until an output finishes, as the vLLM backend sends it
+            values["finish_reason"] = [str(o.finish_reason).encode() for o in outputs]
         if parsed.return_cumulative_logprob:
-            values["cumulative_logprob"] = [o.cumulative_logprob or 0.0 for o in outputs]
+            values["cumulative_logprob"] = [o.cumulative_logprob for o in outputs]
         if parsed.return_logprobs:
             values["logprobs"] = [_logprobs_json(o).encode() for o in outputs]
         if parsed.return_num_input_tokens:
@@ -61,7 +61,10 @@ class ResponseBuilder:
 
 
 def _logprobs_json(output: CompletionOutput) -> str:
-    """Per generated token: {token_id: {"logprob", "rank", "decoded_token"}}, as the vLLM backend sends it."""
+    """Per generated token: {token_id: {"logprob", "rank", "decoded_token"}}, as the vLLM backend sends it;
+    null when the request asked for no logprobs."""
+    if output.logprobs is None:
+        return "null"
     steps = [
         {
             str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}

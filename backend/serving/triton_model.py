@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import uuid
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -23,11 +24,18 @@ from pagetron.backend.engine.llm_engine import LLMEngine
 from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.serving import schema
 from pagetron.backend.serving.async_engine import AsyncEngine, ResponseSink
-from pagetron.backend.serving.constants import DRAIN_FILE, ENGINE_ARGS_FILE, ErrorCode, tag_error
+from pagetron.backend.serving.constants import (
+    DRAIN_FILE,
+    ENGINE_ARGS_FILE,
+    VLLM_MODEL_JSON,
+    ErrorCode,
+    tag_error,
+)
 from pagetron.backend.serving.fault_injection import fault_injection_factory
 from pagetron.backend.serving.request_parser import ParsedRequest, parse_request
 from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.triton_metrics import TritonMetrics
+from pagetron.backend.serving.vllm_compat import read_model_json
 
 WARMUP_TIMEOUT_S = 600.0
 
@@ -104,8 +112,7 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("model 'llm' must use the decoupled transaction policy")
         parameters = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        args_path = os.path.join(args["model_repository"], args["model_version"], ENGINE_ARGS_FILE)
-        config = EngineConfig.from_json_file(args_path) if os.path.exists(args_path) else EngineConfig()
+        config = _engine_config(os.path.join(args["model_repository"], args["model_version"]))
         self.engine = LLMEngine(config, executor_factory=fault_injection_factory())
         self.builder = ResponseBuilder(self.engine.tokenizer)
         self.metrics = _optional_metrics(self.model_name, args["model_version"], self.engine.max_model_len)
@@ -201,6 +208,16 @@ class TritonPythonModel:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def _engine_config(version_dir: str) -> EngineConfig:
+    """engine_args.json; else a vLLM-backend model.json; else the defaults (the bundled model)."""
+    own, vllm = os.path.join(version_dir, ENGINE_ARGS_FILE), Path(version_dir, VLLM_MODEL_JSON)
+    if os.path.exists(own):
+        return EngineConfig.from_json_file(own)
+    if vllm.exists():
+        return read_model_json(vllm)
+    return EngineConfig()
 
 
 def _queue_limit(value: str) -> int | None:

@@ -64,7 +64,9 @@ def stream_generate(
     **flags,
 ):
     """One request over a gRPC stream; collects every response until the final one. With the header
-    ``triton_grpc_error: true`` an error ends the stream with its gRPC status code (``error_code``)."""
+    ``triton_grpc_error: true`` an error ends the stream with its gRPC status code (``error_code``).
+    The prompt is left out of the text (``exclude_input_in_output`` true) unless the flags say otherwise."""
+    flags = {"exclude_input_in_output": True, **flags}
     client = grpcclient.InferenceServerClient(url)
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=headers)
@@ -85,7 +87,7 @@ def stream_generate(
             if ids is not None:
                 result.token_ids += ids.tolist()
             reason = response.as_numpy("finish_reason")
-            if reason is not None and reason.size and reason[0]:
+            if reason is not None and reason.size and reason[0] not in (b"", b"None"):
                 result.finish_reason = reason[0].decode()
             if raw.parameters["triton_final_response"].bool_param:
                 return result
