@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -82,6 +83,15 @@ class LLMEngine:
                 "without chunked prefill a long prompt could never be scheduled",
             )
         return length
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest vocabulary entry: no token covers more text (bounds a prompt's tokens
+        from below by its bytes, so an oversize one is refused without tokenizing it)."""
+        if self.tokenizer is None:
+            return 1
+        vocab = self.tokenizer.get_vocab()
+        return max(len(self.tokenizer.convert_tokens_to_string([t]).encode()) for t in vocab) or 1
 
     def _eos_token_ids(self, generation_eos: list[int]) -> set[int]:
         """One EOS set for both the sampler (min_tokens masking) and the scheduler (stopping)."""

@@ -1,5 +1,6 @@
-"""The engine behind a server: one thread owns the LLMEngine, another sends responses, a watchdog keeps
-readiness honest. Independent of Triton: responses leave through a ``ResponseSink``."""
+"""The engine behind a server: one thread prepares requests (chat template, tokenizer), one owns the
+LLMEngine, another sends responses, a watchdog keeps readiness honest. Independent of Triton: responses
+leave through a ``ResponseSink``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pagetron.backend.engine.llm_engine import LLMEngine
 from pagetron.backend.engine.output_processor import OutputKind
 from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.serving.constants import DRAIN_DONE_SUFFIX, ErrorCode
+from pagetron.backend.serving.limits import prompt_cannot_fit
 from pagetron.backend.serving.request_parser import ParsedRequest
 from pagetron.backend.serving.responses import ResponseBuilder
 from pagetron.backend.serving.step_stats import StepStats, StepStatsCollector
@@ -124,11 +126,14 @@ class AsyncEngine:
         self._last_progress = time.monotonic()
         self.unhealthy_reason: str | None = None
         self._stats = StepStatsCollector(engine)
+        self._preprocess: queue.Queue = queue.Queue()
+        engine.max_token_bytes  # noqa: B018 (computed once here, not by the first request)
         self._threads = [
             threading.Thread(target=self._engine_loop, name="pagetron-engine", daemon=True),
             threading.Thread(target=self._output_loop, name="pagetron-output", daemon=True),
             threading.Thread(target=self._watchdog_loop, name="pagetron-watchdog", daemon=True),
             threading.Thread(target=self._cancel_poll_loop, name="pagetron-cancel-poll", daemon=True),
+            threading.Thread(target=self._preprocess_loop, name="pagetron-preprocess", daemon=True),
         ]
 
     # ---- called from any thread ---------------------------------------------------------------------
@@ -165,7 +170,7 @@ class AsyncEngine:
         if refused is not None:
             sink.send_error(refused, ErrorCode.UNAVAILABLE)
             return
-        self._inbox.put(("add", live))
+        self._preprocess.put(live)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -178,6 +183,7 @@ class AsyncEngine:
         """Stops the threads; requests still in flight end with an UNAVAILABLE error."""
         self._stop.set()
         self._inbox.put(("wake", None))
+        self._preprocess.put(None)
         self._threads[0].join(timeout)
         self._fail_all("the model is being unloaded", ErrorCode.UNAVAILABLE)
         self._outbox.put(None)
@@ -221,20 +227,59 @@ class AsyncEngine:
             except queue.Empty:
                 return aborted
 
-    def _add(self, live: LiveRequest) -> None:
+    def _add(self, prepared: tuple[LiveRequest, str | None, list]) -> None:
+        live, text, seqs = prepared
         with self._lock:
-            if live.finished:
+            if live.finished:  # cancelled or refused while it was being prepared
                 return
-        try:
-            self.engine.add_request(live.parsed.prompt, live.parsed.params, live.request_id, OutputKind.DELTA)
-        except (InvalidRequestError, SamplingParamsError) as e:
-            self._finish_with_error(live.request_id, str(e), ErrorCode.INVALID_ARG)
-        except Exception as e:  # noqa: BLE001 (the tokenizer or chat template refused the input)
-            # NOTE: one request's input must never take the engine thread down with it (a lone surrogate
-            # in a chat message once did, through the tokenizer). Nothing was queued yet: only it fails.
-            logger.warning("request %s refused while being added: %r", live.request_id, e)
-            message = f"the prompt could not be tokenized: {type(e).__name__}: {e}"
-            self._finish_with_error(live.request_id, message, ErrorCode.INVALID_ARG)
+        self.engine.enqueue(live.request_id, text, seqs, OutputKind.DELTA)
+
+    # ---- preprocessing thread -----------------------------------------------------------------------
+    # NOTE: rendering a chat and tokenizing take time in proportion to the request (seconds for a few MB),
+    # and on the engine thread they stalled every running stream and could trip the watchdog. Here they
+    # run beside it; the engine thread only queues the finished sequences. A prompt whose byte length
+    # alone proves it cannot fit is refused before it is tokenized.
+    def _preprocess_loop(self) -> None:
+        while (live := self._preprocess.get()) is not None:
+            with self._lock:
+                if live.finished:
+                    continue
+            try:
+                self._check_size(live.parsed.prompt)
+                text, seqs = self.engine.make_sequences(
+                    live.request_id, live.parsed.prompt, live.parsed.params, live.arrival_time
+                )
+            except (InvalidRequestError, SamplingParamsError) as e:
+                self._finish_with_error(live.request_id, str(e), ErrorCode.INVALID_ARG)
+                continue
+            except Exception as e:  # noqa: BLE001 (the tokenizer or chat template refused the input)
+                # NOTE: one request's input must never take a thread down with it (a lone surrogate in a
+                # chat message once did, through the tokenizer). Nothing was queued yet: only it fails.
+                logger.warning("request %s refused while being prepared: %r", live.request_id, e)
+                message = f"the prompt could not be tokenized: {type(e).__name__}: {e}"
+                self._finish_with_error(live.request_id, message, ErrorCode.INVALID_ARG)
+                continue
+            self._inbox.put(("add", (live, text, seqs)))
+
+    def _check_size(self, prompt) -> None:
+        if isinstance(prompt, str):
+            field, size = "prompt", len(prompt.encode("utf-8", "surrogatepass"))
+        elif isinstance(prompt, dict) and "messages" in prompt:
+            field, messages = "messages", prompt["messages"]
+            if len(messages) >= self.engine.max_model_len:  # the template gives each at least one token
+                raise InvalidRequestError(
+                    field, f"{len(messages)} messages cannot fit max_model_len {self.engine.max_model_len}"
+                )
+            size = sum(len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) for m in messages)
+        else:
+            return
+        engine = self.engine
+        if prompt_cannot_fit(size, engine.max_model_len, engine.max_token_bytes):
+            raise InvalidRequestError(
+                field,
+                f"{size} bytes of text cannot fit max_model_len {engine.max_model_len}: no token of this "
+                f"model is longer than {engine.max_token_bytes} bytes (refused without tokenizing)",
+            )
 
     def _abort(self, request_id: str, message: str, code: str) -> None:
         self.engine.abort_request(request_id)
