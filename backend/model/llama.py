@@ -3,12 +3,15 @@
 The residual stream is carried beside the hidden states, as in vLLM: each norm adds its input to the
 residual first (fused_add_rms_norm), which is the same math and rounding as ``x = x + sublayer(norm(x))``.
 Every layer runs the kernels of the KernelOps the model is built with (torch references or OpenAI-Triton
-kernels, chosen once by the worker).
+kernels, chosen once by the worker). With tensor parallelism each rank builds its shard (model/parallel.py):
+QKV and gate_up split by output columns (heads), o_proj and down_proj by input rows (all-reduced), the
+embedding and LM head by vocabulary range.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,20 +21,55 @@ from pagetron.backend.model.layers.attention import Attention, AttentionMetadata
 from pagetron.backend.model.layers.norm import RMSNorm
 from pagetron.backend.model.layers.rotary import RotaryEmbedding
 from pagetron.backend.model.model_config import ModelConfig
+from pagetron.backend.model.parallel import (
+    SINGLE,
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    full,
+    shape_of,
+)
+
+
+def kv_head_replicas(num_kv_heads: int, tp_size: int) -> int:
+    """How many ranks hold each KV head: 1 when the heads split over the ranks, more when there are
+    fewer KV heads than ranks (then every rank holds one)."""
+    if num_kv_heads >= tp_size:
+        if num_kv_heads % tp_size:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {tp_size} ranks")
+        return 1
+    if tp_size % num_kv_heads:
+        raise ValueError(f"{tp_size} ranks cannot share {num_kv_heads} KV heads evenly")
+    return tp_size // num_kv_heads
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS):
+    def __init__(
+        self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS, tp: TensorParallel = SINGLE
+    ):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        replicas = kv_head_replicas(cfg.num_kv_heads, tp.size)
+        self.num_heads = tp.split(cfg.num_heads, "attention heads")
+        self.num_kv_heads = cfg.num_kv_heads * replicas // tp.size
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        q_full, kv_full = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            [q_full, kv_full, kv_full],
+            cfg.attention_bias,
+            tp,
+            cfg.head_dim,
+            [1, replicas, replicas],
+        )
+        self.o_proj = RowParallelLinear(q_full, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, ops)
-        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, ops)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, ops)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -46,11 +84,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps = TORCH_OPS):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps = TORCH_OPS, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.intermediate_size = tp.split(cfg.intermediate_size, "intermediate_size")
+        size = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [size, size], False, tp)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,12 +97,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS):
+    def __init__(
+        self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS, tp: TensorParallel = SINGLE
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = LlamaAttention(cfg, max_position, ops)
+        self.self_attn = LlamaAttention(cfg, max_position, ops, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = LlamaMLP(cfg, ops)
+        self.mlp = LlamaMLP(cfg, ops, tp)
 
     def forward(
         self,
@@ -84,10 +125,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS):
+    def __init__(
+        self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS, tp: TensorParallel = SINGLE
+    ):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, max_position, ops) for _ in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, max_position, ops, tp) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(
@@ -101,7 +146,7 @@ class LlamaModel(nn.Module):
         return self.norm(hidden, residual)[0]
 
 
-# HF checkpoint name fragment -> (our fused parameter, shard index)
+# HF checkpoint name fragment -> (our fused module, its part)
 _PACKED = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
@@ -109,15 +154,17 @@ _PACKED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+_PARTS = {"qkv_proj": 3, "gate_up_proj": 2}
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS):
+    def __init__(
+        self, cfg: ModelConfig, max_position: int, ops: KernelOps = TORCH_OPS, tp: TensorParallel = SINGLE
+    ):
         super().__init__()
-        self.cfg = cfg
-        self.ops = ops
-        self.model = LlamaModel(cfg, max_position, ops)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.cfg, self.ops, self.tp = cfg, ops, tp
+        self.model = LlamaModel(cfg, max_position, ops, tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -126,47 +173,42 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[rows, vocab] fp32 logits on rank 0 (None on the other ranks)."""
+        return self.lm_head.logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def _shard_offsets(self, fused: str) -> list[int]:
-        c = self.cfg
-        if fused == "qkv_proj":
-            q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            return [0, q, q + kv, q + 2 * kv]
-        return [0, c.intermediate_size, 2 * c.intermediate_size]
-
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into our (partly fused) parameters; every parameter must be written."""
-        params = dict(self.named_parameters())
-        expected = {n: p.numel() for n, p in params.items()}
-        written: dict[str, int] = {}
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """HF-named tensors (or lazy safetensors slices) into our parameters, each rank reading its own
+        shard; every parameter (every part of a fused one) must be written."""
+        modules, params = dict(self.named_modules()), dict(self.named_parameters())
+        written: set[tuple[str, int]] = set()
+        for name, weight in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
-            target, shard = name, None
+            target, part = name, 0
             for hf_part, (ours, index) in _PACKED.items():
                 if f".{hf_part}." in name:
-                    target, shard = name.replace(f".{hf_part}.", f".{ours}."), index
+                    target, part = name.replace(f".{hf_part}.", f".{ours}."), index
                     break
-            if target not in params:
+            module_name, _, leaf = target.rpartition(".")
+            if target not in params or module_name not in modules:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
-            param = params[target]
-            dest = param
-            if shard is not None:
-                offsets = self._shard_offsets(target.split(".")[-2])
-                dest = param[offsets[shard] : offsets[shard + 1]]
-            if dest.shape != tensor.shape:
-                got, want = tuple(tensor.shape), tuple(dest.shape)
-                raise ValueError(f"checkpoint tensor {name!r} has shape {got}, expected {want}")
-            dest.copy_(tensor)
-            written[target] = written.get(target, 0) + tensor.numel()
-        missing = [n for n, size in expected.items() if written.get(n, 0) != size]
+            module = modules[module_name]
+            try:
+                if hasattr(module, "load"):
+                    module.load(leaf, weight, part)
+                elif shape_of(weight) != tuple(params[target].shape):
+                    raise ValueError(f"has shape {shape_of(weight)}, expected {tuple(params[target].shape)}")
+                else:
+                    params[target].copy_(full(weight))
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {name!r} {e}") from None
+            written.add((target, part))
+        expected = {(n, p) for n in params for p in range(_PARTS.get(n.split(".")[-2], 1))}
+        missing = sorted({n for n, _ in expected - written})
         if missing:
             raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}")

@@ -1,0 +1,182 @@
+"""Tensor-parallel layers (Megatron-style), and the one place a rank's share of a weight is cut.
+
+    column parallel:  Y = X [W_0 | W_1 | ...]   rank r holds the output columns W_r (QKV by heads, gate_up)
+    row parallel:     Y = sum_r X_r W_r          rank r holds input rows W_r; the partial Ys are all-reduced
+    vocab parallel:   embedding rows and LM-head columns split by vocabulary range (padded to a multiple of
+                      the ranks); lookups outside a rank's range give zeros, summed by an all-reduce; logits
+                      are gathered on rank 0, which alone samples
+
+With one rank every layer is a plain nn.Linear / nn.Embedding and no collective runs. Weights arrive as
+the checkpoint's full tensors, or as lazy safetensors slices, of which only this rank's part is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place among the tensor-parallel ranks, and the group their collectives use."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # torch.distributed process group; None with one rank
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_on_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Rank 0 gets the ranks' ``x`` concatenated along the last dimension; the others get None."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x.contiguous(), parts, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        return torch.cat(parts, dim=-1) if parts is not None else None
+
+    def split(self, total: int, what: str) -> int:
+        if total % self.size:
+            raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size {self.size}")
+        return total // self.size
+
+
+SINGLE = TensorParallel()
+
+
+def narrow(weight: Any, dim: int, start: int, length: int) -> torch.Tensor:
+    """``weight[..., start:start + length, ...]`` along ``dim``, reading only that part of a lazy slice."""
+    if isinstance(weight, torch.Tensor):
+        return weight.narrow(dim, start, length)
+    index = tuple([slice(None)] * dim + [slice(start, start + length)])
+    return weight[index]
+
+
+def full(weight: Any) -> torch.Tensor:
+    return weight if isinstance(weight, torch.Tensor) else weight[:]
+
+
+def shape_of(weight: Any) -> tuple[int, ...]:
+    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight.get_shape())
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over the ranks; ``parts`` are the logical outputs fused into one matrix (q, k,
+    v or gate, up), each split on its own and stored rank-locally back to back::
+
+        full:    [ q (Hq*D) | k (Hkv*D) | v (Hkv*D) ]
+        rank r:  [ q_r      | k_r       | v_r       ]     q_r = heads r*Hq/N ..., k_r likewise
+
+    ``replicas[i]`` > 1 means part i has fewer units than ranks: each unit (a KV head) is held by that many
+    consecutive ranks.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        parts: list[int],
+        bias: bool,
+        tp: TensorParallel = SINGLE,
+        unit: int = 1,
+        replicas: list[int] | None = None,
+    ):
+        super().__init__()
+        self.tp, self.unit = tp, unit
+        self.parts = parts
+        self.replicas = replicas or [1] * len(parts)
+        self.local_parts = [
+            (size // unit) * r // tp.size * unit if r > 1 else tp.split(size // unit, "units") * unit
+            for size, r in zip(parts, self.replicas)
+        ]
+        local = sum(self.local_parts)
+        self.weight = nn.Parameter(torch.empty(local, in_features))
+        self.bias = nn.Parameter(torch.empty(local)) if bias else None
+
+    def _local_range(self, part: int) -> tuple[int, int]:
+        """(start, length) of this rank's rows of logical part ``part`` in the full tensor's part."""
+        length, replicas = self.local_parts[part], self.replicas[part]
+        return (self.tp.rank // replicas) * length, length
+
+    def load(self, name: str, weight: Any, part: int = 0) -> None:
+        for param, is_bias in ((self.weight, False), (self.bias, True)):
+            if param is None or name != ("bias" if is_bias else "weight"):
+                continue
+            start, length = self._local_range(part)
+            expected = (self.parts[part],) if is_bias else (self.parts[part], param.shape[1])
+            if shape_of(weight) != expected:
+                raise ValueError(f"has shape {shape_of(weight)}, expected {expected}")
+            offset = sum(self.local_parts[:part])
+            param.data[offset : offset + length].copy_(narrow(weight, 0, start, length))
+            return
+        raise ValueError(f"no parameter {name!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over the ranks; each computes a partial product, all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(out_features, tp.split(in_features, "input features")))
+
+    def load(self, name: str, weight: Any, part: int = 0) -> None:
+        if name != "weight":
+            raise ValueError(f"no parameter {name!r}")
+        expected = (self.weight.shape[0], self.in_features)
+        if shape_of(weight) != expected:
+            raise ValueError(f"has shape {shape_of(weight)}, expected {expected}")
+        length = self.weight.shape[1]
+        self.weight.data.copy_(narrow(weight, 1, self.tp.rank * length, length))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(nn.functional.linear(x, self.weight))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [rank * V', (rank + 1) * V') of the vocabulary (V' = V padded up to the ranks, divided)."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.tp, self.vocab_size = tp, vocab_size
+        self.per_rank = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, hidden))
+
+    def load(self, name: str, weight: Any, part: int = 0) -> None:
+        if name != "weight":
+            raise ValueError(f"no parameter {name!r}")
+        expected = (self.vocab_size, self.weight.shape[1])
+        if shape_of(weight) != expected:
+            raise ValueError(f"has shape {shape_of(weight)}, expected {expected}")
+        length = max(0, min(self.per_rank, self.vocab_size - self.start))
+        self.weight.data.zero_()  # the padding rows past the vocabulary
+        if length:
+            self.weight.data[:length].copy_(narrow(weight, 0, self.start, length))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill(outside[:, None], 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, split like the embedding (it may share its weight); rank 0 gets the full
+    [T, V] logits in fp32, the other ranks None."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        local = nn.functional.linear(hidden, self.weight).float()
+        logits = self.tp.gather_on_first(local)
+        return None if logits is None else logits[:, : self.vocab_size]
