@@ -26,6 +26,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         embed=ns.embed,
         openai_port=ns.openai_port if ns.openai else None,
         api_key=ns.api_key,
+        max_request_bytes=ns.max_request_bytes,
     )
     try:
         return supervisor.serve(settings)
@@ -65,8 +66,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="on Ctrl-C, in-flight requests get this long to finish before they are cancelled",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="HTTP request bodies over N bytes are refused with 413 before they are read, by the nginx "
+        "guard on --http-port (default: 1 MiB + 128 bytes per token of max_model_len)",
+    )
+    parser.add_argument(
         "--stall-timeout-s",
         type=float,
         default=30.0,
         help="an engine that makes no progress this long with work pending is declared dead",
     )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {text!r}")
+    return value

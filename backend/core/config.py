@@ -45,6 +45,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto: OpenAI-Triton kernels on CUDA, torch references on CPU
+    # tensor parallelism: ranks (one process and, on CUDA, one GPU each), spread over nnodes hosts; the
+    # other hosts run `pagetron worker` and meet the engine at dist_init_addr ("host:port")
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    dist_init_addr: str | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -64,7 +69,16 @@ class EngineConfig:
             raise ConfigError("device", f"must be one of {_DEVICES}, got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError("block_size", f"must be a power of two >= 1, got {self.block_size}")
-        _positive(self, "max_num_seqs", "max_num_batched_tokens")
+        _positive(self, "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "nnodes")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ConfigError(
+                "nnodes", f"{self.nnodes} hosts cannot share {self.tensor_parallel_size} ranks evenly"
+            )
+        if self.nnodes > 1 and not _host_port(self.dist_init_addr):
+            raise ConfigError(
+                "dist_init_addr",
+                f"with nnodes > 1, the engine's address as host:port; got {self.dist_init_addr!r}",
+            )
         if self.max_model_len is not None:
             _positive(self, "max_model_len")
         if self.num_kv_blocks is not None:
@@ -112,6 +126,11 @@ class EngineConfig:
         if not isinstance(data, dict):
             raise ConfigError("<file>", f"{path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def _host_port(addr: str | None) -> bool:
+    host, _, port = (addr or "").rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def _positive(cfg: EngineConfig, *keys: str) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence as SequenceABC
 from typing import Any
 
 from pagetron.backend.core.block_manager import BlockManager
-from pagetron.backend.core.config import ConfigError, EngineConfig
+from pagetron.backend.core.config import EngineConfig
 from pagetron.backend.core.detokenizer import IncrementalDetokenizer
 from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams
@@ -20,10 +20,8 @@ from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.engine.chat_template import encode_chat
 from pagetron.backend.engine.output_processor import OutputKind, OutputProcessor
 from pagetron.backend.engine.outputs import RequestOutput
-from pagetron.backend.executor.executor import ExecutorFactory, UniprocExecutor
+from pagetron.backend.executor.executor import ExecutorFactory, default_executor
 from pagetron.backend.executor.spec import ModelSpec
-from pagetron.backend.model.loader import load_model_files
-from pagetron.backend.model.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +36,12 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, executor_factory: ExecutorFactory | None = None):
         self.config = config
-        files = load_model_files(config.model, config.load_format, config.tokenizer)
-        self.tokenizer = files.tokenizer
-        self.model_config = ModelConfig.from_hf_config(files.hf_config)
-        self.max_model_len = self._max_model_len()
-        self.eos_token_ids = self._eos_token_ids(files.generation_eos_token_ids)
-        spec = ModelSpec(config, files, self.model_config, self.max_model_len, frozenset(self.eos_token_ids))
-        self.executor = (executor_factory or UniprocExecutor)(spec)
+        spec = ModelSpec.from_config(config)
+        self.tokenizer = spec.files.tokenizer
+        self.model_config = spec.model_config
+        self.max_model_len = spec.max_model_len
+        self.eos_token_ids = set(spec.eos_token_ids)
+        self.executor = (executor_factory or default_executor)(spec)
         self.block_manager = BlockManager(
             self.executor.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -62,28 +59,6 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
-    def _max_model_len(self) -> int:
-        cfg, limit = self.config, self.model_config.max_position_embeddings
-        if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise ConfigError(
-                "max_model_len", f"{cfg.max_model_len} exceeds the model's limit of {limit} tokens"
-            )
-        length = cfg.max_model_len or limit
-        window = self.model_config.sliding_window
-        if window is not None and length > window:
-            logger.warning(
-                "max_model_len capped to the sliding window (%d); sliding attention is not implemented",
-                window,
-            )
-            length = window
-        if not self.config.enable_chunked_prefill and cfg.max_num_batched_tokens < length:
-            raise ConfigError(
-                "max_num_batched_tokens",
-                f"{cfg.max_num_batched_tokens} is below max_model_len {length}; "
-                "without chunked prefill a long prompt could never be scheduled",
-            )
-        return length
-
     @functools.cached_property
     def max_token_bytes(self) -> int:
         """UTF-8 bytes of the longest vocabulary entry: no token covers more text (bounds a prompt's tokens
@@ -92,13 +67,6 @@ class LLMEngine:
             return 1
         vocab = self.tokenizer.get_vocab()
         return max(len(self.tokenizer.convert_tokens_to_string([t]).encode()) for t in vocab) or 1
-
-    def _eos_token_ids(self, generation_eos: list[int]) -> set[int]:
-        """One EOS set for both the sampler (min_tokens masking) and the scheduler (stopping)."""
-        ids = set(self.model_config.eos_token_ids) | set(generation_eos)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
 
     # ---- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

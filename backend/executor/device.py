@@ -10,11 +10,19 @@ from pagetron.kernels.attention_ref import FP8_DTYPE
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of one rank: on CUDA, GPU number ``local_rank`` of its host."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("engine argument 'device': 'cuda' requested but no CUDA device is available")
+    if name == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"rank {local_rank} of this host needs a GPU; it has {torch.cuda.device_count()}"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 

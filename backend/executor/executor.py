@@ -37,11 +37,21 @@ ExecutorFactory = Callable[[ModelSpec], Executor]
 class UniprocExecutor(Executor):
     def __init__(self, spec: ModelSpec):
         self.worker = Worker(spec)
+        self.worker.initialize_cache(self.worker.max_kv_blocks)
         self.num_kv_blocks = self.worker.num_kv_blocks
         self.device_name = str(self.worker.device)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute(scheduler_output)
+
+
+def default_executor(spec: ModelSpec) -> Executor:
+    """One worker in this process, or with tensor_parallel_size > 1 one process per rank."""
+    if spec.config.tensor_parallel_size == 1:
+        return UniprocExecutor(spec)
+    from pagetron.backend.executor.multiproc import MultiprocExecutor
+
+    return MultiprocExecutor(spec)
 
 
 class ExecutorWrapper(Executor):

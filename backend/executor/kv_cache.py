@@ -19,15 +19,15 @@ import torch
 from pagetron.backend.core.config import EngineConfig
 from pagetron.backend.model.layers.attention import AttentionMetadata
 from pagetron.backend.model.llama import LlamaForCausalLM
-from pagetron.backend.model.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    c = model_config
+def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    """Per rank: a tensor-parallel rank holds only its own KV heads."""
+    attn = model.attention_layers()[0]
     elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * elem
+    return 2 * len(model.attention_layers()) * block_size * attn.num_kv_heads * attn.head_dim * elem
 
 
 def num_kv_blocks(
@@ -47,7 +47,7 @@ def num_kv_blocks(
         budget = total * config.gpu_memory_utilization - (total - free) - activations
     else:
         budget = config.kv_cache_memory_gb * (1 << 30)
-    num = int(budget // kv_bytes_per_block(model.cfg, config.block_size, kv_dtype))
+    num = int(budget // kv_bytes_per_block(model, config.block_size, kv_dtype))
     num = min(num, config.max_num_seqs * -(-max_model_len // config.block_size))
     if num < 1:
         raise ValueError("not enough memory for even one KV-cache block; raise kv_cache_memory_gb")
@@ -79,9 +79,11 @@ def profile_activation_bytes(
     positions = torch.arange(n, device=device) % max_model_len
     hidden = model(ids, positions, meta)
     rows = min(config.max_num_seqs, n)
-    logits = model.compute_logits(hidden[:rows])
+    logits = model.compute_logits(hidden[:rows])  # None on tensor-parallel ranks other than 0
     # the sampler's worst case: a sorted copy, its indices and softmax of [rows, vocab] in fp32
-    scratch = [torch.empty_like(logits) for _ in range(3)] + [torch.empty_like(logits, dtype=torch.int64)]
+    scratch = []
+    if logits is not None:
+        scratch = [torch.empty_like(logits) for _ in range(3)] + [torch.empty_like(logits, dtype=torch.int64)]
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     del hidden, logits, scratch
@@ -93,8 +95,8 @@ def allocate_kv_cache(
     model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """The cache tensor, bound to the model's attention layers."""
-    c = model.cfg
-    shape = (2, c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+    attn = model.attention_layers()[0]
+    shape = (2, len(model.attention_layers()), num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
     kv_cache = torch.zeros(shape, dtype=dtype, device=device)
     for i, attn in enumerate(model.attention_layers()):
         attn.k_cache, attn.v_cache = kv_cache[0, i], kv_cache[1, i]

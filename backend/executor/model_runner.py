@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.cuda_graphs import DecodeGraphs
-from pagetron.backend.executor.step_inputs import StepInputBuilder, StepInputs
+from pagetron.backend.executor.step_inputs import HostStepInputs, StepInputBuilder, StepInputs
 from pagetron.backend.model.llama import LlamaForCausalLM
 from pagetron.backend.model.sampler import Sampler
 
@@ -37,17 +38,27 @@ class ModelRunner:
         self.inputs = StepInputBuilder(block_size, device)
         self.phase_times: PhaseTimes | None = None  # set to profile each step's phases
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """One step on a single rank: inputs from the scheduler's output, forward, sample."""
         self.sampler.forget(out.finished_seq_ids)
         if not out:
             return RunnerOutput()
         timer = _Timer(self.phase_times, self.device)
-        inputs = timer.phase("prepare", self.inputs.build, out)
+        host = timer.phase("prepare", self.inputs.build, out)
+        return self.run(host, out.sampled_seqs, timer)
+
+    @torch.inference_mode()
+    def run(
+        self, host: HostStepInputs, sampled_seqs: list[Sequence] | None, timer: _Timer | None = None
+    ) -> RunnerOutput | None:
+        """Forward over ``host`` inputs; with tensor parallelism every rank runs this, and rank 0 (the one
+        with ``sampled_seqs``) gets the logits and samples."""
+        timer = timer or _Timer(self.phase_times, self.device)
+        inputs = timer.phase("prepare", self.inputs.to_device, host)
         hidden = timer.phase("forward", self._forward, inputs)
-        if not out.sample_indices:
+        if not host.shape.num_sampled:
             return timer.done(RunnerOutput())
-        return timer.done(timer.phase("sample", self._sample, hidden, inputs, out))
+        return timer.done(timer.phase("sample", self._sample, hidden, inputs, sampled_seqs))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.meta
@@ -59,9 +70,9 @@ class ModelRunner:
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, meta)
 
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, out: SchedulerOutput) -> RunnerOutput:
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        return self.sampler(logits, out.sampled_seqs)
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, seqs: list[Sequence] | None) -> RunnerOutput:
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # gathered on rank 0 only
+        return self.sampler(logits, seqs) if logits is not None else None
 
 
 class _Timer:
@@ -72,6 +83,10 @@ class _Timer:
     def phase(self, name: str, fn, *args):
         if self.times is None:
             return fn(*args)
+        if name in self.row:  # prepare runs twice (host, then device): one figure
+            result = self.phase(name + "_", fn, *args)
+            self.row[name] += self.row.pop(name + "_")
+            return result
         sync = self.times.sync and self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)

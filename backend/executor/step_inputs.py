@@ -1,6 +1,6 @@
 """One step's model inputs, named, built on the host in two packed buffers and sent in two copies.
 
-Layout of the host buffers (each part starts on a 16-byte boundary, see ``_aligned_offsets``)::
+Layout of the host buffers (each part starts on a 16-byte boundary, see ``aligned_offsets``)::
 
     int64: [ input ids (T) | positions (T) | slots (T) | rows to sample (S) ]
     int32: [ decode context lens (D) | decode block tables (D x Wd) | prefill query starts (P + 1)
@@ -44,6 +44,15 @@ class StepShape:
 
 
 @dataclass
+class HostStepInputs:
+    """A step's inputs on the host: what a multi-process executor sends to its other ranks."""
+
+    shape: StepShape
+    longs: np.ndarray  # int64
+    ints: np.ndarray  # int32
+
+
+@dataclass
 class StepInputs:
     """The device tensors of one step."""
 
@@ -65,19 +74,24 @@ class StepInputBuilder:
         self._longs = HostStaging(np.int64, device)
         self._ints = HostStaging(np.int32, device)
 
-    def build(self, out: SchedulerOutput) -> StepInputs:
+    def build(self, out: SchedulerOutput) -> HostStepInputs:
         shape = self._shape(out)
-        long_offsets = _aligned_offsets(shape.long_sizes(), itemsize=8)
-        int_offsets = _aligned_offsets(shape.int_sizes(), itemsize=4)
+        long_offsets = aligned_offsets(shape.long_sizes(), itemsize=8)
+        int_offsets = aligned_offsets(shape.int_sizes(), itemsize=4)
         longs = self._longs.zeros(long_offsets[-1])
         ints = self._ints.zeros(int_offsets[-1])
         self._fill(out, shape, _parts(longs, long_offsets, shape.long_sizes()),
                    _parts(ints, int_offsets, shape.int_sizes()))  # fmt: skip
-        longs_t, ints_t = self._longs.to_device(longs), self._ints.to_device(ints)
+        return HostStepInputs(shape, longs, ints)
+
+    def to_device(self, host: HostStepInputs) -> StepInputs:
+        """``host`` is the latest ``build`` result, or (on another rank) the buffers it was sent."""
+        shape = host.shape
+        longs_t, ints_t = self._longs.to_device(host.longs), self._ints.to_device(host.ints)
         return _step_inputs(
             shape,
-            _parts(longs_t, long_offsets, shape.long_sizes()),
-            _parts(ints_t, int_offsets, shape.int_sizes()),
+            _parts(longs_t, aligned_offsets(shape.long_sizes(), itemsize=8), shape.long_sizes()),
+            _parts(ints_t, aligned_offsets(shape.int_sizes(), itemsize=4), shape.int_sizes()),
         )
 
     def _shape(self, out: SchedulerOutput) -> StepShape:
@@ -147,7 +161,7 @@ def _parts(buffer, offsets: list[int], sizes: list[int]) -> list:
     return [buffer[off : off + n] for off, n in zip(offsets, sizes)]
 
 
-def _aligned_offsets(sizes: list[int], itemsize: int) -> list[int]:
+def aligned_offsets(sizes: list[int], itemsize: int) -> list[int]:
     """Start offsets of consecutive parts of one buffer, each part starting on a 16-byte boundary, plus
     the total length. Triton specializes kernels on pointer alignment: unaligned views of a packed buffer
     would compile new variants (about a second each) whenever the parts' sizes change."""
@@ -186,9 +200,11 @@ class HostStaging:
         return array
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
-        """``array`` is the latest ``zeros`` result, filled in."""
+        """``array`` is the latest ``zeros`` result, filled in (or any array, copied through the buffer)."""
         if self.device.type != "cuda":
             return torch.from_numpy(array)
+        if self._pinned is None or array.ctypes.data != self._pinned.data_ptr():
+            self.zeros(array.shape[0])[:] = array  # received from another rank: stage it first
         tensor = self._pinned[: array.shape[0]].to(self.device, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()

@@ -17,33 +17,44 @@ from pagetron.backend.executor.model_runner import ModelRunner
 from pagetron.backend.executor.spec import ModelSpec
 from pagetron.backend.model.kernel_ops import kernel_ops
 from pagetron.backend.model.llama import LlamaForCausalLM
+from pagetron.backend.model.parallel import SINGLE, TensorParallel
 from pagetron.backend.model.sampler import Sampler
 
 MAX_GRAPH_BATCH = 512
 
 
 class Worker:
-    def __init__(self, spec: ModelSpec):
+    """Two phases: construction loads the model and measures how many KV blocks fit (``max_kv_blocks``);
+    ``initialize_cache`` allocates the number every rank can hold and captures the CUDA graphs."""
+
+    def __init__(self, spec: ModelSpec, tp: TensorParallel = SINGLE, local_rank: int = 0):
         config = spec.config
-        self.device = resolve_device(config.device)
+        self.spec, self.tp = spec, tp
+        self.device = resolve_device(config.device, local_rank)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config, self.dtype)
         self.kernels = resolve_kernels(config.attention_backend, self.device)
         self.model = self._load_model(spec)
-        self.num_kv_blocks = num_kv_blocks(
+        self.max_kv_blocks = num_kv_blocks(
             config, self.model, spec.max_model_len, self.kv_cache_dtype, self.device
         )
+        self.num_kv_blocks = 0
+        self.runner: ModelRunner | None = None
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        config = self.spec.config
+        self.num_kv_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(
-            self.model, self.num_kv_blocks, config.block_size, self.kv_cache_dtype, self.device
+            self.model, num_blocks, config.block_size, self.kv_cache_dtype, self.device
         )
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and not config.enforce_eager:
-            max_blocks = -(-spec.max_model_len // config.block_size)
+            max_blocks = -(-self.spec.max_model_len // config.block_size)
             graphs = DecodeGraphs(
                 self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks, self.device
             )
             graphs.capture()
-        sampler = Sampler(spec.eos_token_ids, seed=config.seed)
+        sampler = Sampler(self.spec.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, sampler, config.block_size, self.device, graphs)
 
     def _load_model(self, spec: ModelSpec) -> LlamaForCausalLM:
@@ -51,13 +62,15 @@ class Worker:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = LlamaForCausalLM(spec.model_config, spec.max_model_len, kernel_ops(self.kernels))
+                model = LlamaForCausalLM(
+                    spec.model_config, spec.max_model_len, kernel_ops(self.kernels), self.tp
+                )
         finally:
             torch.set_default_dtype(default_dtype)
         if spec.config.load_format == "dummy":
             _init_dummy_weights(model, spec.config.seed)
         else:
-            model.load_weights(spec.files.weights())
+            model.load_weights(spec.files.weights(lazy=self.tp.size > 1))
         return model.eval()
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:

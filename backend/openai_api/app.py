@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from pagetron.backend.openai_api import chat, completions, embeddings
 from pagetron.backend.openai_api.auth import PROTECTED_PREFIX, RequireApiKey
+from pagetron.backend.openai_api.body_limit import BodyRefused, LimitRequestBodies, refusal
 from pagetron.backend.openai_api.disconnect import ClientDisconnected, EventStream, until_disconnected
 from pagetron.backend.openai_api.errors import (
     OpenAIError,
@@ -35,6 +36,7 @@ from pagetron.client.probe import probe_request
 logger = logging.getLogger("pagetron.openai")
 
 HEALTH_TIMEOUT_S = 10.0
+IN_FLIGHT_BODIES = 8  # the default budget for the bodies of all requests in flight, in largest bodies
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class FrontendSettings:
     triton_url: str = "localhost:8001"
     api_key: str | None = None  # None: no authentication
     models: ServedModels = field(default_factory=ServedModels)
+    # larger request bodies get 413 before they are read (`pagetron openai` sets it; None: no limits)
+    max_request_bytes: int | None = None
+    # the bodies of all requests being handled, together (429 past it); None: 8 x max_request_bytes
+    max_request_bytes_in_flight: int | None = None
 
 
 def create_app(settings: FrontendSettings) -> FastAPI:
@@ -56,6 +62,11 @@ def create_app(settings: FrontendSettings) -> FastAPI:
 
     if settings.api_key is not None:
         app.add_middleware(RequireApiKey, api_key=settings.api_key)
+    if settings.max_request_bytes is not None:  # added last: the outermost, before the key check
+        in_flight = settings.max_request_bytes_in_flight or IN_FLIGHT_BODIES * settings.max_request_bytes
+        app.add_middleware(
+            LimitRequestBodies, max_bytes=settings.max_request_bytes, max_bytes_in_flight=in_flight
+        )
 
     v1 = APIRouter(prefix=PROTECTED_PREFIX)
 
@@ -202,6 +213,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         error = validation_error(list(exc.errors()))
         return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(BodyRefused)
+    async def body_refused(_: Request, exc: BodyRefused) -> JSONResponse:
+        return refusal(exc.error)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -15,6 +15,9 @@ VLLM_MODEL_JSON = "model.json"  # read instead when a vLLM-backend model folder 
 BACKEND_NAME = "pagetron"  # the Python-based Triton backend `pagetron serve` installs (config: backend)
 DRAIN_FILE = "DRAINING"  # in llm/: created by the launcher before it stops the server
 DRAIN_DONE_SUFFIX = ".done"  # DRAIN_FILE + this: created by the model once nothing is in flight
+# in llm/: written by the model (JSON: its stub's pid, the reason) just before it unloads itself after an
+# engine fault; `pagetron serve` reloads the model only then, never after an operator's own unload
+SELF_UNLOAD_FILE = "UNLOADED_AFTER_FAULT"
 
 # environment variables
 FAULT_ENV = "PAGETRON_FAULT"  # deliberate engine faults for tests (serving/fault_injection.py)

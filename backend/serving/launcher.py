@@ -394,6 +394,9 @@ class TritonServer:
     grpc_port: int = 8001
     metrics_port: int = 8002
     host: str = "127.0.0.1"
+    # where the HTTP listener binds, when not ``host``: `pagetron serve` keeps it on loopback behind its
+    # HTTP guard (http_guard.py), which takes the public HTTP port
+    http_host: str | None = None
     model_control_mode: str = "none"  # "none" or "explicit" (then `models` are loaded at start)
     models: tuple[str, ...] = (MODEL_NAME,)  # those the repository holds; READY means all of them are
     exit_timeout_s: int = 30
@@ -414,7 +417,7 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{self.http_host or self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -445,7 +448,7 @@ class TritonServer:
             str(pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
-            f"--http-address={self.host}",
+            f"--http-address={self.http_host or self.host}",
             f"--grpc-address={self.host}",
             f"--metrics-address={self.host}",
             f"--http-port={self.http_port}",

@@ -15,30 +15,43 @@ supervisor dies, and tritonserver and the frontend also get PR_SET_PDEATHSIG.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagetron.backend.serving.constants import EMBED_MODEL_NAME, MODEL_NAME, OPENAI_API_KEY_ENV
+from pagetron.backend.serving.constants import (
+    EMBED_MODEL_NAME,
+    MODEL_NAME,
+    OPENAI_API_KEY_ENV,
+    SELF_UNLOAD_FILE,
+)
+from pagetron.backend.serving.http_guard import HttpGuard, find_nginx, served_max_model_len
 from pagetron.backend.serving.launcher import (
     STUB_SHM_PREFIX,
     PortInUseError,
     TritonServer,
     check_ports_free,
+    free_port,
     listens_on,
     parent_death_signal,
     port_holder_text,
     prepare_model_repository,
 )
+from pagetron.backend.serving.limits import request_body_limit
 
 MAX_RESTARTS_IN_A_ROW = 5
 FRONTEND_QUICK_EXIT_S = 10.0
+# the body limit's context length when the model's own cannot be read (its load then fails, saying why)
+FALLBACK_MAX_MODEL_LEN = 8192
 
 
 # --- the guard: kills what the supervisor started when the supervisor dies, however it dies ---------
@@ -119,11 +132,15 @@ class ProcessGroupGuard:
 # --- the OpenAI frontend ------------------------------------------------------------------------------
 
 
-def frontend_command(triton_url: str, port: int, host: str = "127.0.0.1") -> list[str]:
+def frontend_command(
+    triton_url: str, port: int, host: str = "127.0.0.1", max_request_bytes: int | None = None
+) -> list[str]:
     """How `pagetron serve --openai`, the benchmark and the tests start the frontend (the API key, if
-    any, goes through OPENAI_API_KEY_ENV, never the command line)."""
+    any, goes through OPENAI_API_KEY_ENV, never the command line; ``max_request_bytes`` None: the
+    frontend's default body limit)."""
+    limit = [] if max_request_bytes is None else ["--max-request-bytes", str(max_request_bytes)]
     return [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_url,
-            "--host", host, "--port", str(port)]  # fmt: skip
+            "--host", host, "--port", str(port), *limit]  # fmt: skip
 
 
 def wait_listening(process: subprocess.Popen, root_url: str, timeout_s: float = 60.0) -> bool:
@@ -237,6 +254,16 @@ class ServeSettings:
     openai_port: int | None = None  # run the OpenAI frontend on this port (implies embed)
     api_key: str | None = None  # the frontend's
     repository_root: Path | None = None  # default: <pagetron cache>/serve
+    # the HTTP guard (nginx on http_port) refuses larger bodies with 413; None: request_body_limit() of
+    # the served max_model_len (the engine argument, else the model's own context)
+    max_request_bytes: int | None = None
+    internal_http_port: int | None = None  # tritonserver's own HTTP listener, on loopback; None: a free one
+    reload_after_fault: bool = True  # reload `llm` after it unloaded itself (explicit model control only)
+
+    def request_body_limit(self) -> int:
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return request_body_limit(served_max_model_len(self.engine_args) or FALLBACK_MAX_MODEL_LEN)
 
     @property
     def ports(self) -> dict[str, int]:
@@ -258,6 +285,7 @@ def serve(settings: ServeSettings, stop: threading.Event | None = None) -> int:
     model loads where that can be known then.
     """
     check_ports_free(settings.host, settings.ports)  # before the repository: it may be a running serve's
+    find_nginx()  # a missing nginx is an error before anything starts
     root = settings.repository_root
     if root is None:
         from pagetron.backend.model.loader import pagetron_cache_dir
@@ -269,15 +297,24 @@ def serve(settings: ServeSettings, stop: threading.Event | None = None) -> int:
         {"stall_timeout_s": str(settings.stall_timeout_s), "drain_grace_s": str(settings.drain_grace_s)},
         models=settings.models,
     )
+    internal_port = settings.internal_http_port or free_port()
     server = TritonServer(
         repository,
         models=settings.models,
-        http_port=settings.http_port,
+        http_port=internal_port,
+        http_host="127.0.0.1",  # behind the guard: only this machine reaches it
         grpc_port=settings.grpc_port,
         metrics_port=settings.metrics_port,
         host=settings.host,
         model_control_mode=settings.model_control_mode,
         exit_timeout_s=settings.exit_timeout_s,
+    )
+    http_guard = HttpGuard(
+        settings.host,
+        settings.http_port,
+        internal_port,
+        settings.request_body_limit(),
+        root / f"http-guard-{settings.grpc_port}",
     )
     if stop is None:
         stop = threading.Event()
@@ -289,8 +326,9 @@ def serve(settings: ServeSettings, stop: threading.Event | None = None) -> int:
         frontend = OpenAIFrontend(
             server.grpc_url, settings.openai_port, settings.host, settings.api_key, guard=guard
         )
+    reload_after_fault = settings.reload_after_fault and settings.model_control_mode == "explicit"
     try:
-        return Supervisor(server, guard, stop, frontend).run(
+        return Supervisor(server, guard, stop, frontend, http_guard, reload_after_fault).run(
             drain_timeout_s=settings.drain_grace_s + settings.exit_timeout_s + 10
         )
     finally:
@@ -304,17 +342,27 @@ class Supervisor:
         guard: ProcessGroupGuard,
         stop: threading.Event,
         frontend: OpenAIFrontend | None = None,
+        http_guard: HttpGuard | None = None,
+        reload_after_fault: bool = False,
     ) -> None:
         self.server, self.guard, self.stop, self.frontend = server, guard, stop, frontend
+        self.http_guard = http_guard
+        self.reloader = ModelReloader(server) if reload_after_fault else None
 
     def run(self, drain_timeout_s: float) -> int:
         server, stop, frontend = self.server, self.stop, self.frontend
+        if self.http_guard is not None:
+            self._start_http_guard()
         print(
             f"pagetron: starting tritonserver (model repository {server.repository})",
             file=sys.stderr,
             flush=True,
         )
-        self._start_server()
+        try:
+            self._start_server()
+        except BaseException:
+            self._stop_http_guard()
+            raise
         restarts_in_a_row = 0  # restarts that have not reached READY yet
         code = None
         try:
@@ -333,9 +381,9 @@ class Supervisor:
                     break
                 if frontend is not None:
                     frontend.ensure_running()
-                print_ready(server, frontend)
+                print_ready(server, frontend, self.http_guard)
                 restarts_in_a_row = 0
-                failure = watch(server, stop, frontend)
+                failure = watch(server, stop, frontend, self._tick)
                 if failure is None:
                     break
                 restarts_in_a_row = 1
@@ -350,11 +398,42 @@ class Supervisor:
             self.guard.forget(server.pid)
             if frontend is not None:  # after the drain, so the frontend relays how its streams ended
                 frontend.stop()
+            self._stop_http_guard()  # after the drain too, for the same reason
         return 0 if code in (0, None) or stop.is_set() else code
+
+    def _tick(self) -> None:
+        """Every half second while the server runs: the HTTP guard is up, a faulted model reloads."""
+        if self.http_guard is not None and not self.http_guard.running():
+            code = self.http_guard.process.returncode if self.http_guard.process else None
+            print(f"pagetron: nginx (the HTTP guard) exited with code {code}; restarting it", file=sys.stderr)
+            self.guard.forget(self.http_guard.pid)
+            self._start_http_guard()
+        if self.reloader is not None:
+            self.reloader.check()
+
+    def _start_http_guard(self) -> None:
+        http_guard = self.http_guard
+        http_guard.start()
+        self.guard.watch(http_guard.pid)
+        print(
+            f"pagetron: HTTP guard (nginx, pid {http_guard.pid}) on {http_guard.host}:{http_guard.port} -> "
+            f"tritonserver HTTP on 127.0.0.1:{http_guard.upstream_port}; request bodies up to "
+            f"{http_guard.max_body_bytes} bytes",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _stop_http_guard(self) -> None:
+        if self.http_guard is not None and self.http_guard.process is not None:
+            pid = self.http_guard.pid
+            self.http_guard.stop()
+            self.guard.forget(pid)
 
     def _start_server(self) -> None:
         self.server.start()
         self.guard.watch(self.server.pid)
+        if self.reloader is not None:
+            self.reloader.reset()
 
     def _restart_server(self, why: str) -> None:
         print(f"pagetron: {why}restarting tritonserver", file=sys.stderr, flush=True)
@@ -383,11 +462,151 @@ class Supervisor:
             raise PortInUseError(f"tritonserver could not bind its ports: {e}") from None
 
 
+# --- self-healing: model `llm` reloaded after it unloaded itself --------------------------------------
+
+RELOAD_FIRST_DELAY_S = 1.0
+RELOAD_MAX_DELAY_S = 60.0
+STUB_EXIT_WAIT_S = 60.0  # how long a reload waits for the faulted stub (and its memory) to go
+
+
+class ModelReloader:
+    """Reloads model `llm` (POST /v2/repository/models/llm/load with the admin key) once it has unloaded
+    itself after an engine fault, so readiness comes back without an operator; retries that fail wait
+    1, 2, 4 ... s, up to a minute. The model writes SELF_UNLOAD_FILE (its stub's pid, the reason) before
+    it unloads itself; an unload without it (an operator's) is left alone.
+
+    ``check()`` runs every half second on the supervisor's thread; the load call itself, which returns
+    only once the model is READY or has failed, runs on a thread of its own."""
+
+    def __init__(
+        self,
+        server: TritonServer,
+        first_delay_s: float = RELOAD_FIRST_DELAY_S,
+        max_delay_s: float = RELOAD_MAX_DELAY_S,
+    ) -> None:
+        self.server = server
+        self.marker = server.repository / MODEL_NAME / SELF_UNLOAD_FILE
+        self.first_delay_s, self.max_delay_s = first_delay_s, max_delay_s
+        self.reset()
+
+    def reset(self) -> None:
+        """After tritonserver (re)started: it loads the model itself."""
+        self.delay_s = self.first_delay_s
+        self.retry_at = 0.0
+        self.attempts = 0
+        self.unloaded_at: float | None = None
+        self.thread: threading.Thread | None = None
+        self.result: str | None = None  # None: the last load succeeded; else why it failed
+        self.was_ready = True
+        self.generation = getattr(self, "generation", 0) + 1  # a load thread of an older one is ignored
+
+    def check(self) -> None:
+        if self.thread is not None:
+            if self.thread.is_alive():
+                return
+            self.thread = None
+            self._loaded()
+            return
+        ready = self.server.is_ready(MODEL_NAME)
+        fault = self._read_marker()
+        if fault is None:
+            if self.was_ready and not ready and self._server_answers():
+                print(
+                    f"pagetron: model {MODEL_NAME!r} is not READY and did not unload itself after a fault "
+                    "(an operator's unload?): leaving it unloaded",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.was_ready = ready
+            return
+        self.was_ready = ready
+        stub_alive = fault.get("pid") in self.server.stub_pids(MODEL_NAME)
+        if ready:
+            if not stub_alive:  # loaded again meanwhile (by an operator): the marker is stale
+                self.marker.unlink(missing_ok=True)
+            return  # else: it is still unloading
+        now = time.monotonic()
+        if self.unloaded_at is None:
+            self.unloaded_at = now
+            print(
+                f"pagetron: model {MODEL_NAME!r} unloaded itself after an engine fault "
+                f"({fault.get('reason', 'no reason given')}); reloading it",
+                file=sys.stderr,
+                flush=True,
+            )
+        if stub_alive and now - self.unloaded_at < STUB_EXIT_WAIT_S:
+            return  # the faulted engine still holds its memory (a hung one takes a few seconds to go)
+        if now < self.retry_at:
+            return
+        self.attempts += 1
+        print(
+            f"pagetron: reloading model {MODEL_NAME!r} (attempt {self.attempts})", file=sys.stderr, flush=True
+        )
+        generation = self.generation
+        self.thread = threading.Thread(target=self._load, args=(generation,), daemon=True, name="reload")
+        self.thread.start()
+
+    def _load(self, generation: int) -> None:
+        url = f"http://{self.server.http_url}/v2/repository/models/{MODEL_NAME}/load"
+        request = urllib.request.Request(url, data=b"{}", method="POST", headers=self.server.admin_headers)
+        try:
+            with urllib.request.urlopen(request, timeout=3600):
+                result = None
+        except urllib.error.HTTPError as e:
+            result = f"HTTP {e.code}: {e.read().decode(errors='replace')[:500]}"
+        except OSError as e:
+            result = str(e)
+        if generation == self.generation:
+            self.result = result
+
+    def _loaded(self) -> None:
+        now = time.monotonic()
+        if self.result is None:
+            since = f" {now - self.unloaded_at:.1f} s after it unloaded itself" if self.unloaded_at else ""
+            print(
+                f"pagetron: model {MODEL_NAME!r} reloaded and READY again{since} (attempt {self.attempts})",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.marker.unlink(missing_ok=True)
+            self.reset()
+            return
+        print(
+            f"pagetron: reloading model {MODEL_NAME!r} failed ({self.result}); "
+            f"next attempt in {self.delay_s:.3g} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.retry_at = now + self.delay_s
+        self.delay_s = min(2 * self.delay_s, self.max_delay_s)
+
+    def _read_marker(self) -> dict | None:
+        try:
+            fault = json.loads(self.marker.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            fault = {}
+        return fault if isinstance(fault, dict) else {}
+
+    def _server_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.server.http_url}/v2/health/live", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
 def server_ports(http: int, grpc: int, metrics: int) -> dict[str, int]:
     return {"HTTP (--http-port)": http, "gRPC (--grpc-port)": grpc, "metrics (--metrics-port)": metrics}
 
 
-def watch(server: TritonServer, stop: threading.Event, frontend: OpenAIFrontend | None = None) -> str | None:
+def watch(
+    server: TritonServer,
+    stop: threading.Event,
+    frontend: OpenAIFrontend | None = None,
+    tick: Callable[[], None] | None = None,
+) -> str | None:
     """Waits while the server runs; returns why it must be restarted, or None once asked to stop.
 
     NOTE: Triton keeps reporting the model READY after its stub dies, and the streams that were in
@@ -405,6 +624,8 @@ def watch(server: TritonServer, stop: threading.Event, frontend: OpenAIFrontend 
             return f"tritonserver exited with code {server.process.returncode} (in-flight requests failed)"
         if frontend is not None:
             frontend.ensure_running()
+        if tick is not None:
+            tick()
         orphaned = [m for m in server.models if not server.stub_pids(m) and server.is_ready(m)]
         suspicious = suspicious + 1 if orphaned else 0
         if suspicious >= 2:
@@ -415,7 +636,9 @@ def watch(server: TritonServer, stop: threading.Event, frontend: OpenAIFrontend 
     return None
 
 
-def print_ready(server: TritonServer, frontend: OpenAIFrontend | None) -> None:
+def print_ready(
+    server: TritonServer, frontend: OpenAIFrontend | None, http_guard: HttpGuard | None = None
+) -> None:
     models = " and ".join(repr(m) for m in server.models)
     openai = ""
     if frontend is not None:
@@ -425,12 +648,13 @@ def print_ready(server: TritonServer, frontend: OpenAIFrontend | None) -> None:
   curl {frontend.url}/chat/completions {key}-H 'Content-Type: application/json' \\
        -d '{{"model": "llm", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
 """
+    http_url = server.http_url if http_guard is None else f"{http_guard.host}:{http_guard.port}"
     print(
         f"""
 Pagetron is serving {models} through Triton Inference Server
-  HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
+  HTTP {http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}
 {openai}
-  curl -X POST http://{server.http_url}/v2/models/llm/generate \\
+  curl -X POST http://{http_url}/v2/models/llm/generate \\
        -d '{{"text_input": "The capital of France is", "parameters": {{"max_tokens": 32}}}}'
 
   pagetron client --url {server.grpc_url} --stream "The capital of France is"

@@ -27,6 +27,7 @@ from pagetron.backend.serving.async_engine import AsyncEngine, ResponseSink
 from pagetron.backend.serving.constants import (
     DRAIN_FILE,
     ENGINE_ARGS_FILE,
+    SELF_UNLOAD_FILE,
     VLLM_MODEL_JSON,
     ErrorCode,
     tag_error,
@@ -186,7 +187,16 @@ class TritonPythonModel:
 
     def _unload_self(self, reason: str) -> None:
         # Takes effect under --model-control-mode=explicit: the model stops being READY; elsewhere it is
-        # still reported unhealthy through every request's UNAVAILABLE error.
+        # still reported unhealthy through every request's UNAVAILABLE error. The marker, written first
+        # (so it exists before readiness drops), tells `pagetron serve` to reload the model; an
+        # operator's unload leaves none, so serve leaves that one alone.
+        try:
+            marker = os.path.join(os.path.dirname(self.async_engine.drain_file), SELF_UNLOAD_FILE)
+            with open(marker + ".tmp", "w") as f:
+                json.dump({"pid": os.getpid(), "reason": reason}, f)
+            os.replace(marker + ".tmp", marker)
+        except (OSError, TypeError) as e:  # TypeError: no drain file (never under Triton)
+            pb_utils.Logger.log_warn(f"pagetron: could not write the self-unload marker: {e}")
         try:
             pb_utils.unload_model(self.model_name)
         except Exception as e:  # e.g. not in explicit model-control mode

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .errors import ModelLoadError
 from .gguf_cache import converted_gguf, read_manifest
 from .hf_config import normalize_hf_config
@@ -36,14 +34,15 @@ class ModelFiles:
     # extra end-of-generation ids from generation_config.json (instruct models list end-of-turn ids there)
     generation_eos_token_ids: list[int] = field(default_factory=list)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF parameter name, tensor) one at a time, in the checkpoint's dtype; no lm_head when tied."""
+    def weights(self, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+        """(HF parameter name, tensor) one at a time, in the checkpoint's dtype; no lm_head when tied. With
+        ``lazy``, safetensors slices that read only the part a tensor-parallel rank indexes."""
         if self.load_format == "dummy":
             raise ModelLoadError(
                 f"{self.source}: load_format 'dummy' has no weights; "
                 "the model runner initialises them randomly"
             )
-        return iter_safetensors(self.weight_files, self.hf_config["tie_word_embeddings"])
+        return iter_safetensors(self.weight_files, self.hf_config["tie_word_embeddings"], lazy)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import torch
 from safetensors import safe_open
 
 from .errors import ModelLoadError
@@ -52,8 +52,11 @@ def find_safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path], tie_word_embeddings: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every weight, in file order, one tensor in memory at a time.
+def iter_safetensors(
+    files: list[Path], tie_word_embeddings: bool, lazy: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for every weight, in file order, one tensor in memory at a time; with ``lazy``,
+    (name, slice) where indexing the slice reads only that part (a tensor-parallel rank's shard).
 
     A tied model's lm_head.weight is the embedding; a checkpoint that stores it anyway has it skipped.
     """
@@ -66,4 +69,4 @@ def iter_safetensors(files: list[Path], tie_word_embeddings: bool) -> Iterator[t
             for name in handle.keys():
                 if name.endswith(_SKIPPED_SUFFIXES) or (tie_word_embeddings and name == "lm_head.weight"):
                     continue
-                yield name, handle.get_tensor(name)
+                yield name, handle.get_slice(name) if lazy else handle.get_tensor(name)

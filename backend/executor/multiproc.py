@@ -1,0 +1,327 @@
+"""Tensor parallelism over processes: rank 0 is a worker in the engine's process (the driver), the other
+ranks are processes of their own, on this host (spawned here) or on others (`pagetron worker`).
+
+    engine process (rank 0)                      rank r (spawned, or `pagetron worker` on another host)
+    ----------------------------------------     -----------------------------------------------------
+    TCPStore (master, at dist_init_addr)    <--  joins the store, sets joined/r
+    init_process_group (all ranks)          <->  init_process_group
+    Worker: load shard, measure KV          ...  Worker: load shard, measure KV, sets loaded/r = blocks
+    kv_blocks = min(loaded/*) -> store      -->  reads kv_blocks, allocates its KV cache
+    execute(step):
+      build host inputs (the scheduler's)
+      broadcast header + 2 buffers (gloo)   -->  receives them
+      forward (all-reduces inside)          <->  forward
+      logits gathered on rank 0, sampled    <--  sends its logits shard
+    shutdown: broadcast STOP                -->  exits
+
+The store's keys replace collectives while ranks start up, so rank 0 notices at once when a local rank
+dies or fails to load, instead of waiting in a collective. Step inputs travel on a gloo group (host
+buffers); the model's collectives use the default group (NCCL on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.executor.executor import Executor
+from pagetron.backend.executor.spec import ModelSpec
+from pagetron.backend.executor.step_inputs import HostStepInputs, StepShape, aligned_offsets
+from pagetron.backend.executor.worker import Worker
+from pagetron.backend.model.parallel import TensorParallel
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # for every rank to join and load its shard (other hosts may start later)
+# NOTE: idle ranks wait in a broadcast for the next step for as long as the engine is idle, so the
+# groups' own timeout must not end them; a dead peer is noticed by its closed connection instead.
+IDLE_FOREVER = datetime.timedelta(days=365)
+HEADER = 16  # int64 slots of a step header
+STOP, STEP = 0, 1
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+# ---- the step protocol ---------------------------------------------------------------------------------
+def send_step(host: HostStepInputs | None, group) -> None:
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    if host is not None:
+        s = host.shape
+        values = [STEP, s.num_tokens, s.num_decodes, s.num_prefills, s.num_sampled, s.decode_width,
+                  s.prefill_width, host.longs.size, host.ints.size]  # fmt: skip
+        header[: len(values)] = torch.tensor(values)
+    dist.broadcast(header, src=0, group=group)
+    if host is not None:
+        dist.broadcast(torch.from_numpy(np.ascontiguousarray(host.longs)), src=0, group=group)
+        dist.broadcast(torch.from_numpy(np.ascontiguousarray(host.ints)), src=0, group=group)
+
+
+def receive_step(group) -> HostStepInputs | None:
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    dist.broadcast(header, src=0, group=group)
+    op, tokens, decodes, prefills, sampled, decode_width, prefill_width, n_longs, n_ints = header[:9].tolist()
+    if op == STOP:
+        return None
+    longs, ints = torch.empty(n_longs, dtype=torch.int64), torch.empty(n_ints, dtype=torch.int32)
+    dist.broadcast(longs, src=0, group=group)
+    dist.broadcast(ints, src=0, group=group)
+    ints_np = ints.numpy()
+    # the prefill query starts and lengths are parts of the int buffer (see step_inputs.py's layout)
+    sizes = StepShape(tokens, decodes, prefills, sampled, decode_width, prefill_width, (), ()).int_sizes()
+    offsets = aligned_offsets(sizes, itemsize=4)
+    starts = tuple(int(x) for x in ints_np[offsets[2] : offsets[2] + prefills + 1])
+    lens = tuple(int(x) for x in ints_np[offsets[3] : offsets[3] + prefills])
+    shape = StepShape(tokens, decodes, prefills, sampled, decode_width, prefill_width, starts, lens)
+    return HostStepInputs(shape, longs.numpy(), ints_np)
+
+
+# ---- process groups ------------------------------------------------------------------------------------
+@dataclass
+class Rendezvous:
+    """Where the ranks meet: the TCP store of rank 0 and the process groups built on it."""
+
+    store: dist.TCPStore
+    world_size: int
+
+    @classmethod
+    def connect(cls, addr: str, world_size: int, is_master: bool) -> Rendezvous:
+        host, _, port = addr.rpartition(":")
+        timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
+        store = dist.TCPStore(host, int(port), world_size, is_master, timeout, wait_for_workers=False)
+        return cls(store, world_size)
+
+    def init_groups(self, rank: int, device: torch.device) -> tuple[TensorParallel, object]:
+        """(the model's tensor-parallel group, the gloo group step inputs travel on)."""
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=self.store, rank=rank, world_size=self.world_size, timeout=IDLE_FOREVER
+        )
+        steps = dist.group.WORLD
+        if backend == "nccl":
+            steps = dist.new_group(backend="gloo", timeout=IDLE_FOREVER)
+        return TensorParallel(rank, self.world_size, dist.group.WORLD), steps
+
+
+def local_device(config: EngineConfig) -> torch.device:
+    """The kind of device the ranks run on (each takes its own index later)."""
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+# ---- the other ranks -----------------------------------------------------------------------------------
+def run_rank(config: EngineConfig, addr: str, rank: int, local_rank: int, die_with_parent: bool) -> None:
+    """The life of one non-driver rank: join, load its shard, serve steps until told to stop."""
+    if die_with_parent:
+        _die_with_parent()
+    ranks_here = config.tensor_parallel_size // config.nnodes
+    if local_device(config).type == "cpu":  # ranks of one host share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+    rendezvous = Rendezvous.connect(addr, config.tensor_parallel_size, is_master=False)
+    store = rendezvous.store
+    store.set(f"joined/{rank}", "1")
+    try:
+        spec = ModelSpec.from_config(config)
+        tp, steps = rendezvous.init_groups(rank, local_device(config))
+        worker = Worker(spec, tp, local_rank)
+    except BaseException as e:
+        store.set(f"failed/{rank}", f"{type(e).__name__}: {e}")
+        raise
+    store.set(f"loaded/{rank}", str(worker.max_kv_blocks))
+    worker.initialize_cache(int(store.get("kv_blocks")))
+    while (host := receive_step(steps)) is not None:
+        worker.runner.run(host, None)
+    dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: a spawned rank goes when the process that spawned it goes (even by SIGKILL)."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+def python_executable() -> str:
+    """The interpreter to start ranks with (in Triton's Python-backend stub, sys.executable is the stub)."""
+    if os.path.basename(sys.executable).startswith("python"):
+        return sys.executable
+    candidate = os.path.join(sys.exec_prefix, "bin", "python3")
+    return candidate if os.path.exists(candidate) else shutil.which("python3") or sys.executable
+
+
+RANK_CONFIG_ENV = "PAGETRON_RANK_CONFIG"  # the engine arguments, as JSON, for a rank process
+
+
+def spawn_ranks(config: EngineConfig, addr: str, node_rank: int, first_in_process: bool) -> list[Rank]:
+    """This host's ranks as processes (all of them, or all but the first when it runs in this process).
+
+    NOTE: fresh interpreters (``python -m ...multiproc``), not multiprocessing's spawn, which re-runs the
+    parent's main module: a script without a __main__ guard, or Triton's stub, would start over.
+    """
+    per_node = config.tensor_parallel_size // config.nnodes
+    env = {**os.environ, RANK_CONFIG_ENV: json.dumps(dataclasses.asdict(config))}
+    ranks = []
+    for local_rank in range(1 if first_in_process else 0, per_node):
+        rank = node_rank * per_node + local_rank
+        command = [python_executable(), "-m", __name__, addr, str(rank), str(local_rank)]
+        ranks.append(Rank(rank, subprocess.Popen(command, env=env)))
+    return ranks
+
+
+@dataclass
+class Rank:
+    rank: int
+    process: subprocess.Popen
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def describe(self) -> str:
+        return f"tensor-parallel rank {self.rank} (pid {self.process.pid}) exited with code {self.exitcode}"
+
+
+def main() -> None:
+    """A rank process: ``python -m pagetron.backend.executor.multiproc ADDR RANK LOCAL_RANK``."""
+    addr, rank, local_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    config = EngineConfig.from_dict(json.loads(os.environ[RANK_CONFIG_ENV]))
+    logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
+    run_rank(config, addr, rank, local_rank, die_with_parent=True)
+
+
+# ---- rank 0 ---------------------------------------------------------------------------------------------
+class MultiprocExecutor(Executor):
+    def __init__(self, spec: ModelSpec):
+        config = spec.config
+        self.world_size = config.tensor_parallel_size
+        addr = config.dist_init_addr if config.nnodes > 1 else free_address()
+        rendezvous = Rendezvous.connect(addr, self.world_size, is_master=True)
+        self.store = rendezvous.store
+        self.procs = spawn_ranks(config, addr, node_rank=0, first_in_process=True)
+        self._failed: str | None = None
+        self._closed = False
+        try:
+            self._wait_for("joined")
+            self.tp, self.steps = rendezvous.init_groups(0, local_device(config))
+            self.worker = Worker(spec, self.tp, local_rank=0)
+            blocks = [self.worker.max_kv_blocks] + [int(b) for b in self._wait_for("loaded")]
+            self.num_kv_blocks = min(blocks)
+            self.store.set("kv_blocks", str(self.num_kv_blocks))
+            self.worker.initialize_cache(self.num_kv_blocks)
+        except BaseException:
+            self._kill()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise
+        self.device_name = f"{self.worker.device} x {self.world_size} ranks"
+        logger.info("tensor parallel: %d ranks, %d KV blocks each", self.world_size, self.num_kv_blocks)
+        self._monitor = threading.Thread(target=self._watch_ranks, name="pagetron-rank-monitor", daemon=True)
+        self._monitor.start()
+
+    def _wait_for(self, stage: str) -> list[str]:
+        """The values every other rank set for ``stage``, polling: a rank that dies or fails ends it."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        ranks = range(1, self.world_size)
+        while True:
+            for rank in ranks:
+                if self.store.check([f"failed/{rank}"]):
+                    raise WorkerFailed(
+                        f"tensor-parallel rank {rank} failed: {_text(self.store, f'failed/{rank}')}"
+                    )
+            self._check_processes()
+            if self.store.check([f"{stage}/{r}" for r in ranks]):
+                return [_text(self.store, f"{stage}/{r}") for r in ranks]
+            if time.monotonic() > deadline:
+                missing = [r for r in ranks if not self.store.check([f"{stage}/{r}"])]
+                raise WorkerFailed(
+                    f"tensor-parallel ranks {missing} did not reach '{stage}' in {START_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.05)
+
+    def _check_processes(self) -> None:
+        for proc in self.procs:
+            if proc.exitcode is not None:
+                raise WorkerFailed(proc.describe())
+
+    def _watch_ranks(self) -> None:
+        while not self._closed:
+            for proc in self.procs:
+                if proc.exitcode is not None and not self._closed:
+                    self._failed = proc.describe()
+                    logger.error(self._failed)
+                    return
+            time.sleep(0.2)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        if self._failed is not None:
+            raise WorkerFailed(self._failed)
+        runner = self.worker.runner
+        runner.sampler.forget(scheduler_output.finished_seq_ids)
+        if not scheduler_output:
+            return RunnerOutput()
+        host = runner.inputs.build(scheduler_output)
+        try:
+            send_step(host, self.steps)
+            return runner.run(host, scheduler_output.sampled_seqs)
+        except RuntimeError as e:  # a collective with a rank that went away
+            raise WorkerFailed(self._failed or f"tensor-parallel step failed: {e}") from e
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._failed is None:
+            try:
+                send_step(None, self.steps)
+            except RuntimeError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _kill(self) -> None:
+        for proc in self.procs:
+            if proc.exitcode is None:
+                proc.process.kill()
+            proc.process.wait()
+
+
+def _text(store, key: str) -> str:
+    return store.get(key).decode()
+
+
+if __name__ == "__main__":
+    main()
