@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(serve)
     add_engine_args(serve)
 
+    worker = sub.add_parser("worker", help="the tensor-parallel ranks of one more host (multi-host engines)")
+    from pagetron.backend.cli.worker import add_worker_arguments
+
+    add_worker_arguments(worker)
+    add_engine_args(worker)
+
     openai = sub.add_parser("openai", help="the OpenAI-compatible API in front of a running Triton server")
     from pagetron.backend.cli.openai import add_openai_arguments
 
@@ -135,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.cli.serve import run_serve
 
             return run_serve(ns)
+        if ns.command == "worker":
+            from pagetron.backend.cli.worker import run_worker
+
+            return run_worker(ns, engine_args(ns))
         if ns.command == "openai":
             from pagetron.backend.cli.openai import run_openai
 
