@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYVER := $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-# perf_analyzer needs libb64; the Triton Python stub embeds the system libpython and needs its venv module
-SYSTEM_PACKAGES := libb64-0d python$(PYVER) python$(PYVER)-venv libpython$(PYVER)
+# perf_analyzer needs libb64; the Triton Python stub embeds the system libpython and needs its venv module;
+# `pagetron serve` puts nginx in front of Triton's HTTP port (the HTTP guard: request body limit)
+SYSTEM_PACKAGES := libb64-0d python$(PYVER) python$(PYVER)-venv libpython$(PYVER) nginx
 
 .PHONY: setup system-deps test lint soak serve serve-openai demo bench clean
 

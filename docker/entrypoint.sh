@@ -32,12 +32,28 @@ with open(path, "w") as f:
 print(f"pagetron: engine arguments {json.dumps(args)}", file=sys.stderr)
 PY
 
+# Port 8000 is nginx, Pagetron's HTTP guard (backend/serving/http_guard.py): it refuses request bodies over
+# MAX_REQUEST_BYTES (default: 1 MiB + 128 bytes per token of max_model_len) with 413 before reading them,
+# and never hands Triton a form-urlencoded body (tritonserver 2.51 segfaults on a large one); everything
+# else passes through unchanged. Triton's own HTTP listener stays on 127.0.0.1:8010. The guard runs
+# tritonserver as its child: SIGTERM goes to tritonserver, its exit code is the container's, and nginx
+# and the stubs go down with it.
+if [[ -n "${MAX_REQUEST_BYTES:-}" ]]; then
+    limit=(--max-request-bytes "$MAX_REQUEST_BYTES")
+else
+    limit=(--engine-args-file "$repository/llm/1/engine_args.json")
+fi
+guard_dir="$(mktemp -d /tmp/pagetron-http-guard.XXXXXX)"
+
 # Explicit model control lets an engine that stopped making progress unload itself, so readiness is honest.
-exec tritonserver \
+exec python3 -m pagetron.backend.serving.http_guard \
+    --host 0.0.0.0 --port 8000 --upstream-port 8010 --workdir "$guard_dir" "${limit[@]}" -- \
+    tritonserver \
     --model-repository="$repository" \
     --model-control-mode=explicit \
     --load-model=llm \
-    --http-port=8000 \
+    --http-address=127.0.0.1 \
+    --http-port=8010 \
     --grpc-port=8001 \
     --metrics-port=8002 \
     "$@"

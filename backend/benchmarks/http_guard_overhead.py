@@ -113,6 +113,20 @@ async def _run(url: str, tag: str, num_requests: int, concurrency: int, max_toke
     return {"tokens": sum(counts), "seconds": seconds, "tokens_per_s": sum(counts) / seconds}
 
 
+def _group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of process group ``pgid`` (Linux /proc)."""
+    from pagetron.backend.serving.launcher import group_processes
+
+    total = 0
+    for pid, _ in group_processes(pgid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_for(pattern: str, log: Path, process: subprocess.Popen, timeout_s: float) -> re.Match:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -153,11 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             internal = int(_wait_for(r"tritonserver HTTP on 127\.0\.0\.1:(\d+)", log, serve, 120).group(1))
             _wait_for(r"Pagetron is serving", log, serve, 600)
             targets = {"direct": f"http://127.0.0.1:{internal}", "nginx": f"http://127.0.0.1:{ports['http']}"}
+            from pagetron.backend.serving.launcher import port_holders
+
+            nginx_group = os.getpgid(port_holders(ports["http"])[0][0])
+            server_group = os.getpgid(port_holders(internal)[0][0])
+            groups = {"direct": None, "nginx": nginx_group}
             if ns.compare_asgi:
                 asgi_port = free_port()
                 asgi = subprocess.Popen(
-                    [sys.executable, "-c", _ASGI_PROXY, targets["direct"], str(asgi_port), str(1 << 20)]
+                    [sys.executable, "-c", _ASGI_PROXY, targets["direct"], str(asgi_port), str(1 << 20)],
+                    start_new_session=True,
                 )
+                groups["asgi"] = asgi.pid
                 targets["asgi"] = f"http://127.0.0.1:{asgi_port}"
                 time.sleep(3)  # uvicorn's start-up; the warm-up request below waits for it anyway
             for name, url in targets.items():  # warm-up: connections, the engine's first batches
@@ -167,13 +188,20 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(ns.rounds):
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
+                    proxy_before = _group_cpu_s(groups[name]) if groups[name] else 0.0
+                    server_before = _group_cpu_s(server_group)
                     result = asyncio.run(
                         _run(targets[name], f"{r}-{name}", ns.num_requests, ns.concurrency, ns.max_tokens)
                     )
+                    result["proxy_cpu_s"] = (
+                        _group_cpu_s(groups[name]) if groups[name] else 0.0
+                    ) - proxy_before
+                    result["server_cpu_s"] = _group_cpu_s(server_group) - server_before
                     runs[name].append(result)
                     print(
                         f"round {r + 1} {name:7s} {result['tokens']} tokens in {result['seconds']:.2f} s: "
-                        f"{result['tokens_per_s']:.1f} tok/s",
+                        f"{result['tokens_per_s']:.1f} tok/s; CPU: proxy {result['proxy_cpu_s']:.2f} s, "
+                        f"tritonserver + stub {result['server_cpu_s']:.2f} s",
                         flush=True,
                     )
         finally:
@@ -187,16 +215,32 @@ def main(argv: list[str] | None = None) -> int:
                 serve.kill()
                 serve.wait()
     medians = {name: statistics.median(r["tokens_per_s"] for r in results) for name, results in runs.items()}
+    # each round's proxied run against its own direct run (they ran back to back), then the median
+    paired = {
+        name: statistics.median(
+            p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(runs[name], runs["direct"])
+        )
+        for name in runs
+        if name != "direct"
+    }
+    proxy_cpu = {
+        name: sum(r["proxy_cpu_s"] for r in runs[name]) / sum(r["server_cpu_s"] for r in runs[name])
+        for name in paired
+    }
     summary = {
         "config": {k: v for k, v in vars(ns).items() if k != "json_path"},
         "runs": runs,
         "median_tokens_per_s": medians,
-        "overhead": {name: 1 - medians[name] / medians["direct"] for name in medians if name != "direct"},
+        "overhead": {name: 1 - medians[name] / medians["direct"] for name in paired},
+        "paired_overhead": {name: 1 - ratio for name, ratio in paired.items()},
+        "proxy_cpu_per_server_cpu": proxy_cpu,
     }
-    for name, overhead in summary["overhead"].items():
+    for name in paired:
         print(
-            f"{name}: median {medians[name]:.1f} tok/s vs direct {medians['direct']:.1f} tok/s: "
-            f"overhead {100 * overhead:.2f}%"
+            f"{name}: median {medians[name]:.1f} tok/s vs direct {medians['direct']:.1f} tok/s: overhead "
+            f"{100 * summary['overhead'][name]:.2f}% (median of the rounds' pairs "
+            f"{100 * summary['paired_overhead'][name]:.2f}%); the proxy used "
+            f"{100 * proxy_cpu[name]:.2f}% as much CPU as tritonserver and its stub"
         )
     if ns.json_path:
         Path(ns.json_path).write_text(json.dumps(summary, indent=2) + "\n")

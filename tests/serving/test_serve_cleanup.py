@@ -16,7 +16,13 @@ from pathlib import Path
 
 from grpc_helpers import pids_matching, stream_generate, wait_until
 from pagetron.backend.model.loader import pagetron_cache_dir
-from pagetron.backend.serving.launcher import TritonServer, free_port, group_processes, stub_shm_regions
+from pagetron.backend.serving.launcher import (
+    TritonServer,
+    free_port,
+    group_processes,
+    port_holders,
+    stub_shm_regions,
+)
 
 SERVE = [sys.executable, "-m", "pagetron.backend.cli", "serve"]
 ENGINE_ARGS = ["--max-model-len", "512", "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "8"]
@@ -56,6 +62,14 @@ def answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def kill_leftovers(pids) -> None:
@@ -108,12 +122,16 @@ def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
             for c in processes.values()
         )  # fmt: skip
         assert kinds == ["frontend", "guard", "stub", "stub", "tritonserver"], processes
+        # the HTTP port is nginx's (the HTTP guard: a master and its worker, in a group of their own)
+        nginx = dict(port_holders(ports["http"]))
+        assert sorted(c.split(" process")[0] for c in nginx.values()) == ["nginx: master", "nginx: worker"]
+        assert len({os.getpgid(pid) for pid in nginx}) == 1, nginx
 
         # a second serve on the same ports: refused at once, naming the port and who holds it, and the
         # first one's model repository (which the second would have rebuilt) is untouched
         second = subprocess.run(serve_command(ports, openai=True), capture_output=True, text=True, timeout=60)
         assert second.returncode != 0, second.stderr
-        taken = f"port {ports['http']} for HTTP (--http-port) is already in use, by pid {server} ("
+        taken = f"port {ports['http']} for HTTP (--http-port) is already in use, by pid {min(nginx)} (nginx"
         assert taken in second.stderr, second.stderr
         assert "starting tritonserver" not in second.stderr
         assert probe.is_ready("llm") and set(processes_with(*markers)) == set(processes)
@@ -128,6 +146,7 @@ def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
             lambda: (
                 not processes_with(*markers)
                 and not group_processes(server)
+                and not any(alive(pid) for pid in nginx)
                 and not any(answers(p) for p in ports.values())
                 # the stubs' shared memory (tmpfs, so RAM) too: only a clean stop would unlink it
                 and not any(r.exists() for r in regions)
@@ -137,13 +156,15 @@ def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
         ), (
             f"left after 10 s: {processes_with(*markers)}; "
             f"answering: {[p for p in ports.values() if answers(p)]}; "
-            f"shared memory: {[r.name for r in regions if r.exists()]}"
+            f"shared memory: {[r.name for r in regions if r.exists()]}; "
+            f"nginx: {[pid for pid in nginx if alive(pid)]}"
         )
         print(f"everything gone {time.monotonic() - killed_at:.2f} s after the SIGKILL")
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
         kill_leftovers(processes_with(*markers))
+        kill_leftovers(pid for pid, _ in port_holders(ports["http"]))
         log.seek(0)
         print(log.read()[-3000:])
         log.close()
