@@ -5,19 +5,29 @@
                                           --node-rank 1
 
 Each host runs tensor_parallel_size / nnodes ranks (one per GPU on CUDA); they meet the engine at
-dist_init_addr (torch.distributed's TCP store on host 0) and serve its steps until it stops. Start the
+dist_init_addr (torch.distributed's TCP store on host 0; `host:port` or `tcp://host:port`, else
+torch.distributed's MASTER_ADDR and MASTER_PORT; --node-rank defaults to NODE_RANK, as with torchrun)
+and serve its steps until it stops. Start the
 workers before or after the engine; the engine waits for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--node-rank", type=int, required=True, help="this host's index, 1 .. nnodes-1")
+    node_rank = os.environ.get("NODE_RANK")  # torchrun's name for it
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        required=node_rank is None,
+        default=None if node_rank is None else int(node_rank),
+        help="this host's index, 1 .. nnodes-1 (default: $NODE_RANK)",
+    )
 
 
 def run_worker(ns: argparse.Namespace, engine_args: dict) -> int:
@@ -32,8 +42,9 @@ def run_worker(ns: argparse.Namespace, engine_args: dict) -> int:
             file=sys.stderr,
         )
         return 2
-    ranks = spawn_ranks(config, config.dist_init_addr, ns.node_rank, first_in_process=False)
-    joined = f"ranks {[r.rank for r in ranks]} joining {config.dist_init_addr}"
+    addr = config.rendezvous_address()
+    ranks = spawn_ranks(config, addr, ns.node_rank, first_in_process=False)
+    joined = f"ranks {[r.rank for r in ranks]} joining {addr}"
     print(f"pagetron worker: host {ns.node_rank}: {joined}", file=sys.stderr, flush=True)
 
     def stop(*_) -> None:

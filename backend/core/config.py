@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,10 +75,11 @@ class EngineConfig:
             raise ConfigError(
                 "nnodes", f"{self.nnodes} hosts cannot share {self.tensor_parallel_size} ranks evenly"
             )
-        if self.nnodes > 1 and not _host_port(self.dist_init_addr):
+        if self.nnodes > 1 and not _host_port(self.rendezvous_address()):
             raise ConfigError(
                 "dist_init_addr",
-                f"with nnodes > 1, the engine's address as host:port; got {self.dist_init_addr!r}",
+                "with nnodes > 1, the engine's address as host:port or tcp://host:port (or MASTER_ADDR and "
+                f"MASTER_PORT in the environment); got {self.dist_init_addr!r}",
             )
         if self.max_model_len is not None:
             _positive(self, "max_model_len")
@@ -107,6 +109,15 @@ class EngineConfig:
                 ok = True
             if not ok:
                 raise ConfigError(name, f"expected {expected.__name__}, got {type(value).__name__} {value!r}")
+
+    def rendezvous_address(self) -> str | None:
+        """host:port where the ranks of several hosts meet: dist_init_addr (SGLang's spelling, or a tcp://
+        init method), else torch.distributed's MASTER_ADDR and MASTER_PORT."""
+        if self.dist_init_addr:
+            return self.dist_init_addr.removeprefix("tcp://")
+        if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+            return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        return None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EngineConfig:

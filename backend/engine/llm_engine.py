@@ -216,5 +216,9 @@ class LLMEngine:
             self.block_manager.reset_prefix_cache()
             raise
 
+    def health(self) -> str | None:
+        """Why this engine can run no more steps, or None (any thread; see Executor.health)."""
+        return self.executor.health()
+
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -27,6 +27,11 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
 
+    def health(self) -> str | None:
+        """Why the executor can run no more steps (a worker process died), or None. Cheap and safe to call
+        from any thread: a watchdog polls it so an idle engine's readiness drops too."""
+        return None
+
     def shutdown(self) -> None:  # noqa: B027 (nothing to release in-process)
         """Releases workers; the executor is unusable afterwards."""
 
@@ -63,6 +68,9 @@ class ExecutorWrapper(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.inner.execute(scheduler_output)
+
+    def health(self) -> str | None:
+        return self.inner.health()
 
     def shutdown(self) -> None:
         self.inner.shutdown()

@@ -222,7 +222,7 @@ class MultiprocExecutor(Executor):
     def __init__(self, spec: ModelSpec):
         config = spec.config
         self.world_size = config.tensor_parallel_size
-        addr = config.dist_init_addr if config.nnodes > 1 else free_address()
+        addr = config.rendezvous_address() if config.nnodes > 1 else free_address()
         rendezvous = Rendezvous.connect(addr, self.world_size, is_master=True)
         self.store = rendezvous.store
         self.procs = spawn_ranks(config, addr, node_rank=0, first_in_process=True)
@@ -280,6 +280,9 @@ class MultiprocExecutor(Executor):
                     return
             time.sleep(0.2)
 
+    def health(self) -> str | None:
+        return self._failed
+
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if self._failed is not None:
             raise WorkerFailed(self._failed)
@@ -292,7 +295,8 @@ class MultiprocExecutor(Executor):
             send_step(host, self.steps)
             return runner.run(host, scheduler_output.sampled_seqs)
         except RuntimeError as e:  # a collective with a rank that went away
-            raise WorkerFailed(self._failed or f"tensor-parallel step failed: {e}") from e
+            dead = [proc.describe() for proc in self.procs if proc.exitcode is not None]
+            raise WorkerFailed(self._failed or "; ".join(dead) or f"tensor-parallel step failed: {e}") from e
 
     def shutdown(self) -> None:
         if self._closed:

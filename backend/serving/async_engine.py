@@ -375,6 +375,8 @@ class AsyncEngine:
                 continue
             if not self._threads[0].is_alive():
                 self._mark_unhealthy("the engine thread is not running")
+            elif (problem := self.engine.health()) is not None:  # e.g. a tensor-parallel rank died while idle
+                self._mark_unhealthy(problem)
             elif self.num_live_requests() and time.monotonic() - self._last_progress > self.stall_timeout_s:
                 self._mark_unhealthy(f"the engine made no progress for {self.stall_timeout_s:.0f} s")
 

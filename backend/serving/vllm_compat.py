@@ -31,6 +31,7 @@ SAME_MEANING = {
     "gpu_memory_utilization": "gpu_memory_utilization",
     "enforce_eager": "enforce_eager",
     "device": "device",
+    "tensor_parallel_size": "tensor_parallel_size",
 }
 # vLLM's other spellings of a dtype
 DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -47,7 +48,6 @@ IGNORED = {
     "max_seq_len_to_capture",
     "trust_remote_code",  # Pagetron runs no code from a model folder, whatever this says
     "pipeline_parallel_size",  # only 1 is accepted (checked below)
-    "tensor_parallel_size",  # only 1 is accepted (checked below)
     "enable_lora",  # only false is accepted (checked below)
     "max_loras",
     "max_lora_rank",
@@ -63,7 +63,7 @@ def engine_config_from_vllm(model_json: dict[str, Any], source: str = "model.jso
     for key, value in model_json.items():
         if key in SAME_MEANING:
             args[SAME_MEANING[key]] = DTYPE_ALIASES.get(value, value) if key == "dtype" else value
-        elif key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        elif key == "pipeline_parallel_size":
             if value != 1:
                 raise ConfigError(key, f"{value} is not supported yet; only 1 (in {source})")
         elif key == "enable_lora":

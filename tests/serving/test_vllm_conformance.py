@@ -278,3 +278,15 @@ def unload(server, model: str, missing_ok: bool = False) -> None:
     except urllib.error.HTTPError:
         if not missing_ok:
             raise
+
+
+def test_vllm_engine_arguments_map_onto_pagetrons():
+    from pagetron.backend.core.config import ConfigError
+    from pagetron.backend.serving.vllm_compat import engine_config_from_vllm
+
+    config = engine_config_from_vllm({"tensor_parallel_size": 2, "dtype": "half", "swap_space": 4})
+    assert (config.tensor_parallel_size, config.dtype) == (2, "float16")
+    for key, value in [("pipeline_parallel_size", 2), ("enable_lora", "true"), ("lora_modules", [])]:
+        with pytest.raises(ConfigError) as refused:
+            engine_config_from_vllm({key: value})
+        assert refused.value.key == key
