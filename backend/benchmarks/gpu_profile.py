@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pagetron.backend.benchmarks.gpu_workloads import SHAPES, params_count, workload_t, write_config
+from pagetron.backend.benchmarks.roofline import ModelShape, Request, engine_floor, measure_ceilings
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.executor import ExecutorWrapper, UniprocExecutor
 from pagetron.backend.executor.model_runner import PhaseTimes
@@ -191,6 +192,10 @@ def main() -> int:
     }
     if torch.cuda.is_available():
         result["gemm_tflops_at_8192_tokens"] = gemm_rates(ns.shape)
+        ceilings = measure_ceilings()  # the engine's KV pool leaves 10% of the card: room for 2.4 GB
+        requests = [Request(len(p), ns.output_len) for p in prompts]
+        floor = engine_floor(ModelShape.from_hf_config(SHAPES[ns.shape]), requests, ceilings, args)
+        result["roofline"] = floor.report(seconds, ceilings)
     for name, table in recorder.tables.items():
         print(f"--- kernels, {name} window ---\n{table}")
     print(json.dumps(result, indent=2))

@@ -12,10 +12,11 @@ import asyncio
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from pagetron.backend.benchmarks.gpu_workloads import SHAPES, write_config
+from pagetron.backend.benchmarks.roofline import Ceilings, ModelShape, Request, engine_floor, measure_ceilings
 from pagetron.backend.benchmarks.served_vs_offline import offline_level
 from pagetron.client.bench_serving import BenchConfig, run_benchmark
 from pagetron.client.bench_stats import format_table
@@ -53,6 +54,24 @@ def serve_levels(engine_args: dict, config: BenchConfig, log_dir: Path) -> tuple
     return levels, startup_s
 
 
+def add_floor(
+    level: dict,
+    shape: ModelShape,
+    ceilings: Ceilings,
+    engine_args: dict,
+    config: BenchConfig,
+    concurrency: int | None = None,
+) -> None:
+    """The level's floor: its requests run at most ``concurrency`` at a time (the closed loop's bound)."""
+    concurrency = concurrency or level["concurrency"]
+    requests = [Request(config.prompt_len, config.output_len)] * requests_for(concurrency)
+    floor = engine_floor(shape, requests, ceilings, {**engine_args, "max_num_seqs": concurrency})
+    level["floor_output_tokens_per_s"] = round(floor.output_tok_s, 1)
+    level["fraction_of_floor"] = round(level["output_tokens_per_s"] / floor.output_tok_s, 3)
+    # one stream's time per output token at the floor (its decode steps hold `concurrency` rows)
+    level["floor_ms_per_token_per_stream"] = round(1e3 * concurrency / floor.output_tok_s, 3)
+
+
 def run_gpu_served(ns: argparse.Namespace) -> int:
     import torch
 
@@ -72,12 +91,21 @@ def run_gpu_served(ns: argparse.Namespace) -> int:
         token_ids=True,
         vocab_size=SHAPES[ns.shape]["vocab_size"],
     )
+    ceilings = measure_ceilings() if torch.cuda.is_available() else None  # before the server takes the card
+    torch.cuda.empty_cache()
     served, startup_s = serve_levels(engine_args, config, tmp)
+    if ceilings is not None:
+        shape = ModelShape.from_hf_config(SHAPES[ns.shape])
+        for level in served:
+            add_floor(level, shape, ceilings, engine_args, config)
     top = max(config.concurrency)
     offline = offline_level(engine_args, replace(config, num_requests=requests_for(top)), top)
     served_top = next(level for level in served if level["concurrency"] == top)
+    if ceilings is not None:
+        add_floor(offline, shape, ceilings, {**engine_args, "max_num_seqs": top}, config, top)
     result = {
         "workload": "L",
+        "ceilings": asdict(ceilings) if ceilings else None,
         "shape": ns.shape,
         "date": time.strftime("%Y-%m-%d"),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",

@@ -12,7 +12,10 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+from pagetron.backend.benchmarks.roofline import ModelShape, Request, engine_floor, measure_ceilings
 
 SHAPES = {
     "llama2-13b": dict(
@@ -35,7 +38,6 @@ SHAPES = {
         rope_theta=500000.0,
     ),
 }
-H200_BF16_FLOPS = 790e12  # measured matmul ceiling (docs/benchmarks.md)
 
 
 def write_config(shape: str, folder: Path) -> Path:
@@ -160,15 +162,25 @@ def run_gpu_bench(ns: argparse.Namespace) -> int:
     engine_args = {"max_num_seqs": 256, "max_num_batched_tokens": 8192}
     t_prompts = workload_t(vocab)
     result: dict = {"shape": ns.shape, "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name()}
+    ceilings = measure_ceilings()  # this card, this run: what the floors below are computed with
+    result["ceilings"] = asdict(ceilings)
+    shape = ModelShape.from_hf_config(SHAPES[ns.shape])
     t = run_engine(folder, t_prompts, 256, **engine_args)
-    flops = 2 * params_count(ns.shape) * (512 * 256 + sum(len(p) for p in t_prompts))
-    t["mfu"] = round(flops / t["seconds"] / H200_BF16_FLOPS, 3)
+    floor = engine_floor(shape, [Request(len(p), 256) for p in t_prompts], ceilings, engine_args)
+    t["mfu"] = round(floor.flops / t["seconds"] / ceilings.matmul_flops, 3)
+    t["roofline"] = floor.report(t["seconds"], ceilings)
     result["workload_T"] = t
     print(f"T: {t}", flush=True)
     if not ns.skip_prefix:
         p_prompts = workload_p(vocab)
         on = run_engine(folder, p_prompts, 256, enable_prefix_caching=True, **engine_args)
         off = run_engine(folder, p_prompts, 256, enable_prefix_caching=False, **engine_args)
+        # with caching, every request after the first finds the 2,048-token system prompt cached
+        cached = [Request(len(p), 256, cached_len=2048 if i else 0) for i, p in enumerate(p_prompts)]
+        uncached = [Request(len(p), 256) for p in p_prompts]
+        for run, requests in ((on, cached), (off, uncached)):
+            floor = engine_floor(shape, requests, ceilings, engine_args)
+            run["roofline"] = floor.report(run["seconds"], ceilings)
         result["workload_P"] = {
             "caching_on": on,
             "caching_off": off,
