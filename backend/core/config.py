@@ -15,6 +15,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton")
+QUANTIZATIONS = (None, "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model dtype; fp8: float8 e4m3, scales 1.0
 
 
@@ -41,10 +42,16 @@ class EngineConfig:
     # admit a request only if the free KV blocks cover the expected growth of all running ones (scheduler)
     reserve_kv_for_growth: bool = True
     kv_cache_dtype: str = "auto"
+    # "fp8": linear weights in float8 e4m3 (per output channel scales), activations quantized per token;
+    # a checkpoint already in FP8 is used as stored whatever this says
+    quantization: str | None = None
     num_kv_blocks: int | None = None  # fixes the KV pool size (tests use it to force preemption)
     kv_cache_memory_gb: float = 2.0  # CPU KV pool size when num_kv_blocks is not given
     gpu_memory_utilization: float = 0.90
     enforce_eager: bool = False
+    # schedule step N+1 while step N runs on the device; its tokens feed N+1 there (single-process only;
+    # tensor-parallel engines step synchronously)
+    async_scheduling: bool = False
     attention_backend: str = "auto"  # auto: OpenAI-Triton kernels on CUDA, torch references on CPU
     # tensor parallelism: ranks (one process and, on CUDA, one GPU each), spread over nnodes hosts; the
     # other hosts run `pagetron worker` and meet the engine at dist_init_addr ("host:port")
@@ -66,6 +73,8 @@ class EngineConfig:
             raise ConfigError(
                 "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
             )
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError("quantization", f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.device not in _DEVICES:
             raise ConfigError("device", f"must be one of {_DEVICES}, got {self.device!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

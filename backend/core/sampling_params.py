@@ -135,6 +135,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def uses_output_history(self) -> bool:
+        """Sampling reads the tokens generated so far (penalties), so it cannot run ahead of them."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
         if not isinstance(d, Mapping):

@@ -59,7 +59,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.num_pending_tokens and not self._may_run_ahead(seq):
+                i += 1
+                continue
+            num_new = min(seq.num_tokens + seq.num_pending_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -80,6 +83,8 @@ class Scheduler:
             reserved = sum(self._growth_blocks(s, len(s.block_table), ratio) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:  # preempted with a token still in flight: its prompt is not whole yet
+                break
             hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(seq)
             num_new = seq.num_tokens - num_hit_tokens
             if num_new > budget and not self.enable_chunked_prefill:
@@ -111,15 +116,36 @@ class Scheduler:
         out = SchedulerOutput(
             seqs=[seq for seq, _ in ordered],
             num_new_tokens=[n for _, n in ordered],
+            num_computed=[seq.num_computed_tokens for seq, _ in ordered],
             num_decodes=sum(1 for _, n in ordered if n == 1),
             sample_indices=[
-                i for i, (seq, n) in enumerate(ordered) if seq.num_computed_tokens + n == seq.num_tokens
+                i
+                for i, (seq, n) in enumerate(ordered)
+                if seq.num_computed_tokens + n == seq.num_tokens + seq.num_pending_tokens
             ],
             preempted=preempted,
             finished_seq_ids=self._finished_seq_ids,
         )
         self._finished_seq_ids = []
+        for seq, n in ordered:  # the step's positions count as computed from now on
+            seq.num_computed_tokens += n
+        for seq in out.sampled_seqs:
+            seq.num_pending_tokens += 1
         return out
+
+    # NOTE on running ahead (asynchronous scheduling): the next step may be scheduled while this one runs,
+    # so a sequence can be scheduled with its last token still pending (its id comes from the previous
+    # step's samples, on the device). That is safe when the pending token cannot end the sequence by
+    # length (known in advance; EOS and stop strings are found one step late and the extra row is
+    # dropped) and when sampling the next token needs no output history on the host (penalties).
+    def _may_run_ahead(self, seq: Sequence) -> bool:
+        params = seq.sampling_params
+        outputs = seq.num_output_tokens + seq.num_pending_tokens
+        if params.max_tokens is not None and outputs >= params.max_tokens:
+            return False
+        if seq.num_tokens + seq.num_pending_tokens >= self.max_model_len:
+            return False
+        return seq.num_pending_tokens < 2 and not params.uses_output_history
 
     # NOTE on admission: a running sequence grows by one token per step, and when the pool runs dry the
     # newest one is preempted and recomputed, which throws away its prefill. So a waiting sequence is
@@ -155,16 +181,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[SequenceUpdate]:
-        """Applies a step's result: advances the computed tokens, appends each sampled token and ends the
-        sequences it finishes (EOS, stop token, stop string, length). A sequence aborted while the step ran
-        is skipped."""
-        for seq, num_new in zip(out.seqs, out.num_new_tokens):
-            if not seq.is_finished:
-                seq.num_computed_tokens += num_new
+        """Applies a step's result: appends each sampled token and ends the sequences it finishes (EOS,
+        stop token, stop string, length). A sequence that ended while the step ran is skipped; one
+        preempted while it ran still gets its token (it re-prefills with it)."""
         updates = []
         for row, index in enumerate(out.sample_indices):
             seq = out.seqs[index]
-            if seq.is_finished:
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:  # aborted, or ended by the previous step's token (this row ran ahead)
                 continue
             token = result.token_ids[row]
             seq.append_token(token)

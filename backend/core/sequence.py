@@ -21,8 +21,9 @@ class SequenceStatus(Enum):
 class Sequence:
     """A single sequence. A request with ``n > 1`` becomes ``n`` sequences sharing a request id.
 
-    ``num_computed_tokens`` counts the tokens whose K/V are already in the cache (prefix-cache hits
-    included); the scheduler advances it, preemption resets it to 0. Only the scheduler changes a
+    ``num_computed_tokens`` counts the tokens whose K/V are in the cache or being computed by a scheduled
+    step (prefix-cache hits included); the scheduler advances it when it schedules a step, preemption
+    resets it to 0. Only the scheduler changes a
     sequence's tokens and status; ``detokenizer`` (when the model has a tokenizer) turns its output into
     text as tokens arrive, which is where stop strings are found.
     """
@@ -47,6 +48,10 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        # tokens sampled by scheduled steps whose results the scheduler has not applied yet: 1 while a
+        # sampled step runs, 2 when the next step is scheduled before the previous one's result arrives
+        # (asynchronous scheduling). Their positions are computed; their ids are not known here yet.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at the last admission
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of this sequence's full blocks, filled lazily

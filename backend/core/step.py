@@ -11,7 +11,13 @@ Row layout of a step (the flattened tokens the model computes), decodes first::
     sample_indices = [0, 1, 2, 3]  ->  RunnerOutput rows 0..3
 
 A "decode" entry computes one token (a running sequence's last one, or a one-token prefill chunk); an
-entry is sampled when its chunk reaches the sequence's last known token.
+entry is sampled when its chunk reaches the sequence's last token. Scheduling a step advances each
+entry's computed tokens at once and counts each sampled entry's token as pending until ``update``
+applies it, so with asynchronous scheduling the next step can be scheduled first: a sequence then runs
+with its last token pending, whose id the executor takes from the previous step's samples::
+
+    seq (4 prompt tokens, 1 output known):   [ p p p p | o1 | o2? ]     o2 sampled by step N, pending
+    step N+1 entry:   num_computed = 5 (position of o2), num_new_tokens = 1, input id = step N's sample
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from pagetron.backend.core.sequence import Sequence
 class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)  # row order: decodes, then prefill chunks
     num_new_tokens: list[int] = field(default_factory=list)  # tokens each entry computes this step
+    # each entry's first position (its computed tokens before this step); the sequence's own counter
+    # already includes this step's tokens
+    num_computed: list[int] = field(default_factory=list)
     num_decodes: int = 0  # the first num_decodes entries compute one token each
     sample_indices: list[int] = field(default_factory=list)  # entries sampled, in RunnerOutput row order
     preempted: list[Sequence] = field(default_factory=list)  # freed this step, back to waiting

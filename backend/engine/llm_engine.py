@@ -6,8 +6,9 @@ import functools
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
-from typing import Any
+from typing import Any, TypeVar
 
 from pagetron.backend.core.block_manager import BlockManager
 from pagetron.backend.core.config import EngineConfig
@@ -16,11 +17,11 @@ from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams
 from pagetron.backend.core.scheduler import Scheduler
 from pagetron.backend.core.sequence import Sequence
-from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.core.step import SchedulerOutput
 from pagetron.backend.engine.chat_template import encode_chat
 from pagetron.backend.engine.output_processor import OutputKind, OutputProcessor
 from pagetron.backend.engine.outputs import RequestOutput
-from pagetron.backend.executor.executor import ExecutorFactory, default_executor
+from pagetron.backend.executor.executor import ExecutorFactory, LaunchedStep, default_executor
 from pagetron.backend.executor.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict[str, Any]  # dict: {"prompt"}, {"prompt_token_ids"} or {"messages"}
 
 __all__ = ["LLMEngine", "PromptType"]
+
+T = TypeVar("T")
 
 
 class LLMEngine:
@@ -55,6 +58,10 @@ class LLMEngine:
             reserve_kv_for_growth=config.reserve_kv_for_growth,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.async_scheduling = config.async_scheduling and self.executor.supports_async
+        if config.async_scheduling and not self.async_scheduling:
+            logger.warning("async_scheduling: this executor runs each step through; stepping synchronously")
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._request_ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -200,17 +207,40 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Not thread-safe: add, abort and step must all run on one thread."""
+        if self.async_scheduling:
+            return self._step_ahead()
         scheduled = self.scheduler.schedule()
-        result = self._execute(scheduled)
+        result = self._guarded(lambda: self.executor.execute(scheduled))
         updates = self.scheduler.update(scheduled, result)
         return self.output_processor.process(updates)
 
-    def _execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+    # NOTE on asynchronous scheduling (SGLang's overlap scheduler, vLLM's async scheduling): one step is
+    # always in flight. Step N+1 is scheduled and launched before step N's result is applied, so the host
+    # work of N+1 (schedule, inputs) and of N (update, detokenize, outputs) overlaps N and N+1 on the
+    # device. A sequence sampled by N is scheduled in N+1 with that token pending; the runner takes it from
+    # N's samples on the device. Outputs are the same as stepping synchronously (the scheduler only runs a
+    # sequence ahead where it can; see Scheduler._may_run_ahead), and each step() returns the outputs of
+    # the step before.
+    #
+    #   host:   [sched N+1][launch N+1][wait N][update N, outputs N][sched N+2][launch N+2][wait N+1] ...
+    #   device:   ...  step N  ][ step N+1                                    ][ step N+2 ...
+    def _step_ahead(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        launched = self._guarded(lambda: self.executor.launch(scheduled))
+        previous, self._in_flight = self._in_flight, (scheduled, launched)
+        if previous is None:
+            return []
+        scheduled, launched = previous
+        updates = self.scheduler.update(scheduled, self._guarded(launched.result))
+        return self.output_processor.process(updates)
+
+    def _guarded(self, run: Callable[[], T]) -> T:
         try:
-            return self.executor.execute(scheduled)
+            return run()
         except BaseException:
             # Blocks are registered in the prefix cache when scheduled, before the forward pass writes
             # them: after a failed pass their KV is garbage. Abort everything in flight, forget the cache.
+            self._in_flight = None
             for request_id in self.output_processor.request_ids():
                 self.abort_request(request_id)
             self.block_manager.reset_prefix_cache()

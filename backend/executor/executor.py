@@ -5,27 +5,50 @@
                     scheduler.update(SchedulerOutput, RunnerOutput) -> outputs
 
 An executor owns one or more workers; it changes no sequence and decides nothing about scheduling. The
-uniprocess executor runs one worker in the engine's process. A multi-process tensor-parallel executor, or
-an asynchronous one that overlaps the next schedule with this execute, plugs in here. An engine may be
-given any factory ``ModelSpec -> Executor`` (tests and fault injection wrap the default one).
+uniprocess executor runs one worker in the engine's process and can ``launch`` a step without waiting
+for the device (asynchronous scheduling); the multi-process tensor-parallel executor runs each step
+through. An engine may be given any factory ``ModelSpec -> Executor`` (tests and fault injection wrap
+the default one).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Protocol
 
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.spec import ModelSpec
 from pagetron.backend.executor.worker import Worker
 
 
+class LaunchedStep(Protocol):
+    def result(self) -> RunnerOutput: ...
+
+
+class Finished:
+    """A step that already ran to completion."""
+
+    def __init__(self, output: RunnerOutput):
+        self._output = output
+
+    def result(self) -> RunnerOutput:
+        return self._output
+
+
 class Executor(ABC):
     num_kv_blocks: int  # KV-cache blocks every worker holds; the block manager hands out exactly these
     device_name: str  # where the model runs, for logs
+    # launch() takes steps whose input tokens are still pending (sampled by the step before, whose result
+    # the scheduler has not applied): what asynchronous scheduling needs
+    supports_async: bool = False
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+    def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+        """Queues a step and returns without waiting for it where the executor can; by default it runs."""
+        return Finished(self.execute(scheduler_output))
 
     def health(self) -> str | None:
         """Why the executor can run no more steps (a worker process died), or None. Cheap and safe to call
@@ -46,8 +69,13 @@ class UniprocExecutor(Executor):
         self.num_kv_blocks = self.worker.num_kv_blocks
         self.device_name = str(self.worker.device)
 
+    supports_async = True
+
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.worker.execute(scheduler_output)
+        return self.worker.runner.execute(scheduler_output)
+
+    def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+        return self.worker.runner.launch(scheduler_output)
 
 
 def default_executor(spec: ModelSpec) -> Executor:

@@ -12,7 +12,7 @@ from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.cuda_graphs import DecodeGraphs
 from pagetron.backend.executor.step_inputs import HostStepInputs, StepInputBuilder, StepInputs
 from pagetron.backend.model.llama import LlamaForCausalLM
-from pagetron.backend.model.sampler import Sampler
+from pagetron.backend.model.sampler import SampledTokens, Sampler
 
 
 @dataclass
@@ -37,28 +37,49 @@ class ModelRunner:
         self.model, self.sampler, self.graphs, self.device = model, sampler, graphs, device
         self.inputs = StepInputBuilder(block_size, device)
         self.phase_times: PhaseTimes | None = None  # set to profile each step's phases
+        # the last step's samples on the device, and their row per sequence id: the next step's pending
+        # input tokens (asynchronous scheduling)
+        self._last_sampled: tuple[dict[int, int], torch.Tensor] | None = None
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """One step on a single rank: inputs from the scheduler's output, forward, sample."""
+        return self.launch(out).result()
+
+    def launch(self, out: SchedulerOutput) -> StepResult:
+        """Queues the step's work without waiting for the device; ``result()`` waits. Input tokens still
+        pending (sampled by the previous step, whose result the scheduler has not seen) are taken from that
+        step's samples on the device."""
         self.sampler.forget(out.finished_seq_ids)
         if not out:
-            return RunnerOutput()
+            return StepResult(None)
         timer = _Timer(self.phase_times, self.device)
         host = timer.phase("prepare", self.inputs.build, out)
-        return self.run(host, out.sampled_seqs, timer)
+        sampled = self.run(host, out.sampled_seqs, timer)
+        rows = {seq.seq_id: row for row, seq in enumerate(out.sampled_seqs)}
+        self._last_sampled = (rows, sampled.token_ids) if sampled is not None else None
+        return StepResult(sampled)
 
     @torch.inference_mode()
     def run(
         self, host: HostStepInputs, sampled_seqs: list[Sequence] | None, timer: _Timer | None = None
-    ) -> RunnerOutput | None:
+    ) -> SampledTokens | None:
         """Forward over ``host`` inputs; with tensor parallelism every rank runs this, and rank 0 (the one
         with ``sampled_seqs``) gets the logits and samples."""
         timer = timer or _Timer(self.phase_times, self.device)
-        inputs = timer.phase("prepare", self.inputs.to_device, host)
+        inputs = timer.phase("prepare", self._to_device, host)
         hidden = timer.phase("forward", self._forward, inputs)
         if not host.shape.num_sampled:
-            return timer.done(RunnerOutput())
+            return timer.done(None)
         return timer.done(timer.phase("sample", self._sample, hidden, inputs, sampled_seqs))
+
+    def _to_device(self, host: HostStepInputs) -> StepInputs:
+        inputs = self.inputs.to_device(host)
+        if host.pending:
+            rows, previous = self._last_sampled  # only the step just before can leave a token pending
+            dst = torch.tensor([row for row, _ in host.pending], device=self.device)
+            src = torch.tensor([rows[seq_id] for _, seq_id in host.pending], device=self.device)
+            inputs.input_ids[dst] = previous[src]
+        return inputs
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.meta
@@ -70,9 +91,24 @@ class ModelRunner:
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, meta)
 
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, seqs: list[Sequence] | None) -> RunnerOutput:
+    def _sample(
+        self, hidden: torch.Tensor, inputs: StepInputs, seqs: list[Sequence] | None
+    ) -> SampledTokens | None:
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # gathered on rank 0 only
-        return self.sampler(logits, seqs) if logits is not None else None
+        return self.sampler.sample(logits, seqs) if logits is not None else None
+
+
+class StepResult:
+    """A launched step: ``result()`` waits for its samples to reach the host (once)."""
+
+    def __init__(self, sampled: SampledTokens | None):
+        self._sampled = sampled
+        self._output: RunnerOutput | None = None
+
+    def result(self) -> RunnerOutput:
+        if self._output is None:
+            self._output = self._sampled.output() if self._sampled is not None else RunnerOutput()
+        return self._output
 
 
 class _Timer:
@@ -97,7 +133,7 @@ class _Timer:
         self.row[name] = time.perf_counter() - start
         return result
 
-    def done(self, result: RunnerOutput) -> RunnerOutput:
+    def done(self, result: SampledTokens | None) -> SampledTokens | None:
         if self.times is not None:
             self.times.steps.append(self.row)
         return result

@@ -291,9 +291,11 @@ class MultiprocExecutor(Executor):
         if not scheduler_output:
             return RunnerOutput()
         host = runner.inputs.build(scheduler_output)
+        assert not host.pending, "tensor-parallel steps are scheduled synchronously (inputs all known)"
         try:
             send_step(host, self.steps)
-            return runner.run(host, scheduler_output.sampled_seqs)
+            sampled = runner.run(host, scheduler_output.sampled_seqs)
+            return sampled.output() if sampled is not None else RunnerOutput()
         except RuntimeError as e:  # a collective with a rank that went away
             dead = [proc.describe() for proc in self.procs if proc.exitcode is not None]
             raise WorkerFailed(self._failed or "; ".join(dead) or f"tensor-parallel step failed: {e}") from e

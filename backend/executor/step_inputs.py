@@ -15,7 +15,7 @@ send to its other ranks.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ class HostStepInputs:
     shape: StepShape
     longs: np.ndarray  # int64
     ints: np.ndarray  # int32
+    # (row, seq id) of input tokens still pending (sampled by the step in flight, not known on the host):
+    # their ids are filled on the device from that step's samples (asynchronous scheduling)
+    pending: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -80,9 +83,9 @@ class StepInputBuilder:
         int_offsets = aligned_offsets(shape.int_sizes(), itemsize=4)
         longs = self._longs.zeros(long_offsets[-1])
         ints = self._ints.zeros(int_offsets[-1])
-        self._fill(out, shape, _parts(longs, long_offsets, shape.long_sizes()),
-                   _parts(ints, int_offsets, shape.int_sizes()))  # fmt: skip
-        return HostStepInputs(shape, longs, ints)
+        pending = self._fill(out, shape, _parts(longs, long_offsets, shape.long_sizes()),
+                             _parts(ints, int_offsets, shape.int_sizes()))  # fmt: skip
+        return HostStepInputs(shape, longs, ints, pending)
 
     def to_device(self, host: HostStepInputs) -> StepInputs:
         """``host`` is the latest ``build`` result, or (on another rank) the buffers it was sent."""
@@ -105,7 +108,7 @@ class StepInputBuilder:
             decode_width=max((len(s.block_table) for s in out.seqs[:d]), default=0),
             prefill_width=max((len(s.block_table) for s, _ in prefills), default=0),
             prefill_query_starts=tuple(itertools.accumulate((n for _, n in prefills), initial=0)),
-            prefill_seq_lens=tuple(s.num_computed_tokens + n for s, n in prefills),
+            prefill_seq_lens=tuple(c + n for c, n in zip(out.num_computed[d:], out.num_new_tokens[d:])),
         )
 
     def _fill(self, out: SchedulerOutput, shape: StepShape, longs: list[np.ndarray], ints: list[np.ndarray]):
@@ -115,17 +118,24 @@ class StepInputBuilder:
         decode_tables = decode_tables.reshape(d, shape.decode_width)
         prefill_tables = prefill_tables.reshape(shape.num_prefills, shape.prefill_width)
         row_of_entry = []  # the token row whose hidden state an entry would be sampled from
+        pending: list[tuple[int, int]] = []
         for i, seq in enumerate(out.seqs[:d]):
-            pos = seq.num_computed_tokens
-            ids[i], positions[i] = seq.token_ids[pos], pos
+            pos = out.num_computed[i]
+            if pos < seq.num_tokens:
+                ids[i] = seq.token_ids[pos]
+            else:
+                pending.append((i, seq.seq_id))
+            positions[i] = pos
             slots[i] = seq.block_table[pos // bs] * bs + pos % bs
             context_lens[i] = pos + 1
             decode_tables[i, : len(seq.block_table)] = seq.block_table
             row_of_entry.append(i)
         offset = d
         for i, (seq, n) in enumerate(zip(out.seqs[d:], out.num_new_tokens[d:])):
-            start = seq.num_computed_tokens
-            ids[offset : offset + n] = seq.token_ids[start : start + n]
+            start = out.num_computed[d + i]
+            known = seq.token_ids[start : start + n]
+            ids[offset : offset + len(known)] = known
+            pending += [(offset + j, seq.seq_id) for j in range(len(known), n)]
             pos = np.arange(start, start + n, dtype=np.int64)
             positions[offset : offset + n] = pos
             table = np.asarray(seq.block_table, dtype=np.int64)
@@ -136,6 +146,7 @@ class StepInputBuilder:
         sample_rows[:] = [row_of_entry[i] for i in out.sample_indices]
         query_starts[:] = shape.prefill_query_starts
         seq_lens[:] = shape.prefill_seq_lens
+        return pending
 
 
 def _step_inputs(shape: StepShape, longs: list[torch.Tensor], ints: list[torch.Tensor]) -> StepInputs:

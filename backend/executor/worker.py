@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.cuda_graphs import DecodeGraphs
 from pagetron.backend.executor.device import (
     resolve_device,
@@ -67,14 +66,18 @@ class Worker:
                 )
         finally:
             torch.set_default_dtype(default_dtype)
+        fp8 = "fp8" in (spec.config.quantization, spec.model_config.quantization)
         if spec.config.load_format == "dummy":
             _init_dummy_weights(model, spec.config.seed)
         else:
+            if spec.model_config.quantization == "fp8":  # stored in FP8: loaded as it is
+                for layer in model.linear_layers():
+                    layer.expect_fp8_checkpoint()
             model.load_weights(spec.files.weights(lazy=self.tp.size > 1))
+        if fp8:  # the rest are quantized now, per output channel
+            for layer in model.linear_layers():
+                layer.quantize_fp8()
         return model.eval()
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self.runner.execute(out)
 
 
 @torch.no_grad()

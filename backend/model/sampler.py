@@ -2,9 +2,10 @@
 
 Every step is a tensor op over the whole batch ([N, V]); Python loops only run over rows for per-row
 scalars (and over seeded rows, to draw their noise from their own generator). The only device->host
-transfer is the single ``.tolist()`` at the end. Seeded rows repeat exactly on one device type; CPU and
-CUDA runs of the same seed differ (different random engines). A seeded sequence's generator lives here,
-keyed by sequence id, from its first sample until ``forget`` is told the sequence ended.
+transfer is one non-blocking copy at the end (``SampledTokens``). Seeded rows repeat exactly on one
+device type; CPU and CUDA runs of the same seed differ (different random engines). A seeded sequence's
+generator lives here, keyed by sequence id, from its first sample until ``forget`` is told the sequence
+ended.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class Sampler:
             self._seeded.pop(seq_id, None)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> RunnerOutput:
+        return self.sample(logits, seqs).output()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+        """Samples without waiting for the device: the result's ``output()`` brings it to the host."""
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         params = [seq.sampling_params for seq in seqs]
         logits = logits.to(torch.float32, copy=True)  # modified in place below
@@ -38,7 +43,7 @@ class Sampler:
         _apply_penalties(logits, seqs)
         token_ids = self._sample(logits, seqs)
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
-        return _build_output(raw_logprobs, token_ids, sampled_logprobs, params)
+        return SampledTokens(raw_logprobs, token_ids, sampled_logprobs, params)
 
     def _mask_stop_tokens_below_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         vocab_size = logits.shape[1]
@@ -46,7 +51,8 @@ class Sampler:
         cols: list[int] = []
         for i, seq in enumerate(seqs):
             p = seq.sampling_params
-            if seq.num_output_tokens >= p.min_tokens:
+            # outputs before this row's token: the known ones and any earlier step's still pending
+            if seq.num_output_tokens + max(seq.num_pending_tokens - 1, 0) >= p.min_tokens:
                 continue
             stop_ids = set(p.stop_token_ids or ())
             if not p.ignore_eos:  # with ignore_eos, EOS does not stop the sequence, so it needs no mask
@@ -177,24 +183,46 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _build_output(
-    raw_logprobs: torch.Tensor,
-    token_ids: torch.Tensor,
-    sampled_logprobs: torch.Tensor,
-    params: list[SamplingParams],
-) -> RunnerOutput:
-    num_rows = len(params)
-    wanted = [p.logprobs for p in params]
-    max_top = max((min(w, raw_logprobs.shape[1]) for w in wanted if w is not None), default=None)
-    parts = [token_ids, sampled_logprobs]
-    if max_top is not None:
-        # rank = number of tokens at least as likely as the sampled one (vLLM's convention)
-        parts.append((raw_logprobs >= sampled_logprobs[:, None]).sum(dim=-1))
-        if max_top > 0:
-            top_logprobs, top_ids = raw_logprobs.topk(max_top, dim=-1)
-            parts += [top_ids.flatten(), top_logprobs.flatten()]
-    # float64 holds every token id, rank and float32 logprob exactly: one transfer for everything
-    flat = torch.cat([part.to(torch.float64) for part in parts]).tolist()
+class SampledTokens:
+    """One step's samples. ``token_ids`` stay on the device, where the next step's pending input rows
+    read them; everything the host needs travels in one float64 tensor (it holds every token id, rank
+    and float32 logprob exactly), copied without blocking as soon as it is made; ``output()`` waits for
+    that copy only."""
+
+    def __init__(
+        self,
+        raw_logprobs: torch.Tensor,
+        token_ids: torch.Tensor,
+        sampled_logprobs: torch.Tensor,
+        params: list[SamplingParams],
+    ):
+        self.token_ids = token_ids
+        self._num_rows = len(params)
+        self._wanted = [p.logprobs for p in params]
+        vocab = raw_logprobs.shape[1]
+        self._max_top = max((min(w, vocab) for w in self._wanted if w is not None), default=None)
+        parts = [token_ids, sampled_logprobs]
+        if self._max_top is not None:
+            # rank = number of tokens at least as likely as the sampled one (vLLM's convention)
+            parts.append((raw_logprobs >= sampled_logprobs[:, None]).sum(dim=-1))
+            if self._max_top > 0:
+                top_logprobs, top_ids = raw_logprobs.topk(self._max_top, dim=-1)
+                parts += [top_ids.flatten(), top_logprobs.flatten()]
+        flat = torch.cat([part.to(torch.float64) for part in parts])
+        self._ready: torch.cuda.Event | None = None
+        if flat.is_cuda:
+            flat = flat.to("cpu", non_blocking=True)  # into pinned memory, behind the step's kernels
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._flat = flat
+
+    def output(self) -> RunnerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return _unpack(self._flat.tolist(), self._num_rows, self._max_top, self._wanted)
+
+
+def _unpack(flat: list[float], num_rows: int, max_top: int | None, wanted: list[int | None]) -> RunnerOutput:
     ids = [int(x) for x in flat[:num_rows]]
     sampled = flat[num_rows : 2 * num_rows]
     logprobs: list[dict[int, tuple[float, int]] | None] = [None] * num_rows

@@ -52,8 +52,10 @@ def start_server(
 # The session's server: one tritonserver start for most tests. It serves `embed` and, as `llm`, the tiny
 # model (the served path does not depend on the weights: served outputs are compared with the offline
 # engine on the same model, and HF parity covers SmolLM2's; the supervision test serves SmolLM2 itself),
-# with the context the OpenAI tests need (a chat without max_tokens may fill max_model_len).
-SESSION_ENGINE_ARGS = {"max_model_len": 2048}
+# with the context the OpenAI tests need (a chat without max_tokens may fill max_model_len). It steps
+# asynchronously while the offline references step synchronously, so every served test that compares
+# outputs also checks that the two agree.
+SESSION_ENGINE_ARGS = {"max_model_len": 2048, "async_scheduling": True}
 
 
 @pytest.fixture(scope="session")
