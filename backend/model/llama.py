@@ -177,6 +177,9 @@ class LlamaForCausalLM(nn.Module):
         """[rows, vocab] fp32 logits on rank 0 (None on the other ranks)."""
         return self.lm_head.logits(hidden)
 
+    def linear_layers(self) -> list[ColumnParallelLinear | RowParallelLinear]:
+        return [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
@@ -188,6 +191,8 @@ class LlamaForCausalLM(nn.Module):
         written: set[tuple[str, int]] = set()
         for name, weight in weights:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
+                continue
+            if name.endswith(".input_scale"):  # an FP8 checkpoint's static activation scale: scaled per token
                 continue
             target, part = name, 0
             for hf_part, (ours, index) in _PACKED.items():

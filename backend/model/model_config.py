@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagetron.backend.model.quantization import checkpoint_fp8_scheme
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -24,6 +26,7 @@ class ModelConfig:
     qk_norm: bool
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
+    quantization: str | None = None  # "fp8": the checkpoint's linear weights are stored in FP8
 
     @classmethod
     def from_hf_config(cls, c: dict) -> ModelConfig:
@@ -50,4 +53,5 @@ class ModelConfig:
             qk_norm=c["model_type"] == "qwen3",
             sliding_window=c["sliding_window"],
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            quantization=checkpoint_fp8_scheme(c.get("quantization_config")),
         )

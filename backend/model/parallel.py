@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pagetron.backend.model.quantization import FP8, expand_scale, fp8_linear, quantize_rows
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -66,7 +68,34 @@ def shape_of(weight: Any) -> tuple[int, ...]:
     return tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight.get_shape())
 
 
-class ColumnParallelLinear(nn.Module):
+class _Fp8Weights:
+    """FP8 weights for a parallel linear layer (model/quantization.py): ``weight`` e4m3 and one fp32 scale
+    per output row in ``weight_scale``, either quantized from the loaded weight or loaded as stored."""
+
+    weight: nn.Parameter
+    weight_scale: nn.Parameter | None  # registered as None by each layer: plain weights
+
+    def expect_fp8_checkpoint(self) -> None:
+        """Makes room for a checkpoint's FP8 weight and its scale (loaded next)."""
+        rows, cols = self.weight.shape
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=FP8), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(rows, 1, dtype=torch.float32), requires_grad=False)
+
+    def quantize_fp8(self) -> None:
+        """Quantizes the loaded weight per output row (a no-op for weights loaded as FP8)."""
+        if self.weight_scale is not None:
+            return
+        weight, scale = quantize_rows(self.weight.data)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale, bias)
+        return nn.functional.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(_Fp8Weights, nn.Module):
     """Output features split over the ranks; ``parts`` are the logical outputs fused into one matrix (q, k,
     v or gate, up), each split on its own and stored rank-locally back to back::
 
@@ -97,6 +126,7 @@ class ColumnParallelLinear(nn.Module):
         local = sum(self.local_parts)
         self.weight = nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.empty(local)) if bias else None
+        self.register_parameter("weight_scale", None)
 
     def _local_range(self, part: int) -> tuple[int, int]:
         """(start, length) of this rank's rows of logical part ``part`` in the full tensor's part."""
@@ -104,6 +134,12 @@ class ColumnParallelLinear(nn.Module):
         return (self.tp.rank // replicas) * length, length
 
     def load(self, name: str, weight: Any, part: int = 0) -> None:
+        if name == "weight_scale" and self.weight_scale is not None:
+            start, length = self._local_range(part)
+            offset = sum(self.local_parts[:part])
+            scale = expand_scale(weight, self.parts[part])
+            self.weight_scale.data[offset : offset + length].copy_(scale[start : start + length])
+            return
         for param, is_bias in ((self.weight, False), (self.bias, True)):
             if param is None or name != ("bias" if is_bias else "weight"):
                 continue
@@ -117,10 +153,10 @@ class ColumnParallelLinear(nn.Module):
         raise ValueError(f"no parameter {name!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Fp8Weights, nn.Module):
     """Input features split over the ranks; each computes a partial product, all-reduced."""
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel = SINGLE):
@@ -128,8 +164,12 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(out_features, tp.split(in_features, "input features")))
+        self.register_parameter("weight_scale", None)
 
     def load(self, name: str, weight: Any, part: int = 0) -> None:
+        if name == "weight_scale" and self.weight_scale is not None:
+            self.weight_scale.data.copy_(expand_scale(weight, self.weight.shape[0]))
+            return
         if name != "weight":
             raise ValueError(f"no parameter {name!r}")
         expected = (self.weight.shape[0], self.in_features)
@@ -139,7 +179,7 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(narrow(weight, 1, self.tp.rank * length, length))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(nn.functional.linear(x, self.weight))
+        return self.tp.all_reduce(self._linear(x, None))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -180,11 +180,12 @@ class AsyncEngine:
             return len(self._live)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stops the threads; requests still in flight end with an UNAVAILABLE error."""
+        """Stops the threads; requests still in flight end with an UNAVAILABLE error. An engine declared
+        unhealthy gets a second: a stalled step never returns, and its thread dies with the process."""
         self._stop.set()
         self._inbox.put(("wake", None))
         self._preprocess.put(None)
-        self._threads[0].join(timeout)
+        self._threads[0].join(1.0 if self.unhealthy_reason is not None else timeout)
         self._fail_all("the model is being unloaded", ErrorCode.UNAVAILABLE)
         self._outbox.put(None)
         self._threads[1].join(timeout)

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
-from pagetron.backend.executor.executor import Executor, ExecutorFactory, ExecutorWrapper, UniprocExecutor
+from pagetron.backend.executor.executor import Executor, ExecutorFactory, ExecutorWrapper, default_executor
 from pagetron.backend.executor.spec import ModelSpec
 from pagetron.backend.serving.constants import FAULT_ENV
 
@@ -52,6 +52,6 @@ def fault_injection_factory() -> ExecutorFactory | None:
     logger.warning("fault injection armed: %s", spec)
 
     def factory(model: ModelSpec) -> Executor:
-        return FaultyExecutor(UniprocExecutor(model), kind, int(count))
+        return FaultyExecutor(default_executor(model), kind, int(count))
 
     return factory
