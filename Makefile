@@ -7,7 +7,7 @@ PYVER := $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.vers
 # `pagetron serve` puts nginx in front of Triton's HTTP port (the HTTP guard: request body limit)
 SYSTEM_PACKAGES := libb64-0d python$(PYVER) python$(PYVER)-venv libpython$(PYVER) nginx
 
-.PHONY: setup system-deps test lint soak serve serve-openai demo bench clean
+.PHONY: setup system-deps test test-full lint soak serve serve-openai demo bench clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -37,6 +37,10 @@ lint: setup
 
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# the whole suite with the variants make test leaves out (PAGETRON_FULL_TESTS: paths another test covers)
+test-full: lint
+	PAGETRON_FULL_TESTS=1 $(VENV)/bin/pytest -q -p no:cacheprovider
 
 # the long reliability runs at full size (make test runs them shortened): a 120 s perf_analyzer soak and
 # 1,000 fuzzed requests

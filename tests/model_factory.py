@@ -21,15 +21,22 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
 SMOLLM2_VOCAB_SIZE = 49152
+
+# variants that repeat a path another test already covers, run at full size by `make test-full`
+FULL_ONLY = pytest.mark.skipif(
+    os.environ.get("PAGETRON_FULL_TESTS") != "1", reason="a full-size variant: make test-full"
+)
 
 TINY_SHAPE = {
     "hidden_size": 64,

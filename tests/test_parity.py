@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from model_factory import make_hf_model
+from model_factory import FULL_ONLY, make_hf_model
 from pagetron.backend import LLM, SamplingParams
 from pagetron.backend.benchmarks.hf_reference import hf_greedy, load_hf_model
 
@@ -83,7 +83,7 @@ def test_smollm2_default_engine_matches_hf(smollm, smollm_prompts, max_tokens, h
 @pytest.mark.parametrize(
     "engine_args, check",
     [
-        ({"enable_prefix_caching": False, "max_num_seqs": 5}, "no_cache_hits"),
+        pytest.param({"enable_prefix_caching": False, "max_num_seqs": 5}, "no_cache_hits", marks=FULL_ONLY),
         ({"num_kv_blocks": 24, "max_num_seqs": 16, "reserve_kv_for_growth": False}, "preemption"),
         ({"max_num_batched_tokens": 16, "max_num_seqs": 6}, "chunked"),
     ],

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from model_factory import make_hf_model
+from model_factory import FULL_ONLY, make_hf_model
 from pagetron.backend import LLM, ConfigError, SamplingParams
 from pagetron.backend.executor.multiproc import WorkerFailed, free_address
 
@@ -68,7 +68,8 @@ def assert_same_or_near_tie(ours, reference) -> None:
             assert len(a.token_ids) == len(b.token_ids)
 
 
-CASES = [(2, args) for args in CONFIGS] + [(4, CONFIGS[2])]  # TP 4: every rank holds one of the 2 KV heads
+# TP 4: every rank holds one of the 2 KV heads
+CASES = [(2, args) for args in CONFIGS] + [pytest.param(4, CONFIGS[2], marks=FULL_ONLY)]
 
 
 @pytest.mark.parametrize(
@@ -152,3 +153,27 @@ def test_several_hosts_need_an_address_to_meet_at(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "h1")
     monkeypatch.setenv("MASTER_PORT", "29501")
     assert EngineConfig(tensor_parallel_size=4, nnodes=2).rendezvous_address() == "h1:29501"
+
+
+def test_a_rank_that_dies_while_idle_makes_the_serving_engine_unhealthy(tiny):
+    """No step runs to notice it, so the serving watchdog polls the executor's health."""
+    import time
+
+    from pagetron.backend import EngineConfig
+    from pagetron.backend.engine.llm_engine import LLMEngine
+    from pagetron.backend.serving.async_engine import AsyncEngine
+
+    reasons: list[str] = []
+    engine = LLMEngine(EngineConfig(model=tiny, block_size=4, tensor_parallel_size=2))
+    serving = AsyncEngine(engine, on_unhealthy=reasons.append)
+    serving.start()
+    try:
+        [rank] = engine.executor.procs
+        os.kill(rank.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reasons == [f"tensor-parallel rank 1 (pid {rank.process.pid}) exited with code -9"]
+    finally:
+        serving.shutdown()
+        engine.shutdown()
