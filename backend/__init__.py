@@ -24,6 +24,7 @@ _EXPORTS = {
     "EngineConfig": "core.config",
     "ConfigError": "core.config",
     "SamplingParams": "core.sampling_params",
+    "LoRARequest": "core.lora",
     "SamplingParamsError": "core.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",

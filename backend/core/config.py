@@ -49,6 +49,11 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0  # CPU KV pool size when num_kv_blocks is not given
     gpu_memory_utilization: float = 0.90
     enforce_eager: bool = False
+    # LoRA adapters (PEFT folders) per request: device slots, the largest rank, adapters kept on the host
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
     # schedule step N+1 while step N runs on the device; its tokens feed N+1 there (single-process only;
     # tensor-parallel engines step synchronously)
     async_scheduling: bool = False
@@ -73,6 +78,13 @@ class EngineConfig:
             raise ConfigError(
                 "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
             )
+        _positive(self, "max_loras", "max_lora_rank")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                "max_cpu_loras", f"must be >= max_loras {self.max_loras}, got {self.max_cpu_loras}"
+            )
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ConfigError("enable_lora", "LoRA with tensor_parallel_size > 1 is not supported yet")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError("quantization", f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.device not in _DEVICES:

@@ -27,6 +27,7 @@ class Scheduler:
         eos_token_ids: tuple[int, ...] | list[int] = (),
         enable_chunked_prefill: bool = True,
         reserve_kv_for_growth: bool = True,
+        max_loras: int = 0,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -35,6 +36,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_chunked_prefill = enable_chunked_prefill
         self.reserve_kv_for_growth = reserve_kv_for_growth
+        self.max_loras = max_loras  # distinct LoRA adapters the running sequences may use (device slots)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -81,10 +83,14 @@ class Scheduler:
         ratio, reserved = self.growth_ratio, 0
         if self.reserve_kv_for_growth:
             reserved = sum(self._growth_blocks(s, len(s.block_table), ratio) for s in self.running)
+        passed_over: list[Sequence] = []  # waiting for an adapter slot; they keep their place in line
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:  # preempted with a token still in flight: its prompt is not whole yet
                 break
+            if seq.lora is not None and not self._adapter_may_start(seq, passed_over):
+                passed_over.append(self.waiting.popleft())
+                continue
             hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(seq)
             num_new = seq.num_tokens - num_hit_tokens
             if num_new > budget and not self.enable_chunked_prefill:
@@ -106,9 +112,19 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(passed_over))
         if not scheduled and self.waiting and not self.running:
             raise SchedulerStuck("no waiting request fits the idle KV cache")
         return self._output(scheduled, preempted)
+
+    # NOTE on adapter slots: the running sequences use at most max_loras distinct adapters. A waiting
+    # request whose adapter would be one too many waits; behind it only base-model requests go ahead, not
+    # more requests for the adapters already running, so those drain and it gets its slot (no starvation).
+    def _adapter_may_start(self, seq: Sequence, passed_over: list[Sequence]) -> bool:
+        if passed_over:
+            return False
+        running = {s.lora.lora_int_id for s in self.running if s.lora is not None}
+        return seq.lora.lora_int_id in running or len(running) < self.max_loras
 
     def _output(self, scheduled: list[tuple[Sequence, int]], preempted: list[Sequence]) -> SchedulerOutput:
         """Lays the step out in rows (decodes first) and marks the entries that reach their last token."""

@@ -6,6 +6,7 @@ import itertools
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
+from pagetron.backend.core.lora import LoRARequest
 from pagetron.backend.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Sequence:
         arrival_time: float = 0.0,
         cache_salt: str | None = None,
         detokenizer: IncrementalDetokenizer | None = None,
+        lora: LoRARequest | None = None,
     ):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
@@ -59,7 +61,9 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.arrival_time = arrival_time
-        self.cache_salt = cache_salt  # extra key for prefix hashing (e.g. a LoRA name)
+        self.lora = lora  # the adapter this sequence runs with; None: the base model
+        # extra key for prefix hashing: KV computed under one adapter is never another's
+        self.cache_salt = cache_salt if lora is None else f"{cache_salt or ''}lora:{lora.lora_int_id}"
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, tuple[float, int]]] = []  # per output token: id -> (logprob, rank)
         self.detokenizer = detokenizer

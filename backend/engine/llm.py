@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from pagetron.backend.core.config import EngineConfig
 from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.core.lora import LoRARequest
 from pagetron.backend.core.sampling_params import SamplingParams
 from pagetron.backend.engine.chat_template import encode_chat
 from pagetron.backend.engine.llm_engine import LLMEngine, PromptType
@@ -39,9 +40,11 @@ class LLM:
         prompts: PromptType | SequenceABC[PromptType],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order. Every prompt is validated before any runs, so a
-        bad one raises (naming its index and field) without side effects."""
+        bad one raises (naming its index and field) without side effects. ``lora_request``: one adapter
+        for every prompt, or one (or None, the base model) per prompt."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, SequenceABC) and len(prompts) > 0 and isinstance(prompts[0], int)
         ):
@@ -60,13 +63,21 @@ class LLM:
         )
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+        loras = (
+            list(lora_request)
+            if isinstance(lora_request, SequenceABC) and not isinstance(lora_request, str)
+            else [lora_request] * len(prompts)
+        )
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} LoRA requests")
         engine = self.engine
         prepared = []
         base = next(engine._request_ids)
-        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+        for i, (prompt, params, lora) in enumerate(zip(prompts, params_list, loras)):
             request_id = f"offline-{base}-{i}"
             try:
-                prepared.append((request_id, *engine.make_sequences(request_id, prompt, params)))
+                text, seqs = engine.make_sequences(request_id, prompt, params, lora_request=lora)
+                prepared.append((request_id, text, seqs))
             except InvalidRequestError as e:
                 raise InvalidRequestError(e.field, f"prompt {i}: {e}") from None
         for request_id, text, seqs in prepared:

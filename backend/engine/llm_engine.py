@@ -14,6 +14,7 @@ from pagetron.backend.core.block_manager import BlockManager
 from pagetron.backend.core.config import EngineConfig
 from pagetron.backend.core.detokenizer import IncrementalDetokenizer
 from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.core.lora import LoRARequest
 from pagetron.backend.core.sampling_params import SamplingParams
 from pagetron.backend.core.scheduler import Scheduler
 from pagetron.backend.core.sequence import Sequence
@@ -56,6 +57,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             enable_chunked_prefill=config.enable_chunked_prefill,
             reserve_kv_for_growth=config.reserve_kv_for_growth,
+            max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.async_scheduling = config.async_scheduling and self.executor.supports_async
@@ -116,9 +118,15 @@ class LLMEngine:
                 raise InvalidRequestError(field, f"{t!r} is not a token id in [0, {vocab})")
 
     def make_sequences(
-        self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> tuple[str | None, list[Sequence]]:
-        """Validates one request and builds its sequences without queueing anything."""
+        """Validates one request and builds its sequences without queueing anything. A LoRA adapter is
+        loaded (and checked) here, the first time a request names it."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(
                 "sampling_params", f"expected SamplingParams, got {type(params).__name__}"
@@ -152,6 +160,8 @@ class LLMEngine:
                 f"the request may grow to {longest} tokens but the whole KV cache holds {capacity}; "
                 "lower max_tokens or give the engine more KV-cache memory",
             )
+        if lora_request is not None:
+            self._add_lora(lora_request)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
             Sequence(
@@ -161,10 +171,25 @@ class LLMEngine:
                 index=i,
                 arrival_time=arrival,
                 detokenizer=self._detokenizer(ids, params),
+                lora=lora_request,
             )
             for i in range(params.n)
         ]
         return text, seqs
+
+    def _add_lora(self, lora_request: LoRARequest) -> None:
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError(
+                "lora_request", f"expected LoRARequest, got {type(lora_request).__name__}"
+            )
+        if not self.config.enable_lora:
+            raise InvalidRequestError(
+                "lora_request", "LoRA adapters need the engine argument enable_lora=True"
+            )
+        try:
+            self.executor.add_lora(lora_request)
+        except ValueError as e:
+            raise InvalidRequestError("lora_request", f"adapter {lora_request.lora_name!r}: {e}") from None
 
     def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         return IncrementalDetokenizer(self.tokenizer, prompt_ids, params) if self.tokenizer else None
@@ -175,9 +200,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         request_id = str(next(self._request_ids)) if request_id is None else request_id
-        text, seqs = self.make_sequences(request_id, prompt, params or SamplingParams())
+        text, seqs = self.make_sequences(
+            request_id, prompt, params or SamplingParams(), lora_request=lora_request
+        )
         self.enqueue(request_id, text, seqs, output_kind)
         return request_id
 

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Protocol
 
+from pagetron.backend.core.lora import LoRARequest
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.spec import ModelSpec
 from pagetron.backend.executor.worker import Worker
@@ -50,6 +51,10 @@ class Executor(ABC):
         """Queues a step and returns without waiting for it where the executor can; by default it runs."""
         return Finished(self.execute(scheduler_output))
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Loads a LoRA adapter on the host (checked against the model); ValueError if it does not fit."""
+        raise ValueError("this executor does not run LoRA adapters")
+
     def health(self) -> str | None:
         """Why the executor can run no more steps (a worker process died), or None. Cheap and safe to call
         from any thread: a watchdog polls it so an idle engine's readiness drops too."""
@@ -77,6 +82,11 @@ class UniprocExecutor(Executor):
     def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
         return self.worker.runner.launch(scheduler_output)
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        if self.worker.lora is None:
+            raise ValueError("the engine was started without enable_lora")
+        self.worker.lora.add(lora_request)
+
 
 def default_executor(spec: ModelSpec) -> Executor:
     """One worker in this process, or with tensor_parallel_size > 1 one process per rank."""
@@ -99,6 +109,9 @@ class ExecutorWrapper(Executor):
 
     def health(self) -> str | None:
         return self.inner.health()
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        self.inner.add_lora(lora_request)
 
     def shutdown(self) -> None:
         self.inner.shutdown()

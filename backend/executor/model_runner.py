@@ -12,6 +12,7 @@ from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.cuda_graphs import DecodeGraphs
 from pagetron.backend.executor.step_inputs import HostStepInputs, StepInputBuilder, StepInputs
 from pagetron.backend.model.llama import LlamaForCausalLM
+from pagetron.backend.model.lora import LoRAManager
 from pagetron.backend.model.sampler import SampledTokens, Sampler
 
 
@@ -33,8 +34,11 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         graphs: DecodeGraphs | None = None,
+        lora: LoRAManager | None = None,
     ):
         self.model, self.sampler, self.graphs, self.device = model, sampler, graphs, device
+        self.lora = lora
+        self._lora_step = False  # the step being run adds LoRA products (so it runs eagerly)
         self.inputs = StepInputBuilder(block_size, device)
         self.phase_times: PhaseTimes | None = None  # set to profile each step's phases
         # the last step's samples on the device, and their row per sequence id: the next step's pending
@@ -54,6 +58,7 @@ class ModelRunner:
             return StepResult(None)
         timer = _Timer(self.phase_times, self.device)
         host = timer.phase("prepare", self.inputs.build, out)
+        self._lora_step = self.lora is not None and self.lora.prepare(out)
         sampled = self.run(host, out.sampled_seqs, timer)
         rows = {seq.seq_id: row for row, seq in enumerate(out.sampled_seqs)}
         self._last_sampled = (rows, sampled.token_ids) if sampled is not None else None
@@ -85,6 +90,7 @@ class ModelRunner:
         meta = inputs.meta
         if (
             self.graphs is not None
+            and not self._lora_step
             and inputs.is_decode_only
             and meta.num_decode_tokens <= self.graphs.max_batch
         ):

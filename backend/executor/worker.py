@@ -16,6 +16,7 @@ from pagetron.backend.executor.model_runner import ModelRunner
 from pagetron.backend.executor.spec import ModelSpec
 from pagetron.backend.model.kernel_ops import kernel_ops
 from pagetron.backend.model.llama import LlamaForCausalLM
+from pagetron.backend.model.lora import LoRAManager
 from pagetron.backend.model.parallel import SINGLE, TensorParallel
 from pagetron.backend.model.sampler import Sampler
 
@@ -34,6 +35,12 @@ class Worker:
         self.kv_cache_dtype = resolve_kv_cache_dtype(config, self.dtype)
         self.kernels = resolve_kernels(config.attention_backend, self.device)
         self.model = self._load_model(spec)
+        self.lora: LoRAManager | None = None
+        if config.enable_lora:
+            host_slots = config.max_cpu_loras or config.max_loras
+            self.lora = LoRAManager(
+                self.model, config.max_loras, config.max_lora_rank, host_slots, self.device, self.dtype
+            )
         self.max_kv_blocks = num_kv_blocks(
             config, self.model, spec.max_model_len, self.kv_cache_dtype, self.device
         )
@@ -54,7 +61,7 @@ class Worker:
             )
             graphs.capture()
         sampler = Sampler(self.spec.eos_token_ids, seed=config.seed)
-        self.runner = ModelRunner(self.model, sampler, config.block_size, self.device, graphs)
+        self.runner = ModelRunner(self.model, sampler, config.block_size, self.device, graphs, self.lora)
 
     def _load_model(self, spec: ModelSpec) -> LlamaForCausalLM:
         default_dtype = torch.get_default_dtype()

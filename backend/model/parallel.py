@@ -95,7 +95,36 @@ class _Fp8Weights:
         return nn.functional.linear(x, self.weight, bias)
 
 
-class ColumnParallelLinear(_Fp8Weights, nn.Module):
+class _LoRASlots:
+    """Device slots of LoRA weights for a parallel linear layer, one (A, B) pair per logical part (q, k, v
+    or gate, up), and the product each step's segments add (model/lora.py draws the layout)."""
+
+    lora_context: Any = None  # LoRAContext shared by the model's layers; None: LoRA is off
+    lora_a: list[torch.Tensor]  # per part: [max_loras, max_rank, in (this rank's)]
+    lora_b: list[torch.Tensor]  # per part: [max_loras, out (this rank's), max_rank]
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        context = self.lora_context
+        if context is None or not context.segments:
+            return y
+        offset = 0
+        for a, b in zip(self.lora_a, self.lora_b):
+            width = b.shape[1]
+            for slot, rows in context.segments:
+                delta = (x[rows] @ a[slot].t()) @ b[slot].t()
+                y[:, offset : offset + width].index_add_(0, rows, delta.to(y.dtype))
+            offset += width
+        return y
+
+    def _lora_buffers(
+        self, context: Any, slots: int, rank: int, ins: list[int], outs: list[int], device, dtype
+    ):
+        self.lora_context = context
+        self.lora_a = [torch.zeros(slots, rank, n, device=device, dtype=dtype) for n in ins]
+        self.lora_b = [torch.zeros(slots, n, rank, device=device, dtype=dtype) for n in outs]
+
+
+class ColumnParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
     """Output features split over the ranks; ``parts`` are the logical outputs fused into one matrix (q, k,
     v or gate, up), each split on its own and stored rank-locally back to back::
 
@@ -153,10 +182,24 @@ class ColumnParallelLinear(_Fp8Weights, nn.Module):
         raise ValueError(f"no parameter {name!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, self.bias)
+        return self._add_lora(x, self._linear(x, self.bias))
+
+    def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
+        self._lora_buffers(context, slots, rank, [self.weight.shape[1]] * len(self.parts), self.local_parts,
+                           device, dtype)  # fmt: skip
+
+    def load_lora(self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Part ``part`` of slot ``slot``: A [r, in] and this rank's rows of B [out, r]; None: zeros."""
+        slot_a, slot_b = self.lora_a[part][slot], self.lora_b[part][slot]
+        slot_a.zero_()
+        slot_b.zero_()
+        if a is not None:
+            start, length = self._local_range(part)
+            slot_a[: a.shape[0]].copy_(a)
+            slot_b[:, : b.shape[1]].copy_(b[start : start + length])
 
 
-class RowParallelLinear(_Fp8Weights, nn.Module):
+class RowParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
     """Input features split over the ranks; each computes a partial product, all-reduced."""
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel = SINGLE):
@@ -179,7 +222,22 @@ class RowParallelLinear(_Fp8Weights, nn.Module):
         self.weight.data.copy_(narrow(weight, 1, self.tp.rank * length, length))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self._linear(x, None))
+        return self.tp.all_reduce(self._add_lora(x, self._linear(x, None)))
+
+    def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
+        self._lora_buffers(
+            context, slots, rank, [self.weight.shape[1]], [self.weight.shape[0]], device, dtype
+        )
+
+    def load_lora(self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Slot ``slot``: this rank's input columns of A [r, in] and B [out, r]; None: zeros."""
+        slot_a, slot_b = self.lora_a[0][slot], self.lora_b[0][slot]
+        slot_a.zero_()
+        slot_b.zero_()
+        if a is not None:
+            length = self.weight.shape[1]
+            slot_a[: a.shape[0]].copy_(a[:, self.tp.rank * length : (self.tp.rank + 1) * length])
+            slot_b[:, : b.shape[1]].copy_(b)
 
 
 class VocabParallelEmbedding(nn.Module):
