@@ -34,9 +34,8 @@ from safetensors import safe_open
 SMOLLM2_VOCAB_SIZE = 49152
 
 # variants that repeat a path another test already covers, run at full size by `make test-full`
-FULL_ONLY = pytest.mark.skipif(
-    os.environ.get("PAGETRON_FULL_TESTS") != "1", reason="a full-size variant: make test-full"
-)
+FULL = os.environ.get("PAGETRON_FULL_TESTS") == "1"
+FULL_ONLY = pytest.mark.skipif(not FULL, reason="a full-size variant: make test-full")
 
 TINY_SHAPE = {
     "hidden_size": 64,

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, for_device, needs_cuda, relative_error, triton_ops_for_device, ulp_distance
+from model_factory import FULL_ONLY
 from pagetron.backend.model.kernel_ops import TORCH_OPS, KernelOps, kernel_ops
 from pagetron.backend.model.layers.attention import AttentionMetadata
 from pagetron.backend.model.layers.norm import RMSNorm
@@ -352,8 +353,16 @@ def test_the_ops_a_model_is_built_with_reach_every_layer(qk_norm):
         kernel_ops("cuda")
 
 
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype, qk_norm",
+    [
+        (torch.float32, False),
+        (torch.bfloat16, True),
+        pytest.param(torch.float32, True, marks=FULL_ONLY),  # the two above cover each dtype and norm
+        pytest.param(torch.bfloat16, False, marks=FULL_ONLY),
+    ],
+    ids=["float32-llama", "bfloat16-qwen3", "float32-qwen3", "bfloat16-llama"],
+)
 @torch.inference_mode()
 def test_triton_ops_forward_matches_torch_ops(dtype, qk_norm):
     calls = Counter()

@@ -18,6 +18,7 @@ import httpx
 import openai
 
 from grpc_helpers import pids_matching, scrape_metrics, stream_generate, wait_until
+from model_factory import FULL
 from pagetron.backend.serving.constants import OPENAI_API_KEY_ENV
 from pagetron.backend.serving.launcher import TritonServer, free_port
 
@@ -105,13 +106,14 @@ def test_stub_killed_under_load_then_sigterm(tmp_path, tiny_model_dir):
         assert again.error is None and len(again.token_ids) == 3
 
         # tritonserver itself crashing (as 2.51 does after a run of streams ended by errors sent with the
-        # triton_grpc_error header) is survived the same way
-        [server_pid] = pids_matching(f"tritonserver.*--grpc-port={ports['grpc']}")
-        os.kill(server_pid, signal.SIGKILL)
-        assert wait_until(lambda: not probe.is_ready(), 20, 0.05)
-        assert wait_until(probe.is_ready, 240), "service did not come back after the server crashed"
-        again = stream_generate(url, "Hello", {"max_tokens": 3, "temperature": 0}, timeout=60)
-        assert again.error is None and len(again.token_ids) == 3
+        # triton_grpc_error header) is survived the same way (the same restart path: make test-full)
+        if FULL:
+            [server_pid] = pids_matching(f"tritonserver.*--grpc-port={ports['grpc']}")
+            os.kill(server_pid, signal.SIGKILL)
+            assert wait_until(lambda: not probe.is_ready(), 20, 0.05)
+            assert wait_until(probe.is_ready, 240), "service did not come back after the server crashed"
+            again = stream_generate(url, "Hello", {"max_tokens": 3, "temperature": 0}, timeout=60)
+            assert again.error is None and len(again.token_ids) == 3
 
         thread, result = stream_in_background(url, max_tokens=300)
         assert wait_until(lambda: running(metrics), 30), "the stream never ran"
@@ -128,7 +130,9 @@ def test_stub_killed_under_load_then_sigterm(tmp_path, tiny_model_dir):
         text = log.read()
         # a killed stub may also take tritonserver down with it (a boost lock_exception, seen in CI)
         assert "died while the model reported READY" in text or "exited with code -6" in text
-        assert "tritonserver exited with code -9" in text and text.count("restarting tritonserver") >= 2
+        assert text.count("restarting tritonserver") >= 1
+        if FULL:
+            assert "tritonserver exited with code -9" in text and text.count("restarting tritonserver") >= 2
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
