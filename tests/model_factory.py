@@ -373,3 +373,18 @@ def make_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def make_lora_adapter(base_folder: Path, folder: Path, rank: int, alpha: int, targets: list[str],
+                      rslora: bool = False, seed: int = 0) -> Path:  # fmt: skip
+    """A PEFT LoRA adapter for ``base_folder`` saved by the real `peft` package, with random non-zero
+    weights (init_lora_weights=False, so B is not zero and the adapter changes the answers)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                        init_lora_weights=False)  # fmt: skip
+    get_peft_model(model, config).save_pretrained(folder)
+    return Path(folder)

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from model_factory import make_hf_model
+from model_factory import make_hf_model, make_lora_adapter
 from pagetron.backend import LLM, InvalidRequestError, LoRARequest, SamplingParams
 from pagetron.backend.core.block_manager import BlockManager
 from pagetron.backend.core.scheduler import Scheduler
@@ -33,24 +33,11 @@ def base(tmp_path_factory):
     )
 
 
-def make_adapter(base_folder, folder, rank: int, alpha: int, targets: list[str], rslora: bool, seed: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False
-    )
-    get_peft_model(model, config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def adapters(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {
-        name: LoRARequest(name, i + 1, str(make_adapter(base, root / name, *spec, seed=i)))
+        name: LoRARequest(name, i + 1, str(make_lora_adapter(base, root / name, *spec, seed=i)))
         for i, (name, spec) in enumerate(ADAPTERS.items())
     }
 
@@ -127,10 +114,10 @@ def test_bad_adapters_are_refused_naming_the_problem(base, adapters, tmp_path):
         "rank": (adapters["all-r8"], "rank 8 is above max_lora_rank 4"),
         "missing": (LoRARequest("ghost", 9, str(tmp_path / "ghost")), "adapter_config.json not found"),
     }
-    embed = make_adapter(base, tmp_path / "embed", 4, 8, ["embed_tokens"], False, seed=5)
+    embed = make_lora_adapter(base, tmp_path / "embed", 4, 8, ["embed_tokens"], False, seed=5)
     cases["target"] = (LoRARequest("embed", 10, str(embed)), "target module 'embed_tokens' is not supported")
     wide = tmp_path / "wide"
-    make_adapter(base, wide, 4, 8, ["q_proj"], False, seed=6)
+    make_lora_adapter(base, wide, 4, 8, ["q_proj"], False, seed=6)
     config = json.loads((wide / "adapter_config.json").read_text())
     (wide / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     cases["dora"] = (LoRARequest("wide", 11, str(wide)), "use_dora=True is not supported")

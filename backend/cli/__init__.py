@@ -19,9 +19,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if ftype.base is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+        elif ftype.base is dict:
+            group.add_argument(flag, dest=name, type=_mapping, default=None, metavar="NAME=VALUE,...")
         else:
             metavar = ftype.base.__name__.upper()
             group.add_argument(flag, dest=name, type=ftype.base, default=None, metavar=metavar)
+
+
+def _mapping(text: str) -> dict[str, str]:
+    """A JSON object, or name=value pairs separated by commas (vLLM's --lora-modules name=path)."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("expected a JSON object")
+        return value
+    pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+    if not pairs or any(not k.strip() or not sep or not v.strip() for k, sep, v in pairs):
+        raise argparse.ArgumentTypeError(f"expected name=value[,name=value...], got {text!r}")
+    return {k.strip(): v.strip() for k, _, v in pairs}
 
 
 def engine_args(ns: argparse.Namespace) -> dict[str, Any]:

@@ -54,6 +54,8 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # None: max_loras
+    lora_modules: dict | None = None  # adapters requests may name (lora_name): {name: PEFT folder}
+    lora_dir: str | None = None  # a folder of adapter folders, each loaded when a request first names it
     # schedule step N+1 while step N runs on the device; its tokens feed N+1 there (single-process only;
     # tensor-parallel engines step synchronously)
     async_scheduling: bool = False
@@ -82,6 +84,15 @@ class EngineConfig:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ConfigError(
                 "max_cpu_loras", f"must be >= max_loras {self.max_loras}, got {self.max_cpu_loras}"
+            )
+        if (self.lora_modules or self.lora_dir) and not self.enable_lora:
+            key = "lora_modules" if self.lora_modules else "lora_dir"
+            raise ConfigError(key, "adapters need enable_lora=True")
+        if self.lora_modules is not None and not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.lora_modules.items()
+        ):
+            raise ConfigError(
+                "lora_modules", f"must map adapter names to PEFT folders, got {self.lora_modules!r}"
             )
         if self.enable_lora and self.tensor_parallel_size > 1:
             raise ConfigError("enable_lora", "LoRA with tensor_parallel_size > 1 is not supported yet")

@@ -98,7 +98,11 @@ class SamplingParams:
                 0 <= self.logprobs <= MAX_LOGPROBS,
                 f"must be in [0, {MAX_LOGPROBS}] or null, got {self.logprobs}",
             )
-        _require("lora_name", self.lora_name is None, "LoRA adapters are not supported yet; must be null")
+        _require(
+            "lora_name",
+            self.lora_name is None or (isinstance(self.lora_name, str) and self.lora_name.strip() != ""),
+            "must be an adapter's name or null",
+        )
 
     def _check_lists(self) -> None:
         if self.stop is not None:

@@ -20,6 +20,7 @@ from pagetron.backend.core.scheduler import Scheduler
 from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import SchedulerOutput
 from pagetron.backend.engine.chat_template import encode_chat
+from pagetron.backend.engine.lora_registry import LoRARegistry
 from pagetron.backend.engine.output_processor import OutputKind, OutputProcessor
 from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.executor.executor import ExecutorFactory, LaunchedStep, default_executor
@@ -60,6 +61,7 @@ class LLMEngine:
             max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.loras = LoRARegistry(config.lora_modules, config.lora_dir)
         self.async_scheduling = config.async_scheduling and self.executor.supports_async
         if config.async_scheduling and not self.async_scheduling:
             logger.warning("async_scheduling: this executor runs each step through; stepping synchronously")
@@ -160,6 +162,12 @@ class LLMEngine:
                 f"the request may grow to {longest} tokens but the whole KV cache holds {capacity}; "
                 "lower max_tokens or give the engine more KV-cache memory",
             )
+        if lora_request is None and params.lora_name is not None:
+            if not self.config.enable_lora:
+                raise InvalidRequestError(
+                    "lora_name", "this model serves no LoRA adapters (enable_lora is off)"
+                )
+            lora_request = self.loras.resolve(params.lora_name)
         if lora_request is not None:
             self._add_lora(lora_request)
         arrival = time.monotonic() if arrival_time is None else arrival_time

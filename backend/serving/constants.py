@@ -12,6 +12,7 @@ DEFAULT_GRPC_URL = "localhost:8001"
 # files in the served model repository
 ENGINE_ARGS_FILE = "engine_args.json"  # in llm/<version>/: the EngineConfig the model builds
 VLLM_MODEL_JSON = "model.json"  # read instead when a vLLM-backend model folder has no ENGINE_ARGS_FILE
+MULTI_LORA_JSON = "multi_lora.json"  # the vLLM backend's adapters file beside it: {"name": "PEFT folder"}
 BACKEND_NAME = "pagetron"  # the Python-based Triton backend `pagetron serve` installs (config: backend)
 DRAIN_FILE = "DRAINING"  # in llm/: created by the launcher before it stops the server
 DRAIN_DONE_SUFFIX = ".done"  # DRAIN_FILE + this: created by the model once nothing is in flight

@@ -8,6 +8,7 @@ validates and queues, returning at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.core.config import ConfigError, EngineConfig
 from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
 from pagetron.backend.engine.llm_engine import LLMEngine
@@ -27,6 +28,7 @@ from pagetron.backend.serving.async_engine import AsyncEngine, ResponseSink
 from pagetron.backend.serving.constants import (
     DRAIN_FILE,
     ENGINE_ARGS_FILE,
+    MULTI_LORA_JSON,
     SELF_UNLOAD_FILE,
     VLLM_MODEL_JSON,
     ErrorCode,
@@ -221,13 +223,25 @@ class TritonPythonModel:
 
 
 def _engine_config(version_dir: str) -> EngineConfig:
-    """engine_args.json; else a vLLM-backend model.json; else the defaults (the bundled model)."""
+    """engine_args.json; else a vLLM-backend model.json; else the defaults (the bundled model). A
+    multi_lora.json beside it (the vLLM backend's: {"name": "PEFT folder"}) adds to lora_modules."""
     own, vllm = os.path.join(version_dir, ENGINE_ARGS_FILE), Path(version_dir, VLLM_MODEL_JSON)
     if os.path.exists(own):
-        return EngineConfig.from_json_file(own)
-    if vllm.exists():
-        return read_model_json(vllm)
-    return EngineConfig()
+        config = EngineConfig.from_json_file(own)
+    elif vllm.exists():
+        config = read_model_json(vllm)
+    else:
+        config = EngineConfig()
+    multi_lora = Path(version_dir, MULTI_LORA_JSON)
+    if multi_lora.exists():
+        try:
+            modules = json.loads(multi_lora.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError("<file>", f"{multi_lora} is not valid JSON: {e}") from None
+        if not isinstance(modules, dict):
+            raise ConfigError("<file>", f"{multi_lora} must map adapter names to PEFT folders")
+        config = dataclasses.replace(config, lora_modules={**modules, **(config.lora_modules or {})})
+    return config
 
 
 def _queue_limit(value: str) -> int | None:

@@ -32,6 +32,10 @@ SAME_MEANING = {
     "enforce_eager": "enforce_eager",
     "device": "device",
     "tensor_parallel_size": "tensor_parallel_size",
+    "enable_lora": "enable_lora",
+    "max_loras": "max_loras",
+    "max_lora_rank": "max_lora_rank",
+    "max_cpu_loras": "max_cpu_loras",
 }
 # vLLM's other spellings of a dtype
 DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -48,10 +52,6 @@ IGNORED = {
     "max_seq_len_to_capture",
     "trust_remote_code",  # Pagetron runs no code from a model folder, whatever this says
     "pipeline_parallel_size",  # only 1 is accepted (checked below)
-    "enable_lora",  # only false is accepted (checked below)
-    "max_loras",
-    "max_lora_rank",
-    "max_cpu_loras",
 }
 
 
@@ -62,13 +62,14 @@ def engine_config_from_vllm(model_json: dict[str, Any], source: str = "model.jso
     args: dict[str, Any] = {}
     for key, value in model_json.items():
         if key in SAME_MEANING:
-            args[SAME_MEANING[key]] = DTYPE_ALIASES.get(value, value) if key == "dtype" else value
+            if key == "dtype":
+                value = DTYPE_ALIASES.get(value, value)
+            elif key == "enable_lora":
+                value = _truthy(value) or value is True
+            args[SAME_MEANING[key]] = value
         elif key == "pipeline_parallel_size":
             if value != 1:
                 raise ConfigError(key, f"{value} is not supported yet; only 1 (in {source})")
-        elif key == "enable_lora":
-            if _truthy(value):
-                raise ConfigError(key, f"LoRA adapters are not supported yet (in {source})")
         elif key not in IGNORED:
             known = ", ".join(sorted(SAME_MEANING) + sorted(IGNORED))
             raise ConfigError(key, f"unknown vLLM engine argument in {source}; Pagetron knows: {known}")

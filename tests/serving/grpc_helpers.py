@@ -61,6 +61,7 @@ def stream_generate(
     sampling: dict | str | None = None,
     timeout: float = 120,
     headers: dict[str, str] | None = None,
+    model: str = "llm",
     **flags,
 ):
     """One request over a gRPC stream; collects every response until the final one. With the header
@@ -72,7 +73,7 @@ def stream_generate(
     client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=headers)
     result = StreamResult()
     try:
-        client.async_stream_infer("llm", make_inputs(prompt, sampling, return_finish_reason=True, **flags))
+        client.async_stream_infer(model, make_inputs(prompt, sampling, return_finish_reason=True, **flags))
         while True:
             response, error = responses.get(timeout=timeout)
             result.num_responses += 1

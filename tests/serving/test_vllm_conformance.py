@@ -286,7 +286,9 @@ def test_vllm_engine_arguments_map_onto_pagetrons():
 
     config = engine_config_from_vllm({"tensor_parallel_size": 2, "dtype": "half", "swap_space": 4})
     assert (config.tensor_parallel_size, config.dtype) == (2, "float16")
-    for key, value in [("pipeline_parallel_size", 2), ("enable_lora", "true"), ("lora_modules", [])]:
+    config = engine_config_from_vllm({"enable_lora": "true", "max_loras": 4, "max_lora_rank": 32})
+    assert (config.enable_lora, config.max_loras, config.max_lora_rank) == (True, 4, 32)
+    for key, value in [("pipeline_parallel_size", 2), ("lora_modules", [])]:
         with pytest.raises(ConfigError) as refused:
             engine_config_from_vllm({key: value})
         assert refused.value.key == key
