@@ -392,3 +392,18 @@ def test_lws_workers_join_the_leaders_engine(monkeypatch):
         gpus = worker["resources"]["limits"][GPU]
         assert worker["resources"]["requests"][GPU] == gpus
         assert gpus == leader_config.tensor_parallel_size // leader_config.nnodes
+
+
+def test_the_ingress_refuses_the_bodies_the_http_guard_refuses():
+    """Both limits are one number: ingress-nginx's proxy-body-size and the pods' MAX_REQUEST_BYTES."""
+    ingress = one("ingress.yaml", "Ingress")
+    size = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", size).groups()
+    limit = int(number) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit.lower()]
+    for name, container in triton_containers():
+        assert int(container_env(container, injected_env(name))["MAX_REQUEST_BYTES"]) == limit, name
+    [rule] = ingress["spec"]["rules"]
+    [path] = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert backend["name"] == SERVICE["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in SERVICE["spec"]["ports"]}
