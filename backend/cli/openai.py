@@ -31,6 +31,14 @@ def add_openai_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-model", default=MODEL_NAME, help="Triton model for completions and chat")
     parser.add_argument("--embed-model", default=EMBED_MODEL_NAME, help="Triton model for embeddings")
     parser.add_argument(
+        "--lora-modules",
+        type=_adapter_names,
+        default=(),
+        metavar="NAME[=PATH],...",
+        help="LoRA adapters of the llm model, served as OpenAI models of those names (the paths, if given, "
+        "are the server's business and ignored here)",
+    )
+    parser.add_argument(
         "--max-request-bytes",
         type=_positive_int,
         default=None,
@@ -55,6 +63,13 @@ def add_openai_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_MAX_MODEL_LEN})",
     )
     parser.add_argument("--log-level", default="warning")
+
+
+def _adapter_names(text: str) -> tuple[str, ...]:
+    names = tuple(part.partition("=")[0].strip() for part in text.split(",") if part.strip())
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected NAME[=PATH],..., got {text!r}")
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -83,7 +98,7 @@ def run_openai(ns: argparse.Namespace) -> int:
     settings = FrontendSettings(
         triton_url=ns.triton_url,
         api_key=api_key,
-        models=ServedModels(ns.llm_model, ns.embed_model),
+        models=ServedModels(ns.llm_model, ns.embed_model, ns.lora_modules),
         max_request_bytes=max_bytes,
         max_request_bytes_in_flight=in_flight,
     )

@@ -77,6 +77,8 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         """404 unless ``model`` is the served model of this kind and Triton has it READY."""
         names = settings.models
         wanted = names.llm if kind == "llm" else names.embed
+        if model in names.adapters:  # a LoRA adapter of the llm model: served when that model is
+            model = names.llm
         if model not in (names.llm, names.embed):
             raise unknown_model(model, await _ready(gateway(request)))
         if model != wanted:
@@ -101,17 +103,24 @@ def create_app(settings: FrontendSettings) -> FastAPI:
             return JSONResponse(OpenAIError(503, f"unhealthy: {message}").body(), status_code=503)
         return JSONResponse({"status": "ok", "generated_tokens": sum(result.num_output_tokens)})
 
+    async def cards(request: Request) -> dict[str, dict[str, Any]]:
+        """The ready models, and the llm model's adapters (with it as their parent) while it is ready."""
+        ready = await _ready(gateway(request), cached=False)
+        cards = {m: _model_card(m) for m in ready}
+        if settings.models.llm in ready:
+            cards.update({a: _model_card(a, parent=settings.models.llm) for a in settings.models.adapters})
+        return cards
+
     @v1.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        ready = await _ready(gateway(request), cached=False)
-        return {"object": "list", "data": [_model_card(m) for m in ready]}
+        return {"object": "list", "data": list((await cards(request)).values())}
 
     @v1.get("/models/{model}")
     async def get_model(request: Request, model: str) -> dict[str, Any]:
-        ready = await _ready(gateway(request), cached=False)
-        if model not in ready:
-            raise unknown_model(model, ready)
-        return _model_card(model)
+        known = await cards(request)
+        if model not in known:
+            raise unknown_model(model, list(known))
+        return known[model]
 
     @v1.post("/completions")
     async def create_completion(request: Request, body: CompletionRequest) -> Response:
@@ -152,8 +161,11 @@ async def _ready(gateway: TritonGateway, cached: bool = True) -> list[str]:
         raise OpenAIError(503, f"the Triton server is unreachable: {e}", code="triton_unavailable") from None
 
 
-def _model_card(model: str) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": now(), "owned_by": "pagetron"}
+def _model_card(model: str, parent: str | None = None) -> dict[str, Any]:
+    card = {"id": model, "object": "model", "created": now(), "owned_by": "pagetron"}
+    if parent is not None:  # a LoRA adapter (vLLM's cards carry root and parent the same way)
+        card.update(root=model, parent=parent)
+    return card
 
 
 def _refuse_unsupported(body: Any) -> None:

@@ -27,7 +27,7 @@ def rename_for(body: ChatCompletionRequest) -> dict[str, str]:
     return names
 
 
-def triton_request(body: ChatCompletionRequest) -> GenerateRequest:
+def triton_request(body: ChatCompletionRequest, lora_name: str | None = None) -> GenerateRequest:
     try:
         messages = validate_messages([m.model_dump(exclude_unset=True) for m in body.messages])
     except InvalidRequestError as e:
@@ -41,7 +41,7 @@ def triton_request(body: ChatCompletionRequest) -> GenerateRequest:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return GenerateRequest(
         messages,
-        sampling_parameters(body, max_tokens, logprobs),
+        sampling_parameters(body, max_tokens, logprobs, lora_name),
         stream=body.stream,
         return_logprobs=body.logprobs,
         return_num_input_tokens=True,
@@ -50,7 +50,7 @@ def triton_request(body: ChatCompletionRequest) -> GenerateRequest:
 
 
 async def create_chat_completion(gateway: TritonGateway, body: ChatCompletionRequest) -> dict[str, Any]:
-    result = await gateway.complete(triton_request(body))
+    result = await gateway.complete(triton_request(body, gateway.lora_name(body.model)))
     choices = []
     for j, text in enumerate(result.texts):
         logprobs = None
@@ -78,7 +78,7 @@ async def create_chat_completion(gateway: TritonGateway, body: ChatCompletionReq
 async def stream_chat_completion(gateway: TritonGateway, body: ChatCompletionRequest) -> AsyncIterator[bytes]:
     """Role deltas first (once Triton has answered, so a refused request still gets an HTTP error status),
     content deltas as tokens arrive, a finish_reason delta per choice, the usage chunk, then [DONE]."""
-    request = triton_request(body)
+    request = triton_request(body, gateway.lora_name(body.model))
     head = {
         "id": new_id("chatcmpl"),
         "object": "chat.completion.chunk",

@@ -37,13 +37,13 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     return list(prompt)
 
 
-def triton_requests(body: CompletionRequest) -> list[GenerateRequest]:
+def triton_requests(body: CompletionRequest, lora_name: str | None = None) -> list[GenerateRequest]:
     if body.echo and body.logprobs is not None:
         raise bad_request("echo", "echo with logprobs needs prompt logprobs, which are not supported")
     prompts = _prompts(body.prompt)
     if body.echo and body.stream and any(not isinstance(p, str) for p in prompts):
         raise bad_request("echo", "streaming echo needs text prompts (the server would have to decode ids)")
-    sampling = sampling_parameters(body, body.max_tokens, body.logprobs)
+    sampling = sampling_parameters(body, body.max_tokens, body.logprobs, lora_name)
     return [
         GenerateRequest(
             prompt,
@@ -59,7 +59,7 @@ def triton_requests(body: CompletionRequest) -> list[GenerateRequest]:
 
 
 async def create_completion(gateway: TritonGateway, body: CompletionRequest) -> dict[str, Any]:
-    requests = triton_requests(body)
+    requests = triton_requests(body, gateway.lora_name(body.model))
     results: list[GenerationResult] = await gather_or_cancel([gateway.complete(r) for r in requests])
     choices = []
     for p, result in enumerate(results):
@@ -90,7 +90,7 @@ async def create_completion(gateway: TritonGateway, body: CompletionRequest) -> 
 async def stream_completion(gateway: TritonGateway, body: CompletionRequest) -> AsyncIterator[bytes]:
     """The SSE events of a streamed completion. The first is yielded only once Triton has answered, so
     a refused request still gets an HTTP error status."""
-    requests = triton_requests(body)
+    requests = triton_requests(body, gateway.lora_name(body.model))
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model}
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     tail = {"usage": None} if include_usage else {}

@@ -31,7 +31,7 @@ _PASSED_THROUGH = (
 
 
 def sampling_parameters(
-    request: SamplingFields, max_tokens: int | None, logprobs: int | None
+    request: SamplingFields, max_tokens: int | None, logprobs: int | None, lora_name: str | None = None
 ) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name in _PASSED_THROUGH:
@@ -43,4 +43,6 @@ def sampling_parameters(
     params["max_tokens"] = max_tokens  # None: until the model's context is full (OpenAI's chat default)
     if logprobs is not None:
         params["logprobs"] = logprobs
+    if lora_name is not None:
+        params["lora_name"] = lora_name
     return params

@@ -26,6 +26,7 @@ READY_CACHE_S = 1.0  # model readiness is asked again at most this often
 class ServedModels:
     llm: str = "llm"
     embed: str = "embed"
+    adapters: tuple[str, ...] = ()  # LoRA adapters of the llm model, each also an OpenAI model name
 
 
 class TritonGateway:
@@ -51,6 +52,10 @@ class TritonGateway:
         ready = [name for name, ok in zip(names, answers) if ok]
         self._ready = (time.monotonic(), ready)
         return ready
+
+    def lora_name(self, model: str) -> str | None:
+        """The adapter a request for OpenAI model ``model`` runs with (None: the base model)."""
+        return model if model in self.models.adapters else None
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         return self.llm.generate(request)

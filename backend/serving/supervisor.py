@@ -133,14 +133,19 @@ class ProcessGroupGuard:
 
 
 def frontend_command(
-    triton_url: str, port: int, host: str = "127.0.0.1", max_request_bytes: int | None = None
+    triton_url: str,
+    port: int,
+    host: str = "127.0.0.1",
+    max_request_bytes: int | None = None,
+    adapters: list[str] | None = None,
 ) -> list[str]:
     """How `pagetron serve --openai`, the benchmark and the tests start the frontend (the API key, if
     any, goes through OPENAI_API_KEY_ENV, never the command line; ``max_request_bytes`` None: the
     frontend's default body limit)."""
     limit = [] if max_request_bytes is None else ["--max-request-bytes", str(max_request_bytes)]
+    loras = ["--lora-modules", ",".join(adapters)] if adapters else []
     return [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_url,
-            "--host", host, "--port", str(port), *limit]  # fmt: skip
+            "--host", host, "--port", str(port), *limit, *loras]  # fmt: skip
 
 
 def wait_listening(process: subprocess.Popen, root_url: str, timeout_s: float = 60.0) -> bool:
@@ -180,8 +185,9 @@ class OpenAIFrontend:
         api_key: str | None = None,
         guard: ProcessGroupGuard | None = None,
         first_retry_s: float = 1.0,
+        adapters: list[str] | None = None,
     ) -> None:
-        self.command = frontend_command(triton_url, port, host)
+        self.command = frontend_command(triton_url, port, host, adapters=adapters)
         self.env = dict(os.environ)
         if api_key:
             self.env[OPENAI_API_KEY_ENV] = api_key
@@ -323,8 +329,9 @@ def serve(settings: ServeSettings, stop: threading.Event | None = None) -> int:
     guard = ProcessGroupGuard(str(repository))
     frontend = None
     if settings.openai_port is not None:
+        adapters = list(settings.engine_args.get("lora_modules") or {})
         frontend = OpenAIFrontend(
-            server.grpc_url, settings.openai_port, settings.host, settings.api_key, guard=guard
+            server.grpc_url, settings.openai_port, settings.host, settings.api_key, guard, adapters=adapters
         )
     reload_after_fault = settings.reload_after_fault and settings.model_control_mode == "explicit"
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,15 @@ def start_server(
     model_control_mode: str = "explicit",
     wait: bool = True,
     models: tuple[str, ...] = ("llm",),
+    version_files: dict[str, str] | None = None,
 ) -> TritonServer:
+    """``version_files``: more files for llm/1/ (e.g. multi_lora.json), name -> text."""
     parameters = {"drain_grace_s": "3", **(parameters or {})}  # keeps server stops short
     repository = prepare_model_repository(
         tmp_dir / "repo", {**SERVER_ENGINE_ARGS, **(engine_args or {})}, parameters, models=models
     )
+    for name, text in (version_files or {}).items():
+        (repository / "llm" / "1" / name).write_text(text)
     server = TritonServer(
         repository,
         http_port=free_port(),
@@ -54,14 +59,39 @@ def start_server(
 # engine on the same model, and HF parity covers SmolLM2's; the supervision test serves SmolLM2 itself),
 # with the context the OpenAI tests need (a chat without max_tokens may fill max_model_len). It steps
 # asynchronously while the offline references step synchronously, so every served test that compares
-# outputs also checks that the two agree.
-SESSION_ENGINE_ARGS = {"max_model_len": 2048, "async_scheduling": True}
+# outputs also checks that the two agree. It serves two LoRA adapters named in a multi_lora.json, as
+# Triton's vLLM backend does, and more from lora_dir (test_lora_serving.py); requests without lora_name
+# run the base model, as before.
+SESSION_ENGINE_ARGS = {"max_model_len": 2048, "async_scheduling": True,
+                       "enable_lora": True, "max_loras": 2, "max_lora_rank": 8}  # fmt: skip
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="session")
-def triton_server(tmp_path_factory, tiny_model_dir):
-    engine_args = {**SESSION_ENGINE_ARGS, "model": str(tiny_model_dir)}
-    server = start_server(tmp_path_factory.mktemp("triton"), engine_args, models=("llm", "embed"))
+def lora_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """PEFT adapters of the tiny model: `sql` and `chat` are served from the start, `late` is not."""
+    from model_factory import make_lora_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "sql": make_lora_adapter(tiny_model_dir, root / "sql", 4, 8, ["q_proj", "v_proj"], seed=1),
+        "chat": make_lora_adapter(tiny_model_dir, root / "chat", 8, 16, ALL_PROJECTIONS, seed=2),
+        "late": make_lora_adapter(tiny_model_dir, root / "late-source", 2, 4, ["down_proj"], seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory) -> Path:
+    """The session server's lora_dir: empty at first."""
+    return tmp_path_factory.mktemp("lora-dir")
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory, tiny_model_dir, lora_adapters, lora_dir):
+    engine_args = {**SESSION_ENGINE_ARGS, "model": str(tiny_model_dir), "lora_dir": str(lora_dir)}
+    multi_lora = json.dumps({name: str(lora_adapters[name]) for name in ("sql", "chat")})
+    server = start_server(tmp_path_factory.mktemp("triton"), engine_args, models=("llm", "embed"),
+                          version_files={"multi_lora.json": multi_lora})  # fmt: skip
     yield server
     server.stop()
     assert not _alive(server.pid)

@@ -38,11 +38,13 @@ class Frontend:
         stop_frontend(self.process)
 
 
-def start_frontend(triton_grpc_url: str, log_path: Path, api_key: str | None = API_KEY) -> Frontend:
+def start_frontend(
+    triton_grpc_url: str, log_path: Path, api_key: str | None = API_KEY, extra: list[str] | None = None
+) -> Frontend:
     port = free_port()
     env = {**os.environ, OPENAI_API_KEY_ENV: api_key or ""}
     log = open(log_path, "wb")  # noqa: SIM115 (owned by the process)
-    command = frontend_command(triton_grpc_url, port)
+    command = frontend_command(triton_grpc_url, port) + (extra or [])
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     frontend = Frontend(process, port, api_key, log_path)
     if not wait_listening(process, frontend.root_url):

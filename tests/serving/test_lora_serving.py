@@ -1,71 +1,56 @@
-"""LoRA adapters served from the real tritonserver as Triton's vLLM backend serves them: a model folder
-with `multi_lora.json` ({"name": "PEFT folder"}) beside its engine arguments, and requests that pick an
+"""LoRA adapters served from the real tritonserver as Triton's vLLM backend serves them: the session's
+model has a `multi_lora.json` ({"name": "PEFT folder"}) beside its engine arguments, and requests pick an
 adapter with `lora_name` in `sampling_parameters` (what that backend's sample client sends for
-`--lora-name`). Concurrent streams for the base model and two adapters each get the offline engine's
-tokens for their adapter; an adapter dropped into `lora_dir` while serving is used by the next request;
-an unknown name is INVALID_ARG listing the known ones, and the model keeps serving."""
+`--lora-name`), and through the OpenAI frontend, where an adapter is a model of its own. Concurrent
+streams for the base model and two adapters each get the offline engine's tokens for their adapter; an
+adapter dropped into `lora_dir` while serving is used by the next request; an unknown name is INVALID_ARG
+listing the known ones, and the model keeps serving."""
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 
 from grpc_helpers import stream_generate
-from model_factory import make_lora_adapter
+from openai_frontend import start_frontend
 from pagetron.backend import LLM, LoRARequest, SamplingParams
 
-MODEL = "lora_llm"
+MODEL = "llm"  # the session server's: sql and chat in its multi_lora.json, lora_dir empty at first
 PROMPT = "Once upon a time"
 MAX_TOKENS = 8
-
-
-def model_request(server, action: str) -> None:
-    url = f"http://{server.http_url}/v2/repository/models/{MODEL}/{action}"
-    request = urllib.request.Request(url, data=b"{}", method="POST", headers=server.admin_headers)
-    urllib.request.urlopen(request, timeout=300)
+IGNORE_EOS = {"ignore_eos": True}  # Pagetron's extra sampling key: every answer runs to MAX_TOKENS
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("served-adapters")
-    all_projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return {
-        "sql": make_lora_adapter(tiny_model_dir, root / "sql", 4, 8, ["q_proj", "v_proj"], seed=1),
-        "chat": make_lora_adapter(tiny_model_dir, root / "chat", 8, 16, all_projections, seed=2),
-        "late": make_lora_adapter(tiny_model_dir, root / "late-source", 2, 4, ["down_proj"], seed=3),
-    }
+def lora_model(triton_server, lora_dir):
+    return triton_server, lora_dir
 
 
 @pytest.fixture(scope="module")
-def lora_model(triton_server, tiny_model_dir, adapters, tmp_path_factory):
-    lora_dir = tmp_path_factory.mktemp("lora-dir")
-    folder = triton_server.repository / MODEL
-    (folder / "1").mkdir(parents=True)
-    config = 'backend: "pagetron"\ninstance_group [ { count: 1 kind: KIND_MODEL } ]\n'
-    (folder / "config.pbtxt").write_text(config)
-    engine = {"model": str(tiny_model_dir), "enable_lora": True, "max_loras": 2, "max_lora_rank": 8,
-              "max_model_len": 512, "kv_cache_memory_gb": 0.05, "lora_dir": str(lora_dir)}  # fmt: skip
-    (folder / "1" / "engine_args.json").write_text(json.dumps(engine))
-    modules = {"sql": str(adapters["sql"]), "chat": str(adapters["chat"])}
-    (folder / "1" / "multi_lora.json").write_text(json.dumps(modules))
-    model_request(triton_server, "load")
-    yield triton_server, lora_dir
-    model_request(triton_server, "unload")
+def adapters(lora_adapters):
+    return lora_adapters
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_model_dir, adapters) -> dict[str | None, list[int]]:
+def offline(tiny_model_dir, adapters) -> dict[str | None, tuple[list[int], str]]:
+    """The offline engine's (token ids, text) per adapter name (None: the base model)."""
     llm = LLM(str(tiny_model_dir), enable_lora=True, max_loras=1, max_lora_rank=8, kv_cache_memory_gb=0.05)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    out = {None: llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids}
-    for i, (name, path) in enumerate(adapters.items()):
-        request = LoRARequest(name, i + 1, str(path))
-        out[name] = llm.generate(PROMPT, params, use_tqdm=False, lora_request=request)[0].outputs[0].token_ids
-    assert len({tuple(v) for v in out.values()}) == len(out)  # every adapter changes the answer
+    requests = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(adapters.items())}
+    requests = {None: None, **requests}
+    out = {}
+    for name, request in requests.items():
+        [result] = llm.generate(PROMPT, params, use_tqdm=False, lora_request=request)
+        out[name] = (result.outputs[0].token_ids, result.outputs[0].text)
+    assert len({tuple(ids) for ids, _ in out.values()}) == len(out)  # every adapter changes the answer
     return out
+
+
+@pytest.fixture(scope="module")
+def expected(offline) -> dict[str | None, list[int]]:
+    return {name: ids for name, (ids, _) in offline.items()}
 
 
 def generate(server, lora_name: str | None):
@@ -100,3 +85,28 @@ def test_an_unknown_adapter_is_invalid_arg_naming_the_known_ones(lora_model, exp
     assert refused.error.startswith("[INVALID_ARG] lora_name: unknown LoRA adapter"), refused.error
     assert "known adapters: sql, chat" in refused.error
     assert generate(server, "sql").token_ids == expected["sql"]  # the model keeps serving
+
+
+def test_through_the_openai_frontend_an_adapter_is_a_model(lora_model, offline, tmp_path):
+    server, _ = lora_model
+    frontend = start_frontend(server.grpc_url, tmp_path / "frontend.log", api_key=None,
+                              extra=["--llm-model", MODEL, "--lora-modules", "sql,chat"])  # fmt: skip
+    try:
+        client = frontend.client()
+        cards = {m.id: m for m in client.models.list().data}
+        assert {"sql", "chat", MODEL} <= set(cards) and cards["sql"].model_extra["parent"] == MODEL
+        for model, name in [(MODEL, None), ("sql", "sql"), ("chat", "chat")]:
+            completion = client.completions.create(
+                model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, extra_body=IGNORE_EOS
+            )
+            assert completion.choices[0].text == offline[name][1], model
+        stream = client.completions.create(model="sql", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                           stream=True, extra_body=IGNORE_EOS)  # fmt: skip
+        assert "".join(chunk.choices[0].text for chunk in stream) == offline["sql"][1]
+        chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=4, temperature=0)  # fmt: skip
+        assert chat.usage.completion_tokens == 4
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="late-source", prompt=PROMPT, max_tokens=2)
+    finally:
+        frontend.stop()

@@ -1,4 +1,4 @@
-"""Soak: the real perf_analyzer streams at concurrency 64 for PAGETRON_SOAK_S seconds (10 by default;
+"""Soak: the real perf_analyzer streams at concurrency 64 for PAGETRON_SOAK_S seconds (6 by default;
 `make soak` runs 120) of short greedy requests against the session's server (a tiny model: the soak is
 about the server, not the model). Zero failed requests, every KV block free afterwards, and the server's
 memory (tritonserver plus the model's stub) grows by less than MEMORY_GROWTH_BOUND_MB."""
@@ -17,7 +17,7 @@ from grpc_helpers import scrape_metrics
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "perf_analyzer_configs" / "run_perf_analyzer.py"
 CONCURRENCY = 64
-SOAK_S = float(os.environ.get("PAGETRON_SOAK_S", "10"))
+SOAK_S = float(os.environ.get("PAGETRON_SOAK_S", "6"))
 MEMORY_GROWTH_BOUND_MB = 150
 TOKENS_PER_REQUEST = 4  # perf_analyzer_configs/smoke.json
 COUNTERS = ("vllm:e2e_request_latency_seconds_count", "vllm:generation_tokens_total")
