@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25
 
 # the whole suite with the variants make test leaves out (PAGETRON_FULL_TESTS: paths another test covers)
 test-full: lint
