@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_overhead_arguments(overhead)
     add_engine_args(overhead)
+    lora = bench_sub.add_parser("lora", help="requests over 1, 8 and 32 LoRA adapters vs the base model")
+    from pagetron.backend.benchmarks.lora_bench import add_arguments as add_lora_arguments
+
+    add_lora_arguments(lora)
     served = bench_sub.add_parser("served-vs-offline", help="throughput through tritonserver vs offline")
     from pagetron.backend.benchmarks.served_vs_offline import add_arguments as add_served_arguments
 
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.benchmarks.openai_overhead import run_openai_overhead
 
             return run_openai_overhead(ns)
+        if ns.workload == "lora":
+            from pagetron.backend.benchmarks.lora_bench import run_lora_bench
+
+            return run_lora_bench(ns)
         if ns.workload == "served-vs-offline":
             from pagetron.backend.benchmarks.served_vs_offline import run_served_vs_offline
 

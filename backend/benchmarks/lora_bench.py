@@ -1,0 +1,101 @@
+"""What serving LoRA adapters costs: one closed batch of requests spread over 1, 8 and 32 distinct adapters
+(rank 16 on every projection, random weights written as PEFT folders) against the base model alone, in
+one run on one engine per setting.
+
+  pagetron bench lora [--model PATH] [--adapters 1,8,32] [--requests 64] [--prompt-len 128]
+      [--max-tokens 64] [--rank 16] [--max-num-seqs 32] [--json out.json]
+
+Every request is greedy and runs to max_tokens (ignore_eos); the requests of a setting use its adapters
+round-robin and every adapter fits a device slot (max_loras = the number of adapters), so the figure is the
+batched LoRA products themselves, not adapter swapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_adapter(
+    folder: Path, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int, seed: int
+) -> Path:
+    """A PEFT folder (adapter_config.json + adapter_model.safetensors) with random weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(num_layers):
+        for target in TARGETS:
+            out_features, in_features = shapes[target]
+            block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.02
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.02
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def run_lora_bench(ns: argparse.Namespace) -> int:
+    from pagetron.backend import LLM, LoRARequest, SamplingParams
+
+    settings = [0, *(int(n) for n in ns.adapters.split(","))]
+    rng = random.Random(0)
+    config = {k: v for k, v in vars(ns).items() if k not in ("func", "json_path", "command", "workload")}
+    result: dict = {"config": config, "runs": []}
+    root = Path(tempfile.mkdtemp(prefix="pagetron-lora-bench-"))
+    for count in settings:
+        engine = {"max_num_seqs": ns.max_num_seqs, "kv_cache_memory_gb": ns.kv_cache_memory_gb}
+        if count:
+            engine.update(enable_lora=True, max_loras=count, max_lora_rank=ns.rank)
+        llm = LLM(ns.model, **engine) if ns.model else LLM(**engine)
+        cfg = llm.engine.model_config
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                  "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+        folders = [write_adapter(root / f"a{j}", shapes, cfg.num_layers, ns.rank, j) for j in range(count)]
+        loras = [LoRARequest(f"a{j}", j + 1, str(folder)) for j, folder in enumerate(folders)]
+        ids = [[rng.randrange(3, cfg.vocab_size) for _ in range(ns.prompt_len)] for _ in range(ns.requests)]
+        prompts = [{"prompt_token_ids": p} for p in ids]
+        params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
+        per_request = [loras[k % count] for k in range(ns.requests)] if count else None
+        warm = per_request[:1] if per_request else None
+        llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False, lora_request=warm)
+        started = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False, lora_request=per_request)
+        seconds = time.perf_counter() - started
+        tokens = ns.requests * ns.max_tokens
+        run = {"adapters": count, "seconds": round(seconds, 2), "output_tok_s": round(tokens / seconds, 1)}
+        result["runs"].append(run)
+        print(f"{count:3d} adapters: {run['output_tok_s']} output tok/s ({run['seconds']} s)", flush=True)
+        llm.engine.shutdown()
+        del llm
+    base = result["runs"][0]["output_tok_s"]
+    for run in result["runs"]:
+        run["of_base"] = round(run["output_tok_s"] / base, 3)
+    print("of base: " + ", ".join(f"{r['adapters']} adapters {r['of_base']}" for r in result["runs"][1:]))
+    if ns.json_path:
+        Path(ns.json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2")
+    parser.add_argument("--adapters", default="1,8,32", help="adapter counts to compare with the base model")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
+    parser.add_argument("--json", dest="json_path")

@@ -1,0 +1,20 @@
+"""`pagetron bench lora` runs end to end on a tiny model and reports each setting against the base."""
+
+from __future__ import annotations
+
+import json
+
+from model_factory import make_hf_model
+from pagetron.backend.cli import main
+
+
+def test_the_lora_benchmark_reports_every_setting(tmp_path):
+    model = make_hf_model(tmp_path / "m", "llama", num_kv_heads=2, tie_word_embeddings=False)
+    out = tmp_path / "lora.json"
+    code = main(["bench", "lora", "--model", str(model), "--adapters", "2", "--requests", "6",
+                 "--prompt-len", "8", "--max-tokens", "4", "--rank", "4", "--max-num-seqs", "6",
+                 "--kv-cache-memory-gb", "0.01", "--json", str(out)])  # fmt: skip
+    assert code == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["adapters"] for r in runs] == [0, 2] and runs[0]["of_base"] == 1.0
+    assert all(r["output_tok_s"] > 0 for r in runs)
