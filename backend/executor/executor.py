@@ -55,6 +55,10 @@ class Executor(ABC):
         """Loads a LoRA adapter on the host (checked against the model); ValueError if it does not fit."""
         raise ValueError("this executor does not run LoRA adapters")
 
+    def num_resident_loras(self) -> int:
+        """LoRA adapters in device slots now (any thread: a count, for metrics)."""
+        return 0
+
     def health(self) -> str | None:
         """Why the executor can run no more steps (a worker process died), or None. Cheap and safe to call
         from any thread: a watchdog polls it so an idle engine's readiness drops too."""
@@ -87,6 +91,10 @@ class UniprocExecutor(Executor):
             raise ValueError("the engine was started without enable_lora")
         self.worker.lora.add(lora_request)
 
+    def num_resident_loras(self) -> int:
+        lora = self.worker.lora
+        return 0 if lora is None else sum(slot is not None for slot in lora.slots)
+
 
 def default_executor(spec: ModelSpec) -> Executor:
     """One worker in this process, or with tensor_parallel_size > 1 one process per rank."""
@@ -112,6 +120,9 @@ class ExecutorWrapper(Executor):
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         self.inner.add_lora(lora_request)
+
+    def num_resident_loras(self) -> int:
+        return self.inner.num_resident_loras()
 
     def shutdown(self) -> None:
         self.inner.shutdown()

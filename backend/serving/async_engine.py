@@ -303,7 +303,13 @@ class AsyncEngine:
                 if live is None or live.finished:
                     continue
                 live.num_generated = self._stats.observe(
-                    stats, out, live.arrival_time, live.last_token_time, live.num_generated, now
+                    stats,
+                    out,
+                    live.arrival_time,
+                    live.last_token_time,
+                    live.num_generated,
+                    now,
+                    live.parsed.params.lora_name,
                 )
                 live.last_token_time = now
                 if out.finished:

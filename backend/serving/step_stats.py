@@ -23,6 +23,10 @@ class StepStats:
     e2e_latency: list[float] = field(default_factory=list)
     request_prompt_tokens: list[int] = field(default_factory=list)
     request_generation_tokens: list[int] = field(default_factory=list)
+    # per LoRA adapter (lora_name): requests finished and tokens generated this step; adapters on the device
+    lora_requests: dict[str, int] = field(default_factory=dict)
+    lora_generation_tokens: dict[str, int] = field(default_factory=dict)
+    loras_resident: int = 0
 
 
 class StepStatsCollector:
@@ -41,6 +45,7 @@ class StepStatsCollector:
             num_running=len({s.request_id for s in sched.running}),
             num_waiting=len({s.request_id for s in sched.waiting}),
             kv_cache_usage=bm.usage,
+            loras_resident=self.engine.executor.num_resident_loras(),
         )
         self._preemptions, self._queries, self._hits = (
             sched.num_preemptions,
@@ -57,10 +62,16 @@ class StepStatsCollector:
         last_token_time: float | None,
         num_generated: int,
         now: float,
+        lora_name: str | None = None,
     ) -> int:
         """Records one request's output of this step; returns its new total of generated tokens."""
         new_tokens = sum(len(o.delta_token_ids) for o in out.outputs)
         stats.num_generation_tokens += new_tokens
+        if lora_name is not None:
+            tokens = stats.lora_generation_tokens
+            tokens[lora_name] = tokens.get(lora_name, 0) + new_tokens
+            if out.finished:
+                stats.lora_requests[lora_name] = stats.lora_requests.get(lora_name, 0) + 1
         if last_token_time is None:
             stats.num_prompt_tokens += len(out.prompt_token_ids)
             stats.time_to_first_token.append(now - arrival)

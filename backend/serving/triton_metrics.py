@@ -26,6 +26,7 @@ _GAUGES = {
     "num_running": ("vllm:num_requests_running", "Number of requests running in the engine."),
     "num_waiting": ("vllm:num_requests_waiting", "Number of requests waiting to be scheduled."),
     "kv_cache_usage": ("vllm:gpu_cache_usage_perc", "KV-cache usage; 1 means 100 percent."),
+    "loras_resident": ("pagetron:lora_adapters_resident", "LoRA adapters in device slots."),
 }
 _LATENCY_BUCKETS = [
     0.001,
@@ -59,6 +60,13 @@ _HISTOGRAMS = {
 }
 
 
+# counters with one series per LoRA adapter (label lora_name), made when an adapter is first used
+_PER_ADAPTER = {
+    "lora_requests": ("pagetron:lora_requests_total", "Requests finished, per LoRA adapter."),
+    "lora_generation_tokens": ("pagetron:lora_generation_tokens_total", "Tokens made, per LoRA adapter."),
+}
+
+
 def token_buckets(max_model_len: int) -> list[float]:
     """1, 2, 5, 10, 20, 50, ... up to max_model_len, like vLLM's."""
     buckets, base = [], 1
@@ -85,6 +93,12 @@ class TritonMetrics:
             self.histograms[key] = self._metric(
                 name, description, pb_utils.MetricFamily.HISTOGRAM, labels, buckets
             )
+        self._labels = labels
+        self._per_adapter_families = {
+            k: pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.COUNTER)
+            for k, (n, d) in _PER_ADAPTER.items()
+        }
+        self._per_adapter: dict[tuple[str, str], object] = {}  # (key, lora_name) -> its series
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="pagetron-metrics", daemon=True)
         self._thread.start()
@@ -126,3 +140,13 @@ class TritonMetrics:
             for s in steps:
                 for value in getattr(s, key):
                     metric.observe(value)
+        for key, family in self._per_adapter_families.items():
+            totals: dict[str, int] = {}
+            for s in steps:
+                for name, value in getattr(s, key).items():
+                    totals[name] = totals.get(name, 0) + value
+            for name, total in totals.items():
+                if (key, name) not in self._per_adapter:
+                    self._per_adapter[key, name] = family.Metric(labels={**self._labels, "lora_name": name})
+                if total:
+                    self._per_adapter[key, name].increment(total)

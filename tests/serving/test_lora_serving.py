@@ -8,12 +8,14 @@ listing the known ones, and the model keeps serving."""
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
-from grpc_helpers import stream_generate
+from grpc_helpers import stream_generate, wait_until
 from openai_frontend import start_frontend
 from pagetron.backend import LLM, LoRARequest, SamplingParams
 
@@ -67,6 +69,31 @@ def test_concurrent_streams_each_get_their_adapters_tokens(lora_model, expected)
         results = list(pool.map(lambda name: generate(server, name), names))
     assert [r.error for r in results] == [None] * len(names)
     assert [r.token_ids for r in results] == [expected[name] for name in names]
+
+
+def lora_metrics(server) -> dict[tuple[str, str], float]:
+    """(metric, lora_name) -> value of the per-adapter counters, and the resident gauge as ("...", "")."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if m := re.match(r"^(pagetron:lora_\w+)\{(.*)\} ([0-9.e+-]+)$", line):
+            name = re.search(r'lora_name="([^"]*)"', m[2])
+            values[m[1], name[1] if name else ""] = float(m[3])
+    return values
+
+
+def test_metrics_count_requests_and_tokens_per_adapter(lora_model):
+    """After the concurrent streams above (sql and chat twice each, 8 tokens each)."""
+    server, _ = lora_model
+    expected = {
+        ("pagetron:lora_requests_total", "sql"): 2.0,
+        ("pagetron:lora_requests_total", "chat"): 2.0,
+        ("pagetron:lora_generation_tokens_total", "sql"): 2.0 * MAX_TOKENS,
+        ("pagetron:lora_generation_tokens_total", "chat"): 2.0 * MAX_TOKENS,
+        ("pagetron:lora_adapters_resident", ""): 2.0,
+    }
+    assert wait_until(lambda: lora_metrics(server) == expected, 10, 0.1), lora_metrics(server)
 
 
 def test_an_adapter_dropped_into_lora_dir_is_used_by_the_next_request(lora_model, adapters, expected):
