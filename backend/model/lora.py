@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,11 +165,17 @@ class LoRAManager:
         self.shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
                        "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
         self.host: OrderedDict[int, Adapter] = OrderedDict()  # lora_int_id -> adapter, least recent first
+        self._host_lock = threading.Lock()
         self.slots: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
         self._slot_use: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))
 
     def add(self, request: LoRARequest) -> Adapter:
-        """The adapter on the host, loaded (and checked) if it is not there yet."""
+        """The adapter on the host, loaded (and checked) if it is not there yet. Thread-safe: a server
+        checks adapters on its preprocessing thread while the engine thread fills slots."""
+        with self._host_lock:
+            return self._add(request)
+
+    def _add(self, request: LoRARequest) -> Adapter:
         adapter = self.host.get(request.lora_int_id)
         if adapter is not None and adapter.request != request:
             raise LoRAError(
