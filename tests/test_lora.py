@@ -151,3 +151,28 @@ def test_the_scheduler_never_runs_more_adapters_than_slots_and_starves_none():
     second = scheduler.schedule()
     assert second.seqs == [base, b]  # base's next token (pending: this test applies no result), then b
     assert list(scheduler.waiting) == [a1_again]
+
+
+def test_a_peft_adapter_on_smollm2_gives_hf_peft_greedy_tokens(tmp_path):
+    """The bundled SmolLM2 (its converted folder, which transformers loads too) with a rank-8 adapter on
+    q, v and down projections: PEFT's greedy continuation of a chat prompt and a raw one."""
+    from peft import PeftModel
+
+    from pagetron.backend.benchmarks.hf_reference import load_hf_model
+    from pagetron.backend.model.loader import default_model_path, load_model_files
+
+    folder = load_model_files(default_model_path()).weight_files[0].parent
+    adapter = make_lora_adapter(folder, tmp_path / "smol", 8, 16, ["q_proj", "v_proj", "down_proj"], seed=7)
+    llm = LLM(enable_lora=True, max_lora_rank=8, kv_cache_memory_gb=0.25)
+    prompts = [llm.encode_chat([{"role": "user", "content": "Name a color."}]), [1, 504, 2582, 28, 1115, 314]]
+    request = LoRARequest("smol", 1, str(adapter))
+    ours = tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False,
+                               lora_request=request))  # fmt: skip
+    hf = PeftModel.from_pretrained(load_hf_model(None), str(adapter)).eval()
+    for prompt, got in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+                          min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)  # fmt: skip
+        assert got == out[0, len(prompt) :].tolist()
+    base = tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False))
+    assert base != ours  # the adapter changes the answers
