@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def write_adapter(
     folder: Path, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int, seed: int
@@ -29,24 +27,27 @@ def write_adapter(
     import torch
     from safetensors.torch import save_file
 
+    from pagetron.backend.model.llama import PROJECTIONS
+
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(num_layers):
-        for target in TARGETS:
+        for target, (path, _) in PROJECTIONS.items():
             out_features, in_features = shapes[target]
-            block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            block = path.partition(".")[0]  # self_attn or mlp, as in HF's module tree
             prefix = f"base_model.model.model.layers.{layer}.{block}.{target}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.02
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.02
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS}
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJECTIONS)}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
 
 def run_lora_bench(ns: argparse.Namespace) -> int:
     from pagetron.backend import LLM, LoRARequest, SamplingParams
+    from pagetron.backend.model.llama import projection_shapes
 
     settings = [0, *(int(n) for n in ns.adapters.split(","))]
     rng = random.Random(0)
@@ -59,10 +60,7 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
             engine.update(enable_lora=True, max_loras=count, max_lora_rank=ns.rank)
         llm = LLM(ns.model, **engine) if ns.model else LLM(**engine)
         cfg = llm.engine.model_config
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                  "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+        shapes = projection_shapes(cfg)
         folders = [write_adapter(root / f"a{j}", shapes, cfg.num_layers, ns.rank, j) for j in range(count)]
         loras = [LoRARequest(f"a{j}", j + 1, str(folder)) for j, folder in enumerate(folders)]
         ids = [[rng.randrange(3, cfg.vocab_size) for _ in range(ns.prompt_len)] for _ in range(ns.requests)]

@@ -84,13 +84,17 @@ class Scheduler:
         if self.reserve_kv_for_growth:
             reserved = sum(self._growth_blocks(s, len(s.block_table), ratio) for s in self.running)
         passed_over: list[Sequence] = []  # waiting for an adapter slot; they keep their place in line
+        adapters: set[int] | None = None  # the running sequences' adapters, gathered when first needed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:  # preempted with a token still in flight: its prompt is not whole yet
                 break
-            if seq.lora is not None and not self._adapter_may_start(seq, passed_over):
-                passed_over.append(self.waiting.popleft())
-                continue
+            if seq.lora is not None:
+                if adapters is None:
+                    adapters = {s.lora.lora_int_id for s in self.running if s.lora is not None}
+                if not self._adapter_may_start(seq, passed_over, adapters):
+                    passed_over.append(self.waiting.popleft())
+                    continue
             hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(seq)
             num_new = seq.num_tokens - num_hit_tokens
             if num_new > budget and not self.enable_chunked_prefill:
@@ -120,11 +124,15 @@ class Scheduler:
     # NOTE on adapter slots: the running sequences use at most max_loras distinct adapters. A waiting
     # request whose adapter would be one too many waits; behind it only base-model requests go ahead, not
     # more requests for the adapters already running, so those drain and it gets its slot (no starvation).
-    def _adapter_may_start(self, seq: Sequence, passed_over: list[Sequence]) -> bool:
+    def _adapter_may_start(self, seq: Sequence, passed_over: list[Sequence], running: set[int]) -> bool:
+        """True if ``seq`` may start; then its adapter joins ``running`` (it is admitted next, unless blocks
+        run out, and a set one too large only makes this step admit fewer adapters)."""
         if passed_over:
             return False
-        running = {s.lora.lora_int_id for s in self.running if s.lora is not None}
-        return seq.lora.lora_int_id in running or len(running) < self.max_loras
+        if seq.lora.lora_int_id in running or len(running) < self.max_loras:
+            running.add(seq.lora.lora_int_id)
+            return True
+        return False
 
     def _output(self, scheduled: list[tuple[Sequence, int]], preempted: list[Sequence]) -> SchedulerOutput:
         """Lays the step out in rows (decodes first) and marks the entries that reach their last token."""

@@ -146,14 +146,30 @@ class LlamaModel(nn.Module):
         return self.norm(hidden, residual)[0]
 
 
-# HF checkpoint name fragment -> (our fused module, its part)
-_PACKED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
+# The decoder layer's projections by their HF name: (our module under the layer, its part of a fused
+# module). The checkpoint loader and LoRA (model/lora.py) both read this.
+PROJECTIONS = {
+    "q_proj": ("self_attn.qkv_proj", 0),
+    "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
 }
+# HF name fragment -> (our fused module, its part)
+_PACKED = {name: (path.rpartition(".")[2], part) for name, (path, part) in PROJECTIONS.items()
+           if path.endswith(("qkv_proj", "gate_up_proj"))}  # fmt: skip
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each projection's full, unsharded weight, by HF name."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+
+
 _PARTS = {"qkv_proj": 3, "gate_up_proj": 2}
 
 

@@ -31,17 +31,9 @@ import torch
 
 from pagetron.backend.core.lora import LoRARequest
 from pagetron.backend.core.step import SchedulerOutput
+from pagetron.backend.model.llama import PROJECTIONS, projection_shapes
 
-# PEFT's module names -> (our module under each decoder layer, part of a fused layer)
-TARGETS = {
-    "q_proj": ("self_attn.qkv_proj", 0),
-    "k_proj": ("self_attn.qkv_proj", 1),
-    "v_proj": ("self_attn.qkv_proj", 2),
-    "o_proj": ("self_attn.o_proj", 0),
-    "gate_proj": ("mlp.gate_up_proj", 0),
-    "up_proj": ("mlp.gate_up_proj", 1),
-    "down_proj": ("mlp.down_proj", 0),
-}
+TARGETS = PROJECTIONS  # PEFT names its target modules as HF does
 
 
 class LoRAError(ValueError):
@@ -159,11 +151,8 @@ class LoRAManager:
             for module_name in {m for m, _ in TARGETS.values()}:
                 module = layer.get_submodule(module_name)
                 module.enable_lora(self.context, max_loras, max_rank, device, dtype)
-        cfg = model.cfg
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        self.shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                       "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+        self.shapes = projection_shapes(model.cfg)
+        self.device = device
         self.host: OrderedDict[int, Adapter] = OrderedDict()  # lora_int_id -> adapter, least recent first
         self._host_lock = threading.Lock()
         self.slots: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
@@ -204,8 +193,7 @@ class LoRAManager:
             self.context.segments = []
             return False
         slots = self._assign(requests)
-        device = next(iter(self.model.parameters())).device
-        self.context.segments = [(slots[i], torch.tensor(r, device=device)) for i, r in rows.items()]
+        self.context.segments = [(slots[i], torch.tensor(r, device=self.device)) for i, r in rows.items()]
         return True
 
     def _assign(self, requests: dict[int, LoRARequest]) -> dict[int, int]:
