@@ -65,6 +65,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     nnodes: int = 1
     dist_init_addr: str | None = None
+    # a constrained request whose grammar takes longer than this to compile is refused
+    grammar_compile_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -124,6 +126,10 @@ class EngineConfig:
                 "max_num_batched_tokens",
                 f"{self.max_num_batched_tokens} is below max_num_seqs {self.max_num_seqs}: "
                 "a decode step could not give every running sequence its token",
+            )
+        if not self.grammar_compile_timeout_s > 0:
+            raise ConfigError(
+                "grammar_compile_timeout_s", f"must be > 0 seconds, got {self.grammar_compile_timeout_s}"
             )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(

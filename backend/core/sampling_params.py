@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagetron.backend.core.fields import field_types
+from pagetron.backend.core.structured_outputs import StructuredOutputsError, StructuredOutputsParams
 
 MAX_N = 64
 MAX_LOGPROBS = 20
@@ -51,6 +52,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     lora_name: str | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    # constrained decoding: JSON schema, regex, choice or grammar (older key: guided_decoding)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # the field sets are read from the annotations (below)
@@ -68,6 +71,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self._check_ranges()
         self._check_lists()
+        if self.structured_outputs is not None:
+            self.structured_outputs = _structured(self.structured_outputs)
 
     def _check_ranges(self) -> None:
         _require("n", 1 <= self.n <= MAX_N, f"must be in [1, {MAX_N}], got {self.n}")
@@ -150,6 +155,10 @@ class SamplingParams:
             raise SamplingParamsError("<root>", f"must be an object, got {type(d).__name__}")
         valid = [f.name for f in dataclasses.fields(cls)]
         kwargs: dict[str, Any] = {}
+        if "guided_decoding" in d:  # Triton's vLLM backend's older name for structured_outputs
+            if "structured_outputs" in d:
+                raise SamplingParamsError("guided_decoding", "give structured_outputs or it, not both")
+            d = {("structured_outputs" if k == "guided_decoding" else k): v for k, v in d.items()}
         for key, value in d.items():
             if key not in valid:
                 raise SamplingParamsError(str(key), f"unknown key; valid keys are {', '.join(valid)}")
@@ -170,6 +179,13 @@ _INT_FIELDS = {name for name, t in _TYPES.items() if t.base is int}
 _FLOAT_FIELDS = {name for name, t in _TYPES.items() if t.base is float}
 _BOOL_FIELDS = {name for name, t in _TYPES.items() if t.base is bool}
 _OPTIONAL_FIELDS = {name for name, t in _TYPES.items() if t.optional}
+
+
+def _structured(value: Any) -> StructuredOutputsParams:
+    try:
+        return StructuredOutputsParams.from_dict(value)
+    except StructuredOutputsError as e:
+        raise SamplingParamsError(e.field, e.message) from None
 
 
 def _require(field: str, ok: bool, message: str) -> None:

@@ -3,12 +3,17 @@ and applies what the step produced. ``update()`` (and ``abort()``) are the only 
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from math import ceil
 
+import numpy as np
+
 from pagetron.backend.core.block_manager import BlockManager
 from pagetron.backend.core.sequence import Sequence, SequenceStatus
-from pagetron.backend.core.step import RunnerOutput, SchedulerOutput, SequenceUpdate
+from pagetron.backend.core.step import GrammarMask, RunnerOutput, SchedulerOutput, SequenceUpdate
+
+logger = logging.getLogger(__name__)
 
 USAGE_WINDOW = 64  # finished sequences whose used share of max_tokens sets the growth reservation
 
@@ -28,6 +33,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         reserve_kv_for_growth: bool = True,
         max_loras: int = 0,
+        vocab_size: int = 0,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -37,6 +43,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.reserve_kv_for_growth = reserve_kv_for_growth
         self.max_loras = max_loras  # distinct LoRA adapters the running sequences may use (device slots)
+        self.bitmask_width = -(-vocab_size // 32)  # int32 words of a grammar's token bitmask row
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -83,16 +90,22 @@ class Scheduler:
         ratio, reserved = self.growth_ratio, 0
         if self.reserve_kv_for_growth:
             reserved = sum(self._growth_blocks(s, len(s.block_table), ratio) for s in self.running)
-        passed_over: list[Sequence] = []  # waiting for an adapter slot; they keep their place in line
+        # passed over: waiting for an adapter slot or for their grammar to compile; they keep their place
+        passed_over: list[Sequence] = []
+        adapter_waits = False  # a request passed over for an adapter slot (see _adapter_may_start)
         adapters: set[int] | None = None  # the running sequences' adapters, gathered when first needed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:  # preempted with a token still in flight: its prompt is not whole yet
                 break
+            if seq.grammar is not None and not seq.grammar.ready:
+                passed_over.append(self.waiting.popleft())
+                continue
             if seq.lora is not None:
                 if adapters is None:
                     adapters = {s.lora.lora_int_id for s in self.running if s.lora is not None}
-                if not self._adapter_may_start(seq, passed_over, adapters):
+                if not self._adapter_may_start(seq, adapter_waits, adapters):
+                    adapter_waits = True
                     passed_over.append(self.waiting.popleft())
                     continue
             hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(seq)
@@ -117,17 +130,17 @@ class Scheduler:
             scheduled.append((seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(passed_over))
-        if not scheduled and self.waiting and not self.running:
+        if not scheduled and self.waiting and not self.running and not self.num_compiling():
             raise SchedulerStuck("no waiting request fits the idle KV cache")
         return self._output(scheduled, preempted)
 
     # NOTE on adapter slots: the running sequences use at most max_loras distinct adapters. A waiting
     # request whose adapter would be one too many waits; behind it only base-model requests go ahead, not
     # more requests for the adapters already running, so those drain and it gets its slot (no starvation).
-    def _adapter_may_start(self, seq: Sequence, passed_over: list[Sequence], running: set[int]) -> bool:
+    def _adapter_may_start(self, seq: Sequence, adapter_waits: bool, running: set[int]) -> bool:
         """True if ``seq`` may start; then its adapter joins ``running`` (it is admitted next, unless blocks
         run out, and a set one too large only makes this step admit fewer adapters)."""
-        if passed_over:
+        if adapter_waits:
             return False
         if seq.lora.lora_int_id in running or len(running) < self.max_loras:
             running.add(seq.lora.lora_int_id)
@@ -151,11 +164,28 @@ class Scheduler:
             finished_seq_ids=self._finished_seq_ids,
         )
         self._finished_seq_ids = []
+        out.grammar = self._grammar_mask(out.sampled_seqs)
         for seq, n in ordered:  # the step's positions count as computed from now on
             seq.num_computed_tokens += n
         for seq in out.sampled_seqs:
             seq.num_pending_tokens += 1
         return out
+
+    def num_compiling(self) -> int:
+        """Waiting sequences whose grammar is still compiling (nothing else keeps them waiting)."""
+        return sum(1 for s in self.waiting if s.grammar is not None and not s.grammar.ready)
+
+    # NOTE on grammars: a constrained row's mask is filled here, on the host, from its matcher, which has
+    # seen every token so far (update() advances it); the sampler applies the masks on the device in one
+    # op. So a constrained sequence never runs ahead (its last token must be known to fill the mask).
+    def _grammar_mask(self, sampled: list[Sequence]) -> GrammarMask | None:
+        rows = [row for row, seq in enumerate(sampled) if seq.grammar is not None]
+        if not rows:
+            return None
+        bitmask = np.empty((len(rows), self.bitmask_width), dtype=np.int32)
+        for k, row in enumerate(rows):
+            sampled[row].grammar.fill_bitmask(bitmask, k)
+        return GrammarMask(rows, bitmask)
 
     # NOTE on running ahead (asynchronous scheduling): the next step may be scheduled while this one runs,
     # so a sequence can be scheduled with its last token still pending (its id comes from the previous
@@ -168,6 +198,8 @@ class Scheduler:
         if params.max_tokens is not None and outputs >= params.max_tokens:
             return False
         if seq.num_tokens + seq.num_pending_tokens >= self.max_model_len:
+            return False
+        if seq.grammar is not None:
             return False
         return seq.num_pending_tokens < 2 and not params.uses_output_history
 
@@ -219,6 +251,11 @@ class Scheduler:
             seq.cumulative_logprob += result.sampled_logprobs[row]
             if result.logprobs[row] is not None:
                 seq.logprobs.append(result.logprobs[row])
+            if seq.grammar is not None and not seq.grammar.accept(token):  # the mask forbade it: a bug
+                logger.error("sequence %s sampled token %d outside its grammar; ending it", seq.seq_id, token)
+                self._finish(seq, "abort")
+                updates.append(SequenceUpdate(seq, [token]))
+                continue
             reason, stop_reason = self._check_stop(seq, token)
             if reason is not None:
                 self._finish(seq, reason, stop_reason)
@@ -241,6 +278,8 @@ class Scheduler:
                 reason = "stop"
             elif params.stop_token_ids and token in params.stop_token_ids:
                 reason, stop_reason = "stop", token
+        if reason is None and seq.grammar is not None and seq.grammar.is_terminated():
+            reason = "stop"  # the grammar is complete and took its stop token (EOS), ignore_eos or not
         if reason is None and (
             (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
             or seq.num_tokens >= self.max_model_len

@@ -11,6 +11,7 @@ from pagetron.backend.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagetron.backend.core.detokenizer import IncrementalDetokenizer
+    from pagetron.backend.core.structured_outputs import GrammarState
 
 
 class SequenceStatus(Enum):
@@ -41,6 +42,7 @@ class Sequence:
         cache_salt: str | None = None,
         detokenizer: IncrementalDetokenizer | None = None,
         lora: LoRARequest | None = None,
+        grammar: GrammarState | None = None,
     ):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
@@ -67,6 +69,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, tuple[float, int]]] = []  # per output token: id -> (logprob, rank)
         self.detokenizer = detokenizer
+        self.grammar = grammar  # constrained decoding: what the next token may be (its own matcher)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -24,7 +24,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagetron.backend.core.sequence import Sequence
+
+
+@dataclass
+class GrammarMask:
+    """The tokens each constrained row may sample. Bit ``j`` of word ``w`` in a bitmask row allows token
+    ``32 * w + j``; rows not listed are unconstrained::
+
+        rows    = [0, 2]                    sampled rows (RunnerOutput order) under a grammar
+        bitmask = int32 [len(rows), ceil(vocab / 32)]
+    """
+
+    rows: list[int]
+    bitmask: np.ndarray
 
 
 @dataclass
@@ -39,6 +54,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)  # freed this step, back to waiting
     # sequences that ended since the previous step: an executor drops any state it keeps for them
     finished_seq_ids: list[int] = field(default_factory=list)
+    grammar: GrammarMask | None = None  # filled by the scheduler once the rows are known
 
     @property
     def num_tokens(self) -> int:

@@ -107,6 +107,9 @@ class LLM:
             with tqdm(total=num_requests, desc="Generating", disable=not use_tqdm, dynamic_ncols=True) as bar:
                 while len(finished) < num_requests:
                     for out in self.engine.step():
+                        if out.error is not None and out.request_id in mine:
+                            index = order.index(out.request_id)
+                            raise InvalidRequestError("structured_outputs", f"prompt {index}: {out.error}")
                         if out.finished and out.request_id in mine:
                             finished[out.request_id] = out
                             bar.update(1)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, TypeVar
 
 from pagetron.backend.core.block_manager import BlockManager
@@ -20,6 +22,7 @@ from pagetron.backend.core.scheduler import Scheduler
 from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import SchedulerOutput
 from pagetron.backend.engine.chat_template import encode_chat
+from pagetron.backend.engine.grammar import GrammarService, SequenceGrammar
 from pagetron.backend.engine.lora_registry import LoRARegistry
 from pagetron.backend.engine.output_processor import OutputKind, OutputProcessor
 from pagetron.backend.engine.outputs import RequestOutput
@@ -33,6 +36,8 @@ PromptType = str | list[int] | dict[str, Any]  # dict: {"prompt"}, {"prompt_toke
 __all__ = ["LLMEngine", "PromptType"]
 
 T = TypeVar("T")
+
+COMPILE_POLL_S = 0.05
 
 
 class LLMEngine:
@@ -59,6 +64,7 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             reserve_kv_for_growth=config.reserve_kv_for_growth,
             max_loras=config.max_loras if config.enable_lora else 0,
+            vocab_size=self.model_config.vocab_size,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.loras = LoRARegistry(config.lora_modules, config.lora_dir)
@@ -67,6 +73,9 @@ class LLMEngine:
             logger.warning("async_scheduling: this executor runs each step through; stepping synchronously")
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._request_ids = itertools.count()
+        self._grammar_service: GrammarService | None = None  # made when a request first needs it
+        self._grammar_lock = threading.Lock()
+        self._compiling: dict[str, SequenceGrammar] = {}  # request id -> a grammar not compiled yet
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -170,6 +179,9 @@ class LLMEngine:
             lora_request = self.loras.resolve(params.lora_name)
         if lora_request is not None:
             self._add_lora(lora_request)
+        grammars: list[SequenceGrammar | None] = [None] * params.n
+        if params.structured_outputs is not None:
+            grammars = self.grammar_service().grammars(params.structured_outputs, params.n)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
             Sequence(
@@ -180,10 +192,27 @@ class LLMEngine:
                 arrival_time=arrival,
                 detokenizer=self._detokenizer(ids, params),
                 lora=lora_request,
+                grammar=grammars[i],
             )
             for i in range(params.n)
         ]
         return text, seqs
+
+    def grammar_service(self) -> GrammarService:
+        """Compiles constrained requests' grammars (any thread; xgrammar is loaded on first use)."""
+        with self._grammar_lock:
+            if self._grammar_service is None:
+                if self.tokenizer is None:
+                    raise InvalidRequestError(
+                        "structured_outputs", "constrained decoding needs a tokenizer; this model has none"
+                    )
+                self._grammar_service = GrammarService(
+                    self.tokenizer,
+                    self.model_config.vocab_size,
+                    sorted(self.eos_token_ids),
+                    self.config.grammar_compile_timeout_s,
+                )
+            return self._grammar_service
 
     def _add_lora(self, lora_request: LoRARequest) -> None:
         if not isinstance(lora_request, LoRARequest):
@@ -225,12 +254,15 @@ class LLMEngine:
         output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> None:
         self.output_processor.add_request(request_id, prompt, seqs, output_kind)
+        if seqs[0].grammar is not None and not seqs[0].grammar.ready:
+            self._compiling[request_id] = seqs[0].grammar
         for seq in seqs:
             self.scheduler.add(seq)
         self.num_prompt_tokens += seqs[0].num_prompt_tokens
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Ends every sequence of the request at once and frees its KV blocks; returns its last output."""
+        self._compiling.pop(request_id, None)
         state = self.output_processor.pop(request_id)
         if state is None:
             return None
@@ -243,12 +275,34 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Not thread-safe: add, abort and step must all run on one thread."""
+        refused = self._check_grammars() if self._compiling else []
         if self.async_scheduling:
-            return self._step_ahead()
+            return refused + self._step_ahead()
         scheduled = self.scheduler.schedule()
         result = self._guarded(lambda: self.executor.execute(scheduled))
         updates = self.scheduler.update(scheduled, result)
-        return self.output_processor.process(updates)
+        return refused + self.output_processor.process(updates)
+
+    # NOTE on compiling grammars: a request whose grammar is still compiling waits in the queue while
+    # others run (the scheduler passes it over). The engine waits on a compile only when nothing else can
+    # run, and then at most COMPILE_POLL_S before stepping again (aborts and new requests get in).
+    def _check_grammars(self) -> list[RequestOutput]:
+        """Refuses requests whose grammar failed or timed out; forgets those that compiled."""
+        now, refused = time.monotonic(), []
+        for request_id, grammar in list(self._compiling.items()):
+            problem = grammar.failure(now)
+            if problem is not None:
+                output = self.abort_request(request_id)
+                if output is not None:
+                    output.error = problem
+                    refused.append(output)
+            if problem is not None or grammar.ready:
+                self._compiling.pop(request_id, None)
+        if self._compiling and not self.scheduler.running and not refused:
+            if self.scheduler.num_compiling() == len(self.scheduler.waiting):
+                pending = [g.compiled for g in self._compiling.values()]
+                wait(pending, timeout=COMPILE_POLL_S, return_when=FIRST_COMPLETED)
+        return refused
 
     # NOTE on asynchronous scheduling (SGLang's overlap scheduler, vLLM's async scheduling): one step is
     # always in flight. Step N+1 is scheduled and launched before step N's result is applied, so the host
@@ -287,4 +341,6 @@ class LLMEngine:
         return self.executor.health()
 
     def shutdown(self) -> None:
+        if self._grammar_service is not None:
+            self._grammar_service.shutdown()
         self.executor.shutdown()

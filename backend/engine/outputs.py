@@ -37,3 +37,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # the request was refused before it ran (e.g. its grammar failed to compile); it has no outputs
+    error: str | None = None

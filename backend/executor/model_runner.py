@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagetron.backend.core.sequence import Sequence
-from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
+from pagetron.backend.core.step import GrammarMask, RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.cuda_graphs import DecodeGraphs
 from pagetron.backend.executor.step_inputs import HostStepInputs, StepInputBuilder, StepInputs
 from pagetron.backend.model.llama import LlamaForCausalLM
@@ -59,23 +59,27 @@ class ModelRunner:
         timer = _Timer(self.phase_times, self.device)
         host = timer.phase("prepare", self.inputs.build, out)
         self._lora_step = self.lora is not None and self.lora.prepare(out)
-        sampled = self.run(host, out.sampled_seqs, timer)
+        sampled = self.run(host, out.sampled_seqs, timer, out.grammar)
         rows = {seq.seq_id: row for row, seq in enumerate(out.sampled_seqs)}
         self._last_sampled = (rows, sampled.token_ids) if sampled is not None else None
         return StepResult(sampled)
 
     @torch.inference_mode()
     def run(
-        self, host: HostStepInputs, sampled_seqs: list[Sequence] | None, timer: _Timer | None = None
+        self,
+        host: HostStepInputs,
+        sampled_seqs: list[Sequence] | None,
+        timer: _Timer | None = None,
+        grammar: GrammarMask | None = None,
     ) -> SampledTokens | None:
         """Forward over ``host`` inputs; with tensor parallelism every rank runs this, and rank 0 (the one
-        with ``sampled_seqs``) gets the logits and samples."""
+        with ``sampled_seqs`` and the grammar masks) gets the logits and samples."""
         timer = timer or _Timer(self.phase_times, self.device)
         inputs = timer.phase("prepare", self._to_device, host)
         hidden = timer.phase("forward", self._forward, inputs)
         if not host.shape.num_sampled:
             return timer.done(None)
-        return timer.done(timer.phase("sample", self._sample, hidden, inputs, sampled_seqs))
+        return timer.done(timer.phase("sample", self._sample, hidden, inputs, sampled_seqs, grammar))
 
     def _to_device(self, host: HostStepInputs) -> StepInputs:
         inputs = self.inputs.to_device(host)
@@ -98,10 +102,14 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, meta)
 
     def _sample(
-        self, hidden: torch.Tensor, inputs: StepInputs, seqs: list[Sequence] | None
+        self,
+        hidden: torch.Tensor,
+        inputs: StepInputs,
+        seqs: list[Sequence] | None,
+        grammar: GrammarMask | None,
     ) -> SampledTokens | None:
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # gathered on rank 0 only
-        return self.sampler.sample(logits, seqs) if logits is not None else None
+        return self.sampler.sample(logits, seqs, grammar) if logits is not None else None
 
 
 class StepResult:

@@ -294,7 +294,7 @@ class MultiprocExecutor(Executor):
         assert not host.pending, "tensor-parallel steps are scheduled synchronously (inputs all known)"
         try:
             send_step(host, self.steps)
-            sampled = runner.run(host, scheduler_output.sampled_seqs)
+            sampled = runner.run(host, scheduler_output.sampled_seqs, grammar=scheduler_output.grammar)
             return sampled.output() if sampled is not None else RunnerOutput()
         except RuntimeError as e:  # a collective with a rank that went away
             dead = [proc.describe() for proc in self.procs if proc.exitcode is not None]

@@ -14,7 +14,7 @@ import torch
 
 from pagetron.backend.core.sampling_params import SamplingParams
 from pagetron.backend.core.sequence import Sequence
-from pagetron.backend.core.step import RunnerOutput
+from pagetron.backend.core.step import GrammarMask, RunnerOutput
 
 
 class Sampler:
@@ -29,15 +29,22 @@ class Sampler:
         for seq_id in seq_ids:
             self._seeded.pop(seq_id, None)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> RunnerOutput:
-        return self.sample(logits, seqs).output()
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], grammar: GrammarMask | None = None
+    ) -> RunnerOutput:
+        return self.sample(logits, seqs, grammar).output()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
-        """Samples without waiting for the device: the result's ``output()`` brings it to the host."""
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], grammar: GrammarMask | None = None
+    ) -> SampledTokens:
+        """Samples without waiting for the device: the result's ``output()`` brings it to the host.
+        ``grammar``: the constrained rows' allowed tokens (logprobs stay those of the raw logits)."""
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         params = [seq.sampling_params for seq in seqs]
         logits = logits.to(torch.float32, copy=True)  # modified in place below
         raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if grammar is not None:
+            apply_token_bitmask(logits, grammar)
         _apply_logit_bias(logits, params)
         self._mask_stop_tokens_below_min_tokens(logits, seqs)
         _apply_penalties(logits, seqs)
@@ -53,6 +60,8 @@ class Sampler:
             p = seq.sampling_params
             # outputs before this row's token: the known ones and any earlier step's still pending
             if seq.num_output_tokens + max(seq.num_pending_tokens - 1, 0) >= p.min_tokens:
+                continue
+            if seq.grammar is not None:  # the grammar decides where it ends (it allows EOS only then)
                 continue
             stop_ids = set(p.stop_token_ids or ())
             if not p.ignore_eos:  # with ignore_eos, EOS does not stop the sequence, so it needs no mask
@@ -111,6 +120,26 @@ class Sampler:
             gen.manual_seed(self.seed)
             self._generators[(device, scratch)] = gen
         return gen
+
+
+_BIT = {}  # device -> int32 [32] of 1 << j
+
+
+def apply_token_bitmask(logits: torch.Tensor, grammar: GrammarMask) -> None:
+    """-inf on every token a constrained row's bitmask forbids: one copy of the bitmask to the device and a
+    few tensor ops, no host sync."""
+    device, vocab_size = logits.device, logits.shape[1]
+    words = torch.from_numpy(grammar.bitmask)
+    if device.type == "cuda":
+        words = words.pin_memory().to(device, non_blocking=True)
+    bit = _BIT.get(device)
+    if bit is None:
+        bit = _BIT[device] = torch.tensor(
+            [1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device
+        )
+    allowed = (words[:, :, None] & bit).ne(0).flatten(1)[:, :vocab_size]
+    rows = torch.tensor(grammar.rows, device=device)
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
 def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:

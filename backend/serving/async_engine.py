@@ -302,6 +302,11 @@ class AsyncEngine:
                 live = self._live.get(out.request_id)
                 if live is None or live.finished:
                     continue
+                if out.error is not None:  # refused before it ran: the client's request was at fault
+                    live.finished = True
+                    del self._live[out.request_id]
+                    self._outbox.put((live, (out.error, ErrorCode.INVALID_ARG)))
+                    continue
                 live.num_generated = self._stats.observe(
                     stats,
                     out,

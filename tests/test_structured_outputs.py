@@ -1,0 +1,341 @@
+"""Constrained decoding offline: every kind of constraint on SmolLM2, the token-level mask check under
+async scheduling, preemption, chunked prefill, prefix caching, n > 1, logprobs and stop strings, refusals
+that name the problem, a request waiting for its grammar while others run, and random schemas."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import Future
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model_factory import make_hf_model
+from pagetron.backend import LLM
+from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
+from pagetron.backend.core.structured_outputs import StructuredOutputsParams
+from pagetron.backend.engine.grammar import SequenceGrammar
+from pagetron.backend.executor.executor import UniprocExecutor
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,12}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "height_m": {"type": "number"},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+        },
+    },
+    "required": ["name", "age", "role", "address"],
+}
+
+
+def constrained(max_tokens: int = 96, **kind) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, structured_outputs=kind)
+
+
+# ---- parameters ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("given", "field"),
+    [
+        ({"regex": "a", "choice": ["a"]}, "structured_outputs"),
+        ({}, "structured_outputs"),
+        ({"json": "{not json"}, "structured_outputs.json"),
+        ({"json": [1, 2]}, "structured_outputs.json"),
+        ({"choice": []}, "structured_outputs.choice"),
+        ({"choice": ["a", 3]}, "structured_outputs.choice"),
+        ({"regex": ""}, "structured_outputs.regex"),
+        ({"grammar": 5}, "structured_outputs.grammar"),
+        ({"regex": "a", "whitespace_pattern": " "}, "structured_outputs.whitespace_pattern"),
+        ({"regex": "a", "backend": "outlines"}, "structured_outputs.backend"),
+    ],
+)
+def test_malformed_constraints_name_their_key(given, field):
+    with pytest.raises(SamplingParamsError) as e:
+        SamplingParams.from_dict({"structured_outputs": given})
+    assert e.value.field == field
+
+
+def test_guided_decoding_is_the_older_name():
+    params = SamplingParams.from_json('{"guided_decoding": {"choice": ["x", "y"], "backend": "xgrammar"}}')
+    assert params.structured_outputs == StructuredOutputsParams(choice=["x", "y"])
+    with pytest.raises(SamplingParamsError, match="not both"):
+        SamplingParams.from_dict({"guided_decoding": {"regex": "a"}, "structured_outputs": {"regex": "a"}})
+    # equal schemas share one cache key whatever their key order or form
+    a = StructuredOutputsParams(json={"type": "object", "required": ["a"]})
+    b = StructuredOutputsParams(json='{"required": ["a"], "type": "object"}')
+    assert a.key() == b.key()
+
+
+# ---- SmolLM2: outputs parse, validate and end with the grammar ---------------------------------------------
+def test_json_schema_outputs_validate(smollm):
+    prompt = "Describe a fictional person as JSON with name, age, role, tags and address."
+    sampled = SamplingParams(
+        max_tokens=160, temperature=0.8, seed=7, n=2, structured_outputs={"json": PERSON}
+    )
+    outs = smollm.generate([prompt, prompt], [constrained(160, json=PERSON), sampled], use_tqdm=False)
+    for c in [c for o in outs for c in o.outputs]:
+        assert c.finish_reason == "stop", c.text
+        assert c.token_ids[-1] == 2  # the grammar allowed EOS (<|im_end|>) only once complete
+        jsonschema.validate(json.loads(c.text), PERSON)
+
+
+def test_choice_regex_grammar_and_json_object(smollm):
+    prompts = [
+        "Is the sky blue? Answer:",
+        "Today's date in ISO format:",
+        "Write an addition:",
+        "Reply with a short JSON list of three numbers.",
+    ]
+    params = [
+        constrained(choice=["yes", "no", "maybe"]),
+        constrained(regex=r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"),
+        constrained(grammar='root ::= num " + " num " = " num\nnum ::= [1-9] [0-9]?'),
+        constrained(40, json_object=True),
+    ]
+    choice, date, addition, anything = (
+        o.outputs[0] for o in smollm.generate(prompts, params, use_tqdm=False)
+    )
+    assert choice.text in ("yes", "no", "maybe") and choice.finish_reason == "stop"
+    assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]", date.text), date.text
+    assert re.fullmatch(r"[1-9][0-9]? \+ [1-9][0-9]? = [1-9][0-9]?", addition.text), addition.text
+    assert anything.finish_reason == "stop" and isinstance(json.loads(anything.text), (dict, list))
+
+
+def test_invalid_constraints_are_refused_before_anything_runs(smollm):
+    cases = [
+        ({"json": {"type": "foo"}}, "structured_outputs.json", "'foo' is not valid"),
+        ({"json": {"type": "integer", "minimum": "ten"}}, "structured_outputs.json", "at minimum"),
+        ({"regex": "(ab"}, "structured_outputs.regex", "parenthesis is not closed"),
+        ({"grammar": "root ::= missing"}, "structured_outputs.grammar", 'Rule "missing" is not defined'),
+    ]
+    for kind, field, words in cases:
+        with pytest.raises(InvalidRequestError) as e:
+            smollm.generate(["x"], SamplingParams(structured_outputs=kind), use_tqdm=False)
+        assert e.value.field == field and words in str(e.value), str(e.value)
+    assert not smollm.engine.has_unfinished_requests()
+
+
+# ---- the mask, token by token, under everything that reschedules a sequence -----------------------------
+class MaskCheckingExecutor(UniprocExecutor):
+    """The default executor; every sampled token of a constrained row is checked against its bitmask."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.checked = 0
+        self.violations: list[tuple[int, int]] = []
+
+    def execute(self, out):
+        return self.launch(out).result()
+
+    def launch(self, out):
+        step = super().launch(out)
+        grammar = None if out.grammar is None else (list(out.grammar.rows), out.grammar.bitmask.copy())
+        result = step.result
+
+        def checked_result():
+            output = result()
+            if grammar is not None:
+                for k, row in enumerate(grammar[0]):
+                    token = output.token_ids[row]
+                    self.checked += 1
+                    if not (int(grammar[1][k, token // 32]) >> (token % 32)) & 1:
+                        self.violations.append((row, token))
+            return output
+
+        step.result = checked_result
+        return step
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    return str(
+        make_hf_model(
+            tmp_path_factory.mktemp("so"),
+            "llama",
+            num_kv_heads=2,
+            tie_word_embeddings=True,
+            vocab_size=49152,
+            with_tokenizer=True,
+            seed=3,
+        )
+    )
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_no_sampled_token_leaves_the_mask(tiny_with_tokenizer, async_scheduling):
+    # a tiny random model: its unconstrained text is noise, so every structure below comes from the masks.
+    # 16 blocks of 4 tokens for 7 sequences of 24-token prompts force preemptions; a 24-token budget chunks prefills.
+    llm = LLM(
+        tiny_with_tokenizer,
+        block_size=4,
+        num_kv_blocks=16,
+        reserve_kv_for_growth=False,
+        max_num_batched_tokens=24,
+        max_num_seqs=12,
+        async_scheduling=async_scheduling,
+        executor_factory=MaskCheckingExecutor,
+    )
+    shared = "You are a helpful assistant that always answers in JSON. " * 2
+    enum_schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}},
+        "required": ["ok", "n"],
+    }
+    params = [
+        SamplingParams(
+            max_tokens=40,
+            temperature=1.0,
+            seed=5,
+            n=3,
+            logprobs=2,
+            structured_outputs={"json": enum_schema, "disable_any_whitespace": True},
+        ),
+        SamplingParams(max_tokens=12, temperature=0, structured_outputs={"regex": "[a-c]{3}-[0-9]{2}"}),
+        SamplingParams(
+            max_tokens=12, temperature=0.9, seed=1, structured_outputs={"choice": ["alpha", "beta", "gamma"]}
+        ),
+        SamplingParams(
+            max_tokens=30,
+            temperature=0,
+            stop=[","],
+            structured_outputs={"json": enum_schema, "disable_any_whitespace": True},
+        ),
+        SamplingParams(max_tokens=20, temperature=0),  # unconstrained, beside them
+    ]
+    prompts = [
+        shared + "First.",
+        shared + "Second.",
+        shared + "Third.",
+        shared + "Fourth.",
+        shared + "Fifth.",
+    ]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    executor = llm.engine.executor
+    assert executor.violations == [] and executor.checked > 40
+    assert llm.engine.scheduler.num_preemptions > 0
+    # seeded and greedy: the same texts with or without async scheduling, however often preempted
+    texts = [c.text for o in outs[:4] for c in o.outputs]
+    assert texts == [
+        '{"ok": true, "n": 1}',
+        '{"ok": true, "n": 1}',
+        '{"ok": true, "n": 333}',
+        "acc-11",
+        "beta",
+        '{"ok": false',
+    ]
+    for c in outs[0].outputs:
+        assert c.finish_reason == "stop" and c.token_ids[-1] == 2
+        assert len(c.logprobs) == len(c.token_ids)
+    stopped = outs[3].outputs[0]  # the stop string ends it before the grammar does
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == ","
+    # the same requests again hit the prefix cache and give the same greedy outputs
+    again = llm.generate(prompts[1:2], params[1:2], use_tqdm=False)
+    assert again[0].num_cached_tokens > 0 and again[0].outputs[0].text == outs[1].outputs[0].text
+
+
+def test_async_and_sync_scheduling_agree_under_grammars(tiny_with_tokenizer):
+    params = SamplingParams(max_tokens=24, temperature=0, structured_outputs={"regex": "(x|yy|zzz){2,6}"})
+    texts = []
+    for async_scheduling in (False, True):
+        llm = LLM(tiny_with_tokenizer, async_scheduling=async_scheduling, num_kv_blocks=64)
+        texts.append([o.outputs[0].text for o in llm.generate(["a", "bb", "ccc"], params, use_tqdm=False)])
+    assert texts[0] == texts[1] and all(re.fullmatch("(x|yy|zzz){2,6}", t) for t in texts[0])
+
+
+# ---- compiling off the engine thread ---------------------------------------------------------------------
+def test_a_compiling_request_waits_while_others_run_and_a_late_one_is_refused(tiny_with_tokenizer):
+    llm = LLM(tiny_with_tokenizer, num_kv_blocks=64, grammar_compile_timeout_s=0.5)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0, structured_outputs={"choice": ["on", "off"]})
+    _, seqs = engine.make_sequences("slow", [5, 6, 7], params)
+    compiled = seqs[0].grammar.compiled.result()
+    gate: Future = Future()  # the compile, held back until the test lets it finish
+    seqs[0].grammar = SequenceGrammar(gate, deadline=time.monotonic() + 60)
+    engine.enqueue("slow", None, seqs)
+    engine.add_request([8, 9], SamplingParams(max_tokens=4, temperature=0), request_id="plain")
+    finished = []
+    while "plain" not in finished:
+        finished += [o.request_id for o in engine.step() if o.finished]
+        assert seqs[0].num_computed_tokens == 0  # passed over, still first in line
+    gate.set_result(compiled)
+    while "slow" not in finished:
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert engine.output_processor.requests == {} and seqs[0].finish_reason == "stop"
+
+    # a compile that never finishes: refused once its deadline passes, naming why; nothing else is hurt
+    _, seqs = engine.make_sequences("stuck", [5, 6, 7], params)
+    seqs[0].grammar = SequenceGrammar(Future(), deadline=time.monotonic() + 0.2)
+    engine.enqueue("stuck", None, seqs)
+    errors = []
+    while engine.has_unfinished_requests():
+        errors += [(o.request_id, o.error) for o in engine.step() if o.error]
+    assert errors == [("stuck", "the grammar did not compile in time")]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+# ---- random schemas never crash the engine ---------------------------------------------------------------
+_leaf = st.one_of(
+    st.just({"type": "integer"}),
+    st.just({"type": "boolean"}),
+    st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
+    st.builds(
+        lambda vals: {"enum": vals},
+        st.lists(st.integers(-5, 5) | st.text("ab", max_size=3), min_size=1, max_size=3, unique=True),
+    ),
+    st.sampled_from(
+        [
+            {"type": "number", "minimum": "x"},
+            {"type": "nope"},
+            {"pattern": "(("},
+            {"type": "string", "pattern": "^[0-9]{2}$"},
+        ]
+    ),
+)
+_schemas = st.recursive(
+    _leaf,
+    lambda inner: st.one_of(
+        st.builds(
+            lambda items, n: {"type": "array", "items": items, "maxItems": n}, inner, st.integers(0, 2)
+        ),
+        st.builds(
+            lambda props: {"type": "object", "properties": props, "required": sorted(props)[:1]},
+            st.dictionaries(st.text("pqr", min_size=1, max_size=2), inner, max_size=3),
+        ),
+    ),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=_schemas, grammar=st.text('root:="ab|*()[] \n', max_size=24))
+def test_random_schemas_and_grammars_never_crash(tiny_engine_llm, schema, grammar):
+    for kind in ({"json": schema}, {"grammar": grammar or "root ::= x"}):
+        params = SamplingParams(max_tokens=32, temperature=0, structured_outputs=kind)
+        try:
+            [out] = tiny_engine_llm.generate(["{"], params, use_tqdm=False)
+        except InvalidRequestError as e:
+            assert e.field.startswith("structured_outputs"), e
+            continue
+        c = out.outputs[0]
+        if "json" in kind and c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.text), schema)
+    assert not tiny_engine_llm.engine.has_unfinished_requests()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_llm(tiny_with_tokenizer):
+    return LLM(tiny_with_tokenizer, num_kv_blocks=64)
