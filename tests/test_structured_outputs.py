@@ -178,7 +178,8 @@ def tiny_with_tokenizer(tmp_path_factory):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_no_sampled_token_leaves_the_mask(tiny_with_tokenizer, async_scheduling):
     # a tiny random model: its unconstrained text is noise, so every structure below comes from the masks.
-    # 16 blocks of 4 tokens for 7 sequences of 24-token prompts force preemptions; a 24-token budget chunks prefills.
+    # 16 blocks of 4 tokens for 7 sequences of 24-token prompts force preemptions; a 24-token budget
+    # chunks prefills.
     llm = LLM(
         tiny_with_tokenizer,
         block_size=4,
