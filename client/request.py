@@ -37,6 +37,8 @@ class GenerateRequest:
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = True
     request_id: str = ""
+    tools: Sequence[Mapping[str, Any]] | None = None  # OpenAI tools, rendered by the chat template
+
 
     def input_arrays(self) -> dict[str, np.ndarray]:
         """Tensor name -> numpy array, in send order. BYTES as object arrays of bytes, BOOL as np.bool_."""
@@ -50,6 +52,8 @@ class GenerateRequest:
             if any(not 0 <= t < 2**31 for t in ids):  # numpy 1.26 would wrap them silently
                 raise ValueError(f"token ids must be in [0, 2**31); got {min(ids)}..{max(ids)}")
             arrays["input_ids"] = _array("input_ids", ids)
+        if self.tools:
+            arrays["tools"] = _bytes_array(json.dumps([dict(t) for t in self.tools]))
         arrays["stream"] = _array("stream", [self.stream])
         if self.sampling_params:
             arrays["sampling_parameters"] = _bytes_array(json.dumps(dict(self.sampling_params)))

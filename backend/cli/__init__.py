@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     from pagetron.backend.benchmarks.lora_bench import add_arguments as add_lora_arguments
 
     add_lora_arguments(lora)
+    structured = bench_sub.add_parser("structured", help="a JSON-schema workload vs the same unconstrained")
+    from pagetron.backend.benchmarks.structured_bench import add_arguments as add_structured_arguments
+
+    add_structured_arguments(structured)
+    add_engine_args(structured)
     served = bench_sub.add_parser("served-vs-offline", help="throughput through tritonserver vs offline")
     from pagetron.backend.benchmarks.served_vs_offline import add_arguments as add_served_arguments
 
@@ -191,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             from pagetron.backend.benchmarks.lora_bench import run_lora_bench
 
             return run_lora_bench(ns)
+        if ns.workload == "structured":
+            from pagetron.backend.benchmarks.structured_bench import run_structured_bench
+
+            return run_structured_bench(ns)
         if ns.workload == "served-vs-offline":
             from pagetron.backend.benchmarks.served_vs_offline import run_served_vs_offline
 

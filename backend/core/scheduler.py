@@ -4,6 +4,7 @@ and applies what the step produced. ``update()`` (and ``abort()``) are the only 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from math import ceil
 
@@ -44,6 +45,7 @@ class Scheduler:
         self.reserve_kv_for_growth = reserve_kv_for_growth
         self.max_loras = max_loras  # distinct LoRA adapters the running sequences may use (device slots)
         self.bitmask_width = -(-vocab_size // 32)  # int32 words of a grammar's token bitmask row
+        self.mask_steps, self.mask_seconds = 0, 0.0  # steps that filled grammar masks, and the host time
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -182,9 +184,12 @@ class Scheduler:
         rows = [row for row, seq in enumerate(sampled) if seq.grammar is not None]
         if not rows:
             return None
+        started = time.perf_counter()
         bitmask = np.empty((len(rows), self.bitmask_width), dtype=np.int32)
         for k, row in enumerate(rows):
             sampled[row].grammar.fill_bitmask(bitmask, k)
+        self.mask_steps += 1
+        self.mask_seconds += time.perf_counter() - started
         return GrammarMask(rows, bitmask)
 
     # NOTE on running ahead (asynchronous scheduling): the next step may be scheduled while this one runs,

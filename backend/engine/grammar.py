@@ -26,6 +26,10 @@ from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.structured_outputs import StructuredOutputsParams
 
 CACHE_SIZE = 256  # distinct constraints whose compiled grammar stays in memory
+# NOTE: JSON allows any whitespace between tokens, and a model that starts emitting it (newlines, runs of
+# spaces) under a schema can go on until max_tokens. Runs are capped at this many characters, which
+# still fits JSON pretty-printed several levels deep.
+JSON_MAX_WHITESPACE = 32
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -115,7 +119,9 @@ class GrammarService:
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
                 _check_schema(schema)
                 return xgr.Grammar.from_json_schema(
-                    json.dumps(schema), any_whitespace=not params.disable_any_whitespace
+                    json.dumps(schema),
+                    any_whitespace=not params.disable_any_whitespace,
+                    max_whitespace_cnt=JSON_MAX_WHITESPACE,
                 )
             if kind == "json_object":
                 return xgr.Grammar.builtin_json_grammar()

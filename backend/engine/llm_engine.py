@@ -92,11 +92,11 @@ class LLMEngine:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         text = None
         if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids", "messages"}
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "messages", "tools"}
             if unknown:
                 raise InvalidRequestError("prompt", f"unknown prompt keys {sorted(unknown)}")
             if "messages" in prompt:
-                prompt = encode_chat(self.tokenizer, prompt["messages"])
+                prompt = encode_chat(self.tokenizer, prompt["messages"], tools=prompt.get("tools"))
             elif "prompt_token_ids" in prompt:
                 text = prompt.get("prompt") if isinstance(prompt.get("prompt"), str) else None
                 prompt = prompt["prompt_token_ids"]

@@ -1,5 +1,6 @@
-"""POST /v1/chat/completions: the conversation goes to Triton as the `messages` input, so the server
-renders it with the model's own chat template; one Triton request carries all `n` choices."""
+"""POST /v1/chat/completions: the conversation goes to Triton as the `messages` input (and `tools` as the
+`tools` input), so the server renders it with the model's own chat template; one Triton request carries
+all `n` choices. Tool calls: see tools.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from pagetron.backend.openai_api.logprobs import chat_logprobs
 from pagetron.backend.openai_api.protocol import ChatCompletionRequest
 from pagetron.backend.openai_api.sampling import sampling_parameters
 from pagetron.backend.openai_api.streams import DONE, event, new_id, now, usage
+from pagetron.backend.openai_api.tools import (
+    ToolCallStream,
+    ToolPlan,
+    calls_from_required,
+    new_call,
+    parse_calls,
+    plan,
+)
 from pagetron.backend.openai_api.triton_gateway import TritonGateway
 from pagetron.client.request import GenerateRequest
 
@@ -27,9 +36,12 @@ def rename_for(body: ChatCompletionRequest) -> dict[str, str]:
     return names
 
 
-def triton_request(body: ChatCompletionRequest, lora_name: str | None = None) -> GenerateRequest:
+def triton_request(
+    body: ChatCompletionRequest, lora_name: str | None = None
+) -> tuple[GenerateRequest, ToolPlan]:
     try:
         messages = validate_messages([m.model_dump(exclude_unset=True) for m in body.messages])
+        tool_plan = plan(body.tools, body.tool_choice, body.parallel_tool_calls)
     except InvalidRequestError as e:
         raise bad_request(e.field, e.message) from None
     if body.top_logprobs is not None:
@@ -39,32 +51,47 @@ def triton_request(body: ChatCompletionRequest, lora_name: str | None = None) ->
             raise bad_request("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return GenerateRequest(
+    sampling = sampling_parameters(body, max_tokens, logprobs, lora_name, tool_plan.structured_outputs())
+    request = GenerateRequest(
         messages,
-        sampling_parameters(body, max_tokens, logprobs, lora_name),
+        sampling,
         stream=body.stream,
         return_logprobs=body.logprobs,
         return_num_input_tokens=True,
         return_num_output_tokens=True,
+        tools=tool_plan.tools if tool_plan.mode != "none" else None,
     )
+    return request, tool_plan
+
+
+def message(text: str, finish_reason: str | None, tool_plan: ToolPlan) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of one choice and its finish reason (tool_calls when the model called)."""
+    content, calls = text, []
+    if tool_plan.mode == "named":
+        content, calls = None, [new_call(tool_plan.name, text)]
+    elif tool_plan.mode == "required":
+        content, calls = None, calls_from_required(text)
+    elif tool_plan.mode == "auto":
+        content, calls = parse_calls(text)
+    out: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        out["tool_calls"] = calls
+        if finish_reason == "stop" and tool_plan.mode != "named":  # OpenAI: a forced function "stops"
+            finish_reason = "tool_calls"
+    return out, finish_reason
 
 
 async def create_chat_completion(gateway: TritonGateway, body: ChatCompletionRequest) -> dict[str, Any]:
-    result = await gateway.complete(triton_request(body, gateway.lora_name(body.model)))
+    request, tool_plan = triton_request(body, gateway.lora_name(body.model))
+    result = await gateway.complete(request)
     choices = []
     for j, text in enumerate(result.texts):
         logprobs = None
         if body.logprobs and result.logprobs:
             content = chat_logprobs(result.logprobs[j], result.token_ids[j], body.top_logprobs or 0)
             logprobs = {"content": content, "refusal": None}
-        choices.append(
-            {
-                "index": j,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": logprobs,
-                "finish_reason": result.finish_reasons[j],
-            }
-        )
+        reply, finish_reason = message(text, result.finish_reasons[j], tool_plan)
+        choices.append({"index": j, "message": reply, "logprobs": logprobs, "finish_reason": finish_reason})
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
@@ -78,7 +105,8 @@ async def create_chat_completion(gateway: TritonGateway, body: ChatCompletionReq
 async def stream_chat_completion(gateway: TritonGateway, body: ChatCompletionRequest) -> AsyncIterator[bytes]:
     """Role deltas first (once Triton has answered, so a refused request still gets an HTTP error status),
     content deltas as tokens arrive, a finish_reason delta per choice, the usage chunk, then [DONE]."""
-    request = triton_request(body, gateway.lora_name(body.model))
+    request, tool_plan = triton_request(body, gateway.lora_name(body.model))
+    streams = [ToolCallStream(tool_plan) for _ in range(body.n)]
     head = {
         "id": new_id("chatcmpl"),
         "object": "chat.completion.chunk",
@@ -105,11 +133,24 @@ async def stream_chat_completion(gateway: TritonGateway, body: ChatCompletionReq
             if body.logprobs and chunk.logprobs is not None and j < len(ids_by_output):
                 content = chat_logprobs(chunk.logprobs[j], ids_by_output[j], body.top_logprobs or 0)
                 logprobs = {"content": content, "refusal": None}
-            if text or logprobs:
-                choice = {"index": j, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+            deltas = streams[j].feed(text) if text else []
+            if logprobs and not deltas:
+                deltas = [{"content": ""}]
+            for k, delta in enumerate(deltas):
+                choice = {
+                    "index": j,
+                    "delta": delta,
+                    "logprobs": logprobs if k == 0 else None,
+                    "finish_reason": None,
+                }
                 yield event({**head, "choices": [choice], **tail})
         for j, reason in enumerate(chunk.finish_reasons):
             if reason:
+                for delta in streams[j].finish():
+                    choice = {"index": j, "delta": delta, "logprobs": None, "finish_reason": None}
+                    yield event({**head, "choices": [choice], **tail})
+                if reason == "stop" and streams[j].num_calls and tool_plan.mode != "named":
+                    reason = "tool_calls"
                 choice = {"index": j, "delta": {}, "logprobs": None, "finish_reason": reason}
                 yield event({**head, "choices": [choice], **tail})
     if include_usage:

@@ -44,6 +44,18 @@ class StreamOptions(_Body):
     include_obfuscation: bool | None = None  # nothing is obfuscated here; accepted and ignored
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced (xgrammar), strict or not
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(_Body):
     """Shared by completions and chat completions."""
 
@@ -75,6 +87,13 @@ class SamplingFields(_Body):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # constrained decoding: OpenAI's response_format, vLLM's structured_outputs and its older guided_* keys
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     _check_stop = field_validator("stop")(check_text)
 
@@ -114,18 +133,12 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -135,12 +148,6 @@ class ChatCompletionRequest(SamplingFields):
     prediction: dict[str, Any] | None = None
 
     def unsupported(self) -> str | None:
-        if self.tools:
-            return "tools"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format"
         if self.modalities is not None and self.modalities != ["text"]:
             return "modalities"
         for name in ("reasoning_effort", "verbosity", "prediction"):  # for other kinds of models

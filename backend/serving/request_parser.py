@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pagetron.backend.core.chat_messages import validate_messages
+from pagetron.backend.core.chat_messages import validate_messages, validate_tools
 from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
 from pagetron.backend.serving.schema import BOOL_INPUT_NAMES, PROMPT_INPUT_NAMES
@@ -66,7 +66,15 @@ def _prompt(inputs: dict[str, np.ndarray]) -> str | list[int] | dict:
             messages = json.loads(_one_string(inputs, "messages"))
         except json.JSONDecodeError as e:
             raise InvalidRequestError("messages", f"is not valid JSON: {e}") from None
-        return {"messages": validate_messages(messages)}
+        chat: dict[str, Any] = {"messages": validate_messages(messages)}
+        if "tools" in inputs:
+            try:
+                chat["tools"] = validate_tools(json.loads(_one_string(inputs, "tools")))
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError("tools", f"is not valid JSON: {e}") from None
+        return chat
+    if "tools" in inputs:
+        raise InvalidRequestError("tools", "tools go with a chat (the messages input)")
     raw = _one_string(inputs, "text_input")
     if not raw:
         raise InvalidRequestError("text_input", "the prompt is empty")

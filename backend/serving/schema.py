@@ -62,6 +62,7 @@ INPUTS = (
     *PROMPT_INPUTS,
     _bool("stream"),
     TensorSpec("sampling_parameters", "BYTES", (1,)),  # JSON object of SamplingParams keys
+    TensorSpec("tools", "BYTES", (1,)),  # Pagetron: JSON list of OpenAI tools, for messages' chat template
     _bool("exclude_input_in_output"),
     *(_bool(flag) for flag in RETURN_FLAGS),
 )

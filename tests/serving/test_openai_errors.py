@@ -92,8 +92,8 @@ def assert_error(response: httpx.Response, status: int, param: str | None, *word
         (
             "/chat/completions",
             {"model": "llm", "messages": CHAT, "tools": [{"type": "function"}]},
-            "tools",
-            [],
+            "tools[0].function",
+            ["a name"],
         ),
         (
             "/chat/completions",

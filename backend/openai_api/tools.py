@@ -1,0 +1,285 @@
+"""Tool calling for the chat API: which grammar a ``tool_choice`` needs, and the model's text as OpenAI's
+``tool_calls``, whole or streamed.
+
+    tool_choice      grammar (structured_outputs)                       the text is
+    "none"           none                                                content
+    "auto"           none                                                content and/or calls, parsed below
+    "required"       [{"name": <one of the tools>, "parameters": {..}}+]  calls (a JSON array)
+    {"function":..}  that function's parameters schema                  that call's arguments
+
+With ``auto`` the model writes calls in its own format, which ``parse_calls`` reads:
+    Hermes / Qwen / SmolLM2:  <tool_call>{"name": "f", "arguments": {...}}</tool_call>  (or a JSON list)
+    Llama 3:                  {"name": "f", "parameters": {...}}  as the whole reply (optionally after
+                              <|python_tag|>; several joined by ";")
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagetron.backend.core.chat_messages import validate_tools
+from pagetron.backend.core.errors import InvalidRequestError
+
+TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    mode: str  # "none" | "auto" | "required" | "named"
+    tools: list[dict[str, Any]] = field(default_factory=list)  # validated OpenAI tools
+    name: str | None = None  # the named function
+    parallel: bool = True
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        """The constraint that makes the reply the calls (required, named), or None."""
+        if self.mode == "named":
+            return {"json": self._parameters(self.name), "disable_any_whitespace": True}
+        if self.mode != "required":
+            return None
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t["function"]["name"]},
+                    "parameters": t["function"]["parameters"],
+                },
+                "required": ["name", "parameters"],
+            }
+            for t in self.tools
+        ]
+        array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel:
+            array["maxItems"] = 1
+        return {"json": array, "disable_any_whitespace": True}
+
+    def _parameters(self, name: str | None) -> dict[str, Any]:
+        return next(t["function"]["parameters"] for t in self.tools if t["function"]["name"] == name)
+
+
+def plan(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolPlan:
+    """Checks ``tools`` and ``tool_choice`` (raises InvalidRequestError naming the field)."""
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise InvalidRequestError("tool_choice", "needs tools")
+        return ToolPlan("none")
+    clean = validate_tools(tools)
+    parallel = parallel_tool_calls is not False
+    choice = "auto" if tool_choice is None else tool_choice
+    if choice in ("none", "auto", "required"):
+        return ToolPlan(choice, clean, parallel=parallel)
+    if (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+    ):
+        name = choice["function"].get("name")
+        if name not in {t["function"]["name"] for t in clean}:
+            raise InvalidRequestError("tool_choice", f"names function {name!r}, which is not among the tools")
+        return ToolPlan("named", clean, name=name, parallel=parallel)
+    raise InvalidRequestError(
+        "tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+    )
+
+
+def new_call(name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def calls_from_required(text: str) -> list[dict[str, Any]]:
+    """The JSON array a ``required`` grammar produced, as tool calls (nothing if it was cut short)."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    return [_call(item) for item in items if _call(item) is not None]
+
+
+def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, calls) of an ``auto`` reply in any format above; text that is no call stays content."""
+    if TAG_OPEN in text:
+        content, calls, rest = [], [], text
+        while TAG_OPEN in rest:
+            before, _, after = rest.partition(TAG_OPEN)
+            body, closed, rest = after.partition(TAG_CLOSE)
+            found = _calls_in(body)
+            if not found:  # not a call after all: keep it as text
+                content.append(before + TAG_OPEN + body + (TAG_CLOSE if closed else ""))
+                continue
+            content.append(before)
+            calls += found
+        content.append(rest)
+        joined = "".join(content).strip()
+        return (joined or None), calls
+    stripped = text.strip().removeprefix(PYTHON_TAG).strip()
+    if stripped.startswith("{"):
+        calls = [c for part in stripped.split(";") for c in _calls_in(part)]
+        if calls and len(calls) == len([p for p in stripped.split(";") if p.strip()]):
+            return None, calls
+    return text, []
+
+
+def _calls_in(body: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = [_call(item) for item in items]
+    return calls if calls and all(c is not None for c in calls) else []
+
+
+def _call(item: Any) -> dict[str, Any] | None:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    arguments = item.get("arguments", item.get("parameters", {}))
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    return new_call(item["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+class ToolCallStream:
+    """Turns streamed text into OpenAI chat deltas: ``{"content": ...}`` or ``{"tool_calls": [...]}``.
+
+    named: the first delta names the function, each later one adds argument text as it arrives.
+    required: each call is sent once its array element is complete (name and arguments together).
+    auto: text is content until a ``<tool_call>`` may begin (a possible tag prefix is held back); a call
+    is sent once its closing tag arrives; a reply that starts like a Llama-3 JSON call is held to the end.
+    """
+
+    def __init__(self, tool_plan: ToolPlan):
+        self.plan = tool_plan
+        self.buffer = ""
+        self.num_calls = 0
+        self._sent = 0  # buffer characters already turned into deltas
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        self.buffer += text
+        mode = self.plan.mode
+        if mode == "named":
+            return self._named(text)
+        if mode == "required":
+            return self._required(final=False)
+        if mode == "auto":
+            return self._auto(final=False)
+        return [{"content": text}] if text else []
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self.plan.mode == "required":
+            return self._required(final=True)
+        if self.plan.mode == "auto":
+            return self._auto(final=True)
+        return []
+
+    def _named(self, text: str) -> list[dict[str, Any]]:
+        deltas = []
+        if self.num_calls == 0:
+            call = new_call(self.plan.name, "")
+            deltas.append({"tool_calls": [{"index": 0, **call}]})
+            self.num_calls = 1
+        if text:
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+        return deltas
+
+    def _emit(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        deltas = []
+        for call in calls:
+            deltas.append({"tool_calls": [{"index": self.num_calls, **call}]})
+            self.num_calls += 1
+        return deltas
+
+    def _required(self, final: bool) -> list[dict[str, Any]]:
+        ends = _element_ends(self.buffer)
+        deltas = []
+        while self._sent < len(ends):
+            start = ends[self._sent - 1] if self._sent else self.buffer.index("[") + 1
+            element = self.buffer[start : ends[self._sent]].strip().lstrip(",").strip()
+            deltas += self._emit([c for c in [_call(_loads(element))] if c is not None])
+            self._sent += 1
+        return deltas
+
+    def _auto(self, final: bool) -> list[dict[str, Any]]:
+        pending = self.buffer[self._sent :]
+        if (
+            not final
+            and self._sent == 0
+            and pending.lstrip().startswith(("{", PYTHON_TAG[: len(pending.lstrip())]))
+        ):
+            return []  # may be a Llama-3 call: decided at the end
+        if final and self._sent == 0 and self.num_calls == 0:
+            stripped = pending.strip().removeprefix(PYTHON_TAG).strip()
+            if stripped.startswith("{"):
+                content, calls = parse_calls(pending)
+                if calls:
+                    self._sent = len(self.buffer)
+                    return self._emit(calls)
+        deltas = []
+        while True:
+            pending = self.buffer[self._sent :]
+            start = pending.find(TAG_OPEN)
+            if start < 0:
+                keep = 0 if final else _tag_prefix_len(pending)
+                text = pending[: len(pending) - keep]
+                if text:
+                    deltas.append({"content": text})
+                    self._sent += len(text)
+                return deltas
+            if start:
+                deltas.append({"content": pending[:start]})
+                self._sent += start
+                continue
+            end = pending.find(TAG_CLOSE)
+            if end < 0 and not final:
+                return deltas
+            body = pending[len(TAG_OPEN) : end if end >= 0 else len(pending)]
+            calls = _calls_in(body)
+            used = end + len(TAG_CLOSE) if end >= 0 else len(pending)
+            deltas += self._emit(calls) if calls else [{"content": pending[:used]}]
+            self._sent += used
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _tag_prefix_len(text: str) -> int:
+    """Length of the longest suffix of ``text`` that begins ``<tool_call>`` (held back while streaming)."""
+    for n in range(min(len(TAG_OPEN) - 1, len(text)), 0, -1):
+        if TAG_OPEN.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _element_ends(text: str) -> list[int]:
+    """End offsets of the complete top-level elements of a JSON array being written (strings respected)."""
+    ends, depth, in_string, escaped = [], 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 1 and ch == "}":
+                ends.append(i + 1)
+    return ends

@@ -1,0 +1,24 @@
+"""`pagetron bench structured` runs end to end on a tiny model and reports both modes at each concurrency."""
+
+from __future__ import annotations
+
+import json
+
+from model_factory import make_hf_model
+from pagetron.backend.cli import main
+
+
+def test_the_structured_benchmark_reports_both_modes(tmp_path):
+    model = make_hf_model(tmp_path / "m", "llama", num_kv_heads=2, tie_word_embeddings=True, vocab_size=49152,
+                          with_tokenizer=True)  # fmt: skip
+    out = tmp_path / "structured.json"
+    code = main(["bench", "structured", "--model", str(model), "--concurrency", "1,4", "--requests", "4",
+                 "--max-tokens", "8", "--kv-cache-memory-gb", "0.02", "--json", str(out)])  # fmt: skip
+    assert code == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["concurrency"] for r in runs] == [1, 4]
+    for run in runs:
+        # 8 tokens cannot complete the order schema: both modes generate 4 x 8 tokens
+        assert run["unconstrained"]["output_tokens"] == run["json_schema"]["output_tokens"] == 32
+        assert run["json_schema"]["ended_by_grammar"] == 0 and run["json_schema"]["mask_ms_per_step"] > 0
+        assert run["unconstrained"]["mask_ms_per_step"] is None and run["ratio"] > 0
