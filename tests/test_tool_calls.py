@@ -1,0 +1,123 @@
+"""Tool calls in the OpenAI frontend, without a server: the grammar each tool_choice needs, the model's own
+call formats parsed, and streamed text turned into OpenAI's deltas at exact boundaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.openai_api.tools import ToolCallStream, parse_calls, plan
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def names_and_args(calls) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def test_the_grammar_of_each_tool_choice():
+    assert (
+        plan(None, None, None).mode == "none" and plan([WEATHER], "none", None).structured_outputs() is None
+    )
+    assert plan([WEATHER], None, None).mode == "auto"
+    named = plan([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, None)
+    assert named.structured_outputs() == {
+        "json": {"type": "object", "properties": {}}, "disable_any_whitespace": True}  # fmt: skip
+    required = plan([WEATHER, TIME], "required", False).structured_outputs()["json"]
+    assert required["minItems"] == 1 and required["maxItems"] == 1
+    assert [a["properties"]["name"] for a in required["items"]["anyOf"]] == [
+        {"const": "get_weather"}, {"const": "get_time"}]  # fmt: skip
+    assert "maxItems" not in plan([WEATHER], "required", None).structured_outputs()["json"]
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "field"),
+    [
+        (None, "required", "tool_choice"),
+        ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+        ([WEATHER], "sometimes", "tool_choice"),
+        ([WEATHER, WEATHER], "auto", "tools[1].function.name"),
+        ([{"type": "function", "function": {"name": "has space"}}], "auto", "tools[0].function.name"),
+        ([{"type": "retrieval"}], "auto", "tools[0].type"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": []}}],
+            "auto",
+            "tools[0].function.parameters",
+        ),
+    ],
+)
+def test_bad_tools_name_the_field(tools, choice, field):
+    with pytest.raises(InvalidRequestError) as e:
+        plan(tools, choice, None)
+    assert e.value.field == field
+
+
+def test_the_formats_models_write():
+    hermes = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    content, calls = parse_calls(hermes)
+    assert content == "Let me look." and names_and_args(calls) == [("get_weather", {"city": "Oslo"})]
+    smollm = (
+        '<tool_call>[{"name": "get_weather", "arguments": {"city": "A"}}, '
+        '{"name": "get_time", "arguments": {}}]</tool_call>'
+    )
+    assert names_and_args(parse_calls(smollm)[1]) == [("get_weather", {"city": "A"}), ("get_time", {})]
+    llama = (
+        '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; '
+        '{"name": "get_time", "parameters": {}}'
+    )
+    assert parse_calls(llama)[0] is None and len(parse_calls(llama)[1]) == 2
+    assert parse_calls('{"answer": 42}') == ('{"answer": 42}', [])  # JSON, but no call: content
+    assert parse_calls("a <tool_call>not json</tool_call> b") == ("a <tool_call>not json</tool_call> b", [])
+    stringly = '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"B\\"}"}</tool_call>'
+    assert names_and_args(parse_calls(stringly)[1]) == [("get_weather", {"city": "B"})]
+
+
+def feed_in_pieces(stream: ToolCallStream, text: str, size: int) -> list[dict]:
+    deltas = []
+    for i in range(0, len(text), size):
+        deltas += stream.feed(text[i : i + size])
+    return deltas + stream.finish()
+
+
+def test_auto_streams_content_then_whole_calls():
+    text = 'Sure <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call> ok'
+    deltas = feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), text, 4)
+    content = "".join(d.get("content", "") for d in deltas)
+    assert content == "Sure  ok"  # the tag never leaks into content, even split over pieces
+    [call] = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert call["index"] == 0 and call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+    # a reply that starts like a Llama-3 call is held until the end, then sent as a call
+    llama = feed_in_pieces(
+        ToolCallStream(plan([WEATHER], "auto", None)),
+        '{"name": "get_weather", "parameters": {"city": "X"}}',
+        5,
+    )
+    assert [list(d) for d in llama] == [["tool_calls"]]
+    # ... or as content if it was not one
+    assert feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), '{"a": 1}', 3) == [
+        {"content": '{"a": 1}'}
+    ]
+
+
+def test_required_streams_each_call_once_its_element_closes():
+    text = '[{"name":"get_weather","parameters":{"city":"a]\\"}"}},{"name":"get_time","parameters":{}}]'
+    stream = ToolCallStream(plan([WEATHER, TIME], "required", None))
+    deltas = []
+    for i in range(0, len(text), 7):
+        deltas.append(stream.feed(text[i : i + 7]))
+    first = next(i for i, d in enumerate(deltas) if d)
+    assert len(text[: 7 * (first + 1)]) >= text.index("},{") + 2  # not before the element closed
+    calls = [d["tool_calls"][0] for step in deltas for d in step]
+    assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        (0, "get_weather", {"city": 'a]"}'}), (1, "get_time", {})]  # fmt: skip
+
+
+def test_named_streams_the_arguments_as_they_come():
+    stream = ToolCallStream(plan([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None))
+    head, *args = stream.feed('{"ci') + stream.feed('ty":"Rome"}') + stream.finish()
+    assert head["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert [a["tool_calls"][0]["function"]["arguments"] for a in args] == ['{"ci', 'ty":"Rome"}']
