@@ -97,6 +97,24 @@ def test_a_mixed_batch_gives_each_request_its_own_output(base, adapters, referen
     assert len(lora.host) == 2 and set(lora.slots) <= {1, 2, 3}
 
 
+def test_tensor_parallel_ranks_give_each_request_its_adapters_tokens(base, adapters, references):
+    """TP 2 (gloo): each rank holds its shard of every adapter (B cut like a column-parallel layer's
+    output, A like a row-parallel layer's input) and mirrors the driver's slot loads step by step; the
+    same mixed batch, with more adapters than slots, gives PEFT's tokens. Greedy ties cannot flip here:
+    the tiny model's logprobs are far apart (its references are the one-rank engine's too)."""
+    llm = LLM(str(base), tensor_parallel_size=2, enable_lora=True, max_loras=2, max_cpu_loras=2,
+              max_lora_rank=8)  # fmt: skip
+    names = [None, *adapters]
+    prompts = [p for _ in names for p in PROMPTS]
+    loras = [adapters.get(n) for n in names for _ in PROMPTS]
+    try:
+        outs = tokens(llm.generate(prompts, PARAMS, use_tqdm=False, lora_request=loras))
+        assert llm.engine.executor.num_resident_loras() == 2
+    finally:
+        llm.engine.shutdown()
+    assert outs == [t for n in names for t in references[n]]
+
+
 def test_the_prefix_cache_keeps_adapters_apart(base, adapters):
     llm = LLM(str(base), enable_lora=True, max_loras=2, max_lora_rank=8, block_size=4)
     prompt = list(range(40, 60))  # 5 full blocks

@@ -96,8 +96,6 @@ class EngineConfig:
             raise ConfigError(
                 "lora_modules", f"must map adapter names to PEFT folders, got {self.lora_modules!r}"
             )
-        if self.enable_lora and self.tensor_parallel_size > 1:
-            raise ConfigError("enable_lora", "LoRA with tensor_parallel_size > 1 is not supported yet")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError("quantization", f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.device not in _DEVICES:

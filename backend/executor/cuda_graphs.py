@@ -2,13 +2,15 @@
 
 A decode step launches hundreds of small kernels; replaying a captured graph removes their launch cost.
 A batch of n decodes runs in the smallest captured size >= n; the padding rows write nowhere (slot -1)
-and attend to one cached token, and their outputs are dropped.
+and attend to one cached token, and their outputs are dropped. With LoRA the graphs include the batched
+LoRA kernels, reading each row's adapter slot from a static buffer (-1: the base model, and padding).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -25,8 +27,15 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks: int, device: torch.device):
-        self.model = model
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_batch: int,
+        max_blocks: int,
+        device: torch.device,
+        lora_context: Any = None,
+    ):
+        self.model, self.lora_context = model, lora_context
         self.sizes = graph_batch_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.input_ids = torch.zeros(self.max_batch, dtype=torch.int64, device=device)
@@ -35,6 +44,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(self.max_batch, max_blocks, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(self.max_batch, dtype=torch.int32, device=device)
         self.empty = torch.zeros(0, 0, dtype=torch.int32, device=device)
+        self.lora_slots = torch.full((self.max_batch,), -1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _meta(self, batch: int) -> AttentionMetadata:
@@ -54,6 +64,8 @@ class DecodeGraphs:
         pool = None
         for batch in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(batch)
+            if self.lora_context is not None:
+                self.lora_context.token_slots = self.lora_slots[:batch]
             self.model(self.input_ids[:batch], self.positions[:batch], meta)  # compile and warm up
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -61,6 +73,8 @@ class DecodeGraphs:
                 out = self.model(self.input_ids[:batch], self.positions[:batch], meta)
             pool = graph.pool()
             self.graphs[batch] = (graph, out)
+        if self.lora_context is not None:
+            self.lora_context.token_slots = None
         torch.cuda.synchronize()
         logger.info(
             "captured %d decode CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started
@@ -79,6 +93,13 @@ class DecodeGraphs:
         self.context_lens[:n].copy_(context_lens)
         self.context_lens[n:batch].fill_(1)
         self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
+        if self.lora_context is not None:
+            token_slots = self.lora_context.token_slots
+            if token_slots is None:
+                self.lora_slots[:n].fill_(-1)
+            else:
+                self.lora_slots[:n].copy_(token_slots)
+            self.lora_slots[n:batch].fill_(-1)
         graph, out = self.graphs[batch]
         graph.replay()
         return out[:n]

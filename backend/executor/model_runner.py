@@ -38,7 +38,6 @@ class ModelRunner:
     ):
         self.model, self.sampler, self.graphs, self.device = model, sampler, graphs, device
         self.lora = lora
-        self._lora_step = False  # the step being run adds LoRA products (so it runs eagerly)
         self.inputs = StepInputBuilder(block_size, device)
         self.phase_times: PhaseTimes | None = None  # set to profile each step's phases
         # the last step's samples on the device, and their row per sequence id: the next step's pending
@@ -58,7 +57,8 @@ class ModelRunner:
             return StepResult(None)
         timer = _Timer(self.phase_times, self.device)
         host = timer.phase("prepare", self.inputs.build, out)
-        self._lora_step = self.lora is not None and self.lora.prepare(out)
+        if self.lora is not None:
+            self.lora.prepare(out)
         sampled = self.run(host, out.sampled_seqs, timer, out.grammar)
         rows = {seq.seq_id: row for row, seq in enumerate(out.sampled_seqs)}
         self._last_sampled = (rows, sampled.token_ids) if sampled is not None else None
@@ -94,7 +94,6 @@ class ModelRunner:
         meta = inputs.meta
         if (
             self.graphs is not None
-            and not self._lora_step
             and inputs.is_decode_only
             and meta.num_decode_tokens <= self.graphs.max_batch
         ):

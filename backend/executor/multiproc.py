@@ -10,6 +10,8 @@ ranks are processes of their own, on this host (spawned here) or on others (`pag
     execute(step):
       build host inputs (the scheduler's)
       broadcast header + 2 buffers (gloo)   -->  receives them
+      [+ LoRA: rows' adapter slots, and the
+         adapters newly put in slots (JSON)] -->  loads those adapters (same slots), sets the rows' slots
       forward (all-reduces inside)          <->  forward
       logits gathered on rank 0, sampled    <--  sends its logits shard
     shutdown: broadcast STOP                -->  exits
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from pagetron.backend.core.config import EngineConfig
+from pagetron.backend.core.lora import LoRARequest
 from pagetron.backend.core.step import RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.executor import Executor
 from pagetron.backend.executor.spec import ModelSpec
@@ -61,28 +64,61 @@ class WorkerFailed(RuntimeError):
 
 
 # ---- the step protocol ---------------------------------------------------------------------------------
-def send_step(host: HostStepInputs | None, group) -> None:
+@dataclass
+class LoRAStep:
+    """A step's LoRA part: each token row's adapter slot (-1: none; empty: no row uses one) and the
+    adapters the driver put in slots for it."""
+
+    token_slots: list[int]
+    loads: list[tuple[int, LoRARequest]]
+
+    def encoded_loads(self) -> bytes:
+        return json.dumps([[s, r.lora_name, r.lora_int_id, r.lora_path] for s, r in self.loads]).encode()
+
+    @staticmethod
+    def decode_loads(raw: bytes) -> list[tuple[int, LoRARequest]]:
+        return [(s, LoRARequest(name, i, path)) for s, name, i, path in json.loads(raw)]
+
+
+def send_step(host: HostStepInputs | None, group, lora: LoRAStep | None = None) -> None:
     header = torch.zeros(HEADER, dtype=torch.int64)
+    loads = lora.encoded_loads() if lora is not None and lora.loads else b""
+    slots = lora.token_slots if lora is not None else []
     if host is not None:
         s = host.shape
         values = [STEP, s.num_tokens, s.num_decodes, s.num_prefills, s.num_sampled, s.decode_width,
-                  s.prefill_width, host.longs.size, host.ints.size]  # fmt: skip
+                  s.prefill_width, host.longs.size, host.ints.size, len(slots), len(loads)]  # fmt: skip
         header[: len(values)] = torch.tensor(values)
     dist.broadcast(header, src=0, group=group)
     if host is not None:
         dist.broadcast(torch.from_numpy(np.ascontiguousarray(host.longs)), src=0, group=group)
         dist.broadcast(torch.from_numpy(np.ascontiguousarray(host.ints)), src=0, group=group)
+    if slots:
+        dist.broadcast(torch.tensor(slots, dtype=torch.int32), src=0, group=group)
+    if loads:
+        dist.broadcast(torch.frombuffer(bytearray(loads), dtype=torch.uint8), src=0, group=group)
 
 
-def receive_step(group) -> HostStepInputs | None:
+def receive_step(group) -> tuple[HostStepInputs, LoRAStep] | None:
     header = torch.zeros(HEADER, dtype=torch.int64)
     dist.broadcast(header, src=0, group=group)
-    op, tokens, decodes, prefills, sampled, decode_width, prefill_width, n_longs, n_ints = header[:9].tolist()
+    op, tokens, decodes, prefills, sampled, decode_width, prefill_width, n_longs, n_ints, n_slots, n_loads = (
+        header[:11].tolist()
+    )
     if op == STOP:
         return None
     longs, ints = torch.empty(n_longs, dtype=torch.int64), torch.empty(n_ints, dtype=torch.int32)
     dist.broadcast(longs, src=0, group=group)
     dist.broadcast(ints, src=0, group=group)
+    lora = LoRAStep([], [])
+    if n_slots:
+        token_slots = torch.empty(n_slots, dtype=torch.int32)
+        dist.broadcast(token_slots, src=0, group=group)
+        lora.token_slots = token_slots.tolist()
+    if n_loads:
+        raw = torch.empty(n_loads, dtype=torch.uint8)
+        dist.broadcast(raw, src=0, group=group)
+        lora.loads = LoRAStep.decode_loads(raw.numpy().tobytes())
     ints_np = ints.numpy()
     # the prefill query starts and lengths are parts of the int buffer (see step_inputs.py's layout)
     sizes = StepShape(tokens, decodes, prefills, sampled, decode_width, prefill_width, (), ()).int_sizes()
@@ -90,7 +126,7 @@ def receive_step(group) -> HostStepInputs | None:
     starts = tuple(int(x) for x in ints_np[offsets[2] : offsets[2] + prefills + 1])
     lens = tuple(int(x) for x in ints_np[offsets[3] : offsets[3] + prefills])
     shape = StepShape(tokens, decodes, prefills, sampled, decode_width, prefill_width, starts, lens)
-    return HostStepInputs(shape, longs.numpy(), ints_np)
+    return HostStepInputs(shape, longs.numpy(), ints_np), lora
 
 
 # ---- process groups ------------------------------------------------------------------------------------
@@ -152,7 +188,10 @@ def run_rank(config: EngineConfig, addr: str, rank: int, local_rank: int, die_wi
         raise
     store.set(f"loaded/{rank}", str(worker.max_kv_blocks))
     worker.initialize_cache(int(store.get("kv_blocks")))
-    while (host := receive_step(steps)) is not None:
+    while (step := receive_step(steps)) is not None:
+        host, lora = step
+        if worker.lora is not None:
+            worker.lora.mirror(lora.loads, lora.token_slots)
         worker.runner.run(host, None)
     dist.destroy_process_group()
 
@@ -236,6 +275,8 @@ class MultiprocExecutor(Executor):
             self.num_kv_blocks = min(blocks)
             self.store.set("kv_blocks", str(self.num_kv_blocks))
             self.worker.initialize_cache(self.num_kv_blocks)
+            if self.worker.lora is not None:
+                self.worker.lora.record_slot_loads = True
         except BaseException:
             self._kill()
             if dist.is_initialized():
@@ -283,6 +324,17 @@ class MultiprocExecutor(Executor):
     def health(self) -> str | None:
         return self._failed
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Checked and cached on the driver; every other rank reads the same folder when a step first puts
+        the adapter in a slot (so on several hosts the path must exist on each)."""
+        if self.worker.lora is None:
+            raise ValueError("the engine was started without enable_lora")
+        self.worker.lora.add(lora_request)
+
+    def num_resident_loras(self) -> int:
+        lora = self.worker.lora
+        return 0 if lora is None else sum(slot is not None for slot in lora.slots)
+
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if self._failed is not None:
             raise WorkerFailed(self._failed)
@@ -292,8 +344,12 @@ class MultiprocExecutor(Executor):
             return RunnerOutput()
         host = runner.inputs.build(scheduler_output)
         assert not host.pending, "tensor-parallel steps are scheduled synchronously (inputs all known)"
+        lora = None
+        if runner.lora is not None:
+            runner.lora.prepare(scheduler_output)
+            lora = LoRAStep(runner.lora.token_slots, runner.lora.take_slot_loads())
         try:
-            send_step(host, self.steps)
+            send_step(host, self.steps, lora)
             sampled = runner.run(host, scheduler_output.sampled_seqs, grammar=scheduler_output.grammar)
             return sampled.output() if sampled is not None else RunnerOutput()
         except RuntimeError as e:  # a collective with a rank that went away

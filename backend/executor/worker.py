@@ -39,7 +39,13 @@ class Worker:
         if config.enable_lora:
             host_slots = config.max_cpu_loras or config.max_loras
             self.lora = LoRAManager(
-                self.model, config.max_loras, config.max_lora_rank, host_slots, self.device, self.dtype
+                self.model,
+                config.max_loras,
+                config.max_lora_rank,
+                host_slots,
+                self.device,
+                self.dtype,
+                self.kernels,
             )
         self.max_kv_blocks = num_kv_blocks(
             config, self.model, spec.max_model_len, self.kv_cache_dtype, self.device
@@ -56,8 +62,9 @@ class Worker:
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and not config.enforce_eager:
             max_blocks = -(-self.spec.max_model_len // config.block_size)
+            lora_context = self.lora.context if self.lora is not None else None
             graphs = DecodeGraphs(
-                self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks, self.device
+                self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks, self.device, lora_context
             )
             graphs.capture()
         sampler = Sampler(self.spec.eos_token_ids, seed=config.seed)

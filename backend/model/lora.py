@@ -1,21 +1,24 @@
 """LoRA adapters (PEFT folders) served beside the base model, many in one step (S-LoRA / Punica style).
 
-Each LoRA-capable linear layer holds ``max_loras`` device slots of stacked, zero-padded weights; a step's
-token rows are grouped by the slot of their request's adapter (the base model's rows by none), and each
-group adds its low-rank product to the base output:
+Each LoRA-capable linear layer holds ``max_loras`` device slots of stacked, zero-padded weights; each of a
+step's token rows names the slot of its request's adapter (-1: the base model), and adds its low-rank
+product to the base output:
 
-    slots:  A [max_loras, R, in]   B [max_loras, out, R]     (R = max_lora_rank; B carries the scaling)
-    step:   rows  [ d0 d1 d2 | p0 p0 p0 p0 | p1 p1 ]   adapters: d0, p0 -> a; d2, p1 -> b; d1 -> none
-            segments  slot(a): rows 0,3,4,5,6   slot(b): rows 2,7,8
-            y[rows] += (x[rows] @ A[slot]^T) @ B[slot]^T    per segment (per part of a fused q|k|v, gate|up)
+    slots:  A [max_loras, P R, in]   B [max_loras, out, R]   (R = max_lora_rank, P fused parts such as
+                                                             q|k|v; B carries the scaling)
+    step:   rows         [ d0 d1 d2 | p0 p0 p0 p0 | p1 p1 ]   adapters: d0, p0 -> a; d2, p1 -> b; d1 none
+            token_slots  [  0 -1  1 |  0  0  0  0 |  1  1 ]   (a in slot 0, b in slot 1)
+            y[i] += (x[i] @ A[slot_i]^T) @ B[slot_i]^T       per part, for every row with a slot
 
 With tensor parallelism B is cut like its layer's output (column-parallel) and A like its input
 (row-parallel, where each rank's partial product joins the layer's all-reduce: the sum over ranks of
 x_r A_r^T B^T is x A^T B^T). Adapters live on the host too (``max_cpu_loras``, LRU), and a slot is given
 to the least recently used adapter that the step does not need.
 
-NOTE: the segment loop is the torch reference (it runs on the CPU and on CUDA); a step whose rows use an
-adapter runs eagerly, outside the decode CUDA graphs.
+The product is pagetron.kernels.lora (OpenAI-Triton, Punica's BGMV: one launch per shrink and per expand
+of a layer, whatever the mix of adapters) or its torch reference, chosen once with the model's kernels.
+The slot of each row is a device tensor, so decode CUDA graphs capture the LoRA path too (their padding
+rows have slot -1).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,9 +46,12 @@ class LoRAError(ValueError):
 
 @dataclass
 class LoRAContext:
-    """The current step's segments, shared by every LoRA-capable layer: (slot, token rows on device)."""
+    """Shared by every LoRA-capable layer: the current step's slot per token row (None: no row uses an
+    adapter) and the shrink / expand implementations (kernels or references)."""
 
-    segments: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    shrink: Callable[..., torch.Tensor]
+    expand: Callable[..., torch.Tensor]
+    token_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -138,6 +145,7 @@ class LoRAManager:
         max_cpu_loras: int,
         device: torch.device,
         dtype: torch.dtype,
+        kernels: str = "torch",
     ):
         self.model, self.max_loras, self.max_rank, self.max_cpu_loras = (
             model,
@@ -145,7 +153,12 @@ class LoRAManager:
             max_rank,
             max_cpu_loras,
         )
-        self.context = LoRAContext()
+        if kernels == "triton":
+            from pagetron.kernels.lora import lora_expand, lora_shrink
+        else:
+            from pagetron.kernels.lora_ref import lora_expand_ref as lora_expand
+            from pagetron.kernels.lora_ref import lora_shrink_ref as lora_shrink
+        self.context = LoRAContext(lora_shrink, lora_expand)
         self.layers = model.model.layers
         for layer in self.layers:
             for module_name in {m for m, _ in TARGETS.values()}:
@@ -156,6 +169,11 @@ class LoRAManager:
         self.host: OrderedDict[int, Adapter] = OrderedDict()  # lora_int_id -> adapter, least recent first
         self._host_lock = threading.Lock()
         self.slots: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
+        # with tensor parallelism, the driver notes each (slot, adapter) it loads since take_slot_loads()
+        # last ran: what the other ranks must load to mirror it
+        self.record_slot_loads = False
+        self._slot_loads: list[tuple[int, LoRARequest]] = []
+        self.token_slots: list[int] = []  # the last prepared step's slot per token row (host copy)
         self._slot_use: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))
 
     def add(self, request: LoRARequest) -> Adapter:
@@ -180,20 +198,18 @@ class LoRAManager:
         return adapter
 
     def prepare(self, out: SchedulerOutput) -> bool:
-        """Puts the step's adapters in slots and its token rows into segments; False if no row uses one."""
-        rows: dict[int, list[int]] = {}
-        requests: dict[int, LoRARequest] = {}
-        offset = 0
-        for seq, n in zip(out.seqs, out.num_new_tokens):
-            if seq.lora is not None:
-                rows.setdefault(seq.lora.lora_int_id, []).extend(range(offset, offset + n))
-                requests[seq.lora.lora_int_id] = seq.lora
-            offset += n
-        if not rows:
-            self.context.segments = []
+        """Puts the step's adapters in slots and sets each token row's slot; False if no row uses one."""
+        requests = {seq.lora.lora_int_id: seq.lora for seq in out.seqs if seq.lora is not None}
+        self.token_slots = []
+        if not requests:
+            self.context.token_slots = None
             return False
         slots = self._assign(requests)
-        self.context.segments = [(slots[i], torch.tensor(r, device=self.device)) for i, r in rows.items()]
+        token_slots: list[int] = []
+        for seq, n in zip(out.seqs, out.num_new_tokens):
+            token_slots += [-1 if seq.lora is None else slots[seq.lora.lora_int_id]] * n
+        self.token_slots = token_slots
+        self.context.token_slots = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
         return True
 
     def _assign(self, requests: dict[int, LoRARequest]) -> dict[int, int]:
@@ -208,6 +224,18 @@ class LoRAManager:
             self._slot_use.move_to_end(resident[lora_id])
         return {lora_id: resident[lora_id] for lora_id in requests}
 
+    def take_slot_loads(self) -> list[tuple[int, LoRARequest]]:
+        loads, self._slot_loads = self._slot_loads, []
+        return loads
+
+    def mirror(self, loads: list[tuple[int, LoRARequest]], token_slots: list[int]) -> None:
+        """A tensor-parallel rank's step: the driver's slot loads, then its rows' slots."""
+        for slot, request in loads:
+            self._load_slot(slot, self.add(request))
+        self.context.token_slots = (
+            torch.tensor(token_slots, dtype=torch.int32, device=self.device) if token_slots else None
+        )
+
     def _load_slot(self, slot: int, adapter: Adapter) -> None:
         for index, layer in enumerate(self.layers):
             for peft_name, (module_name, part) in TARGETS.items():
@@ -216,3 +244,5 @@ class LoRAManager:
                     slot, part, *(ab if ab is not None else (None, None))
                 )
         self.slots[slot] = adapter.request.lora_int_id
+        if self.record_slot_loads:
+            self._slot_loads.append((slot, adapter.request))

@@ -96,32 +96,44 @@ class _Fp8Weights:
 
 
 class _LoRASlots:
-    """Device slots of LoRA weights for a parallel linear layer, one (A, B) pair per logical part (q, k, v
-    or gate, up), and the product each step's segments add (model/lora.py draws the layout)."""
+    """Device slots of LoRA weights for a parallel linear layer, its logical parts (q, k, v or gate, up)
+    fused as the base weight is, and the product each step's rows add (model/lora.py draws the layout)::
+
+        lora_a [max_loras, parts * max_rank, in (this rank's)]   part p's A in rows p R .. p R + R
+        lora_b [max_loras, out (this rank's), max_rank]          part p's B in its output columns
+    """
 
     lora_context: Any = None  # LoRAContext shared by the model's layers; None: LoRA is off
-    lora_a: list[torch.Tensor]  # per part: [max_loras, max_rank, in (this rank's)]
-    lora_b: list[torch.Tensor]  # per part: [max_loras, out (this rank's), max_rank]
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    lora_part_starts: list[int]  # first output column of each part in lora_b (and in the layer's output)
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         context = self.lora_context
-        if context is None or not context.segments:
+        if context is None or context.token_slots is None:
             return y
-        offset = 0
-        for a, b in zip(self.lora_a, self.lora_b):
-            width = b.shape[1]
-            for slot, rows in context.segments:
-                delta = (x[rows] @ a[slot].t()) @ b[slot].t()
-                y[:, offset : offset + width].index_add_(0, rows, delta.to(y.dtype))
-            offset += width
-        return y
+        t = context.shrink(x, self.lora_a, context.token_slots)
+        return context.expand(t, self.lora_b, context.token_slots, y, self.lora_part_starts)
 
     def _lora_buffers(
-        self, context: Any, slots: int, rank: int, ins: list[int], outs: list[int], device, dtype
+        self, context: Any, slots: int, rank: int, in_features: int, outs: list[int], device, dtype
     ):
-        self.lora_context = context
-        self.lora_a = [torch.zeros(slots, rank, n, device=device, dtype=dtype) for n in ins]
-        self.lora_b = [torch.zeros(slots, n, rank, device=device, dtype=dtype) for n in outs]
+        self.lora_context, self.lora_rank = context, rank
+        self.lora_a = torch.zeros(slots, len(outs) * rank, in_features, device=device, dtype=dtype)
+        self.lora_b = torch.zeros(slots, sum(outs), rank, device=device, dtype=dtype)
+        self.lora_part_starts = [sum(outs[:p]) for p in range(len(outs))]
+
+    def _load_part(self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """A [r, in (this rank's)] and B [out of the part (this rank's), r] into slot ``slot``; None: 0."""
+        rank, bounds = self.lora_rank, [*self.lora_part_starts, self.lora_b.shape[1]]
+        start, end = bounds[part], bounds[part + 1]
+        slot_a = self.lora_a[slot, part * rank : (part + 1) * rank]
+        slot_b = self.lora_b[slot, start:end]
+        slot_a.zero_()
+        slot_b.zero_()
+        if a is not None:
+            slot_a[: a.shape[0]].copy_(a)
+            slot_b[:, : b.shape[1]].copy_(b)
 
 
 class ColumnParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
@@ -185,18 +197,12 @@ class ColumnParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
         return self._add_lora(x, self._linear(x, self.bias))
 
     def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
-        self._lora_buffers(context, slots, rank, [self.weight.shape[1]] * len(self.parts), self.local_parts,
-                           device, dtype)  # fmt: skip
+        self._lora_buffers(context, slots, rank, self.weight.shape[1], self.local_parts, device, dtype)
 
     def load_lora(self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Part ``part`` of slot ``slot``: A [r, in] and this rank's rows of B [out, r]; None: zeros."""
-        slot_a, slot_b = self.lora_a[part][slot], self.lora_b[part][slot]
-        slot_a.zero_()
-        slot_b.zero_()
-        if a is not None:
-            start, length = self._local_range(part)
-            slot_a[: a.shape[0]].copy_(a)
-            slot_b[:, : b.shape[1]].copy_(b[start : start + length])
+        start, length = self._local_range(part)
+        self._load_part(slot, part, a, None if b is None else b[start : start + length])
 
 
 class RowParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
@@ -225,19 +231,13 @@ class RowParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
         return self.tp.all_reduce(self._add_lora(x, self._linear(x, None)))
 
     def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
-        self._lora_buffers(
-            context, slots, rank, [self.weight.shape[1]], [self.weight.shape[0]], device, dtype
-        )
+        self._lora_buffers(context, slots, rank, self.weight.shape[1], [self.weight.shape[0]], device, dtype)
 
     def load_lora(self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Slot ``slot``: this rank's input columns of A [r, in] and B [out, r]; None: zeros."""
-        slot_a, slot_b = self.lora_a[0][slot], self.lora_b[0][slot]
-        slot_a.zero_()
-        slot_b.zero_()
-        if a is not None:
-            length = self.weight.shape[1]
-            slot_a[: a.shape[0]].copy_(a[:, self.tp.rank * length : (self.tp.rank + 1) * length])
-            slot_b[:, : b.shape[1]].copy_(b)
+        length = self.weight.shape[1]
+        columns = None if a is None else a[:, self.tp.rank * length : (self.tp.rank + 1) * length]
+        self._load_part(slot, 0, columns, b)
 
 
 class VocabParallelEmbedding(nn.Module):

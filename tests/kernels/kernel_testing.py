@@ -23,6 +23,7 @@ KERNEL_MODULES = tuple(
     f"pagetron.kernels.{name}"
     for name in (
         "kv_cache_write",
+        "lora",
         "paged_decode_attention",
         "paged_prefill_attention",
         "rms_norm",
