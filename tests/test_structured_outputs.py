@@ -10,6 +10,7 @@ import time
 from concurrent.futures import Future
 
 import jsonschema
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -340,3 +341,21 @@ def test_random_schemas_and_grammars_never_crash(tiny_engine_llm, schema, gramma
 @pytest.fixture(scope="module")
 def tiny_engine_llm(tiny_with_tokenizer):
     return LLM(tiny_with_tokenizer, num_kv_blocks=64)
+
+
+def test_the_batched_mask_fill_equals_the_row_by_row_one(smollm):
+    """From BATCH_FILL_ROWS rows on, xgrammar's threads fill the masks: the same bits as one by one."""
+    service = smollm.engine.grammar_service()
+    states = service.grammars(StructuredOutputsParams(json=PERSON), 10)
+    for state in states:
+        state.compiled.result()
+    texts = ['{"name": "Al', '{"name": "Bo", "age": 4', '{"name": "Cy", "age": 40, "role": "gu', "{", ""]
+    for k, state in enumerate(states):  # each matcher in a state of its own
+        for token in smollm.tokenizer(texts[k % len(texts)], add_special_tokens=False).input_ids:
+            assert state.accept(token)
+    width = smollm.engine.scheduler.bitmask_width
+    batched, one_by_one = np.zeros((10, width), np.int32), np.zeros((10, width), np.int32)
+    service.fill_bitmasks(states, batched)
+    for row, state in enumerate(states):
+        state.fill_bitmask(one_by_one, row)
+    assert np.array_equal(batched, one_by_one) and len({r.tobytes() for r in batched}) == len(texts)

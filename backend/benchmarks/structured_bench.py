@@ -1,20 +1,26 @@
 """What constrained decoding costs: the same chat workload unconstrained and under a realistic JSON schema
 (an order with customer, address and line items), in one run on one engine, at each concurrency.
 
-  pagetron bench structured [--model PATH] [--concurrency 1,64] [--requests 64] [--max-tokens 64]
-      [--json out.json] [engine arguments, e.g. --load-format dummy on a GPU]
+  pagetron bench structured [--model PATH | --shape llama3-8b] [--concurrency 1,64] [--requests 64]
+      [--max-tokens 64] [--json out.json] [engine arguments]
+
+``--shape`` runs a GPU benchmark shape with random weights (load_format dummy) and the bundled SmolLM2's
+tokenizer, whose 49,152 tokens are the only ones a grammar allows there (the rest are masked like
+special tokens); prompts and outputs are still the same in both modes.
 
 A closed loop keeps `concurrency` requests in flight (a new one starts as one finishes) until `requests`
 have run. Every request is greedy. Unconstrained requests ignore EOS, so both modes run to max_tokens
 unless the grammar completes first (the order schema needs more than 64 tokens, so at the default they
-do not); throughput counts the tokens actually generated. The mask time is the scheduler's host time
-filling bitmasks, per step that had constrained rows (the device applies them inside the sampler).
+do not); throughput counts the tokens actually generated. The mask time is the host time filling
+bitmasks, per step that had constrained rows (on a GPU it overlaps the step's forward pass; on the CPU it
+adds to it); the device applies them inside the sampler.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +91,13 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
 
     levels = [int(c) for c in ns.concurrency.split(",")]
     args = {"max_num_seqs": max(levels), **engine_args(ns)}
+    if ns.shape:
+        from pagetron.backend.benchmarks.gpu_workloads import write_config
+        from pagetron.backend.model.loader.paths import default_model_path
+
+        folder = write_config(ns.shape, Path(tempfile.mkdtemp(prefix="pagetron-structured-")))
+        args.update(model=str(folder), load_format="dummy")
+        args.setdefault("tokenizer", str(default_model_path()))
     llm = LLM(**args)
     prompt = llm.encode_chat([{"role": "user", "content": QUESTION}])
     prompts = [list(prompt) for _ in range(ns.requests)]
@@ -101,15 +114,16 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
     for concurrency in levels:
         row = {"concurrency": concurrency}
         for mode, params in modes.items():
-            steps, seconds = scheduler.mask_steps, scheduler.mask_seconds
+            stats = scheduler.mask_stats
+            steps, seconds = stats.steps, stats.seconds
             elapsed, tokens, stopped = closed_loop(llm, prompts, params, concurrency)
-            mask_steps = scheduler.mask_steps - steps
+            mask_steps = stats.steps - steps
             row[mode] = {
                 "seconds": round(elapsed, 3),
                 "output_tok_s": round(tokens / elapsed, 1),
                 "output_tokens": tokens,
                 "ended_by_grammar": stopped if mode == "json_schema" else 0,
-                "mask_ms_per_step": round(1e3 * (scheduler.mask_seconds - seconds) / mask_steps, 4)
+                "mask_ms_per_step": round(1e3 * (stats.seconds - seconds) / mask_steps, 4)
                 if mask_steps
                 else None,
             }
@@ -127,6 +141,7 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", default=None, help="a GPU benchmark shape (e.g. llama3-8b), dummy weights")
     parser.add_argument("--concurrency", default="1,64", help="requests in flight, comma-separated")
     parser.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)

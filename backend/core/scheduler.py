@@ -4,15 +4,21 @@ and applies what the step produced. ``update()`` (and ``abort()``) are the only 
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
+from collections.abc import Callable
 from math import ceil
-
-import numpy as np
+from typing import Any
 
 from pagetron.backend.core.block_manager import BlockManager
 from pagetron.backend.core.sequence import Sequence, SequenceStatus
-from pagetron.backend.core.step import GrammarMask, RunnerOutput, SchedulerOutput, SequenceUpdate
+from pagetron.backend.core.step import (
+    GrammarMask,
+    MaskStats,
+    RunnerOutput,
+    SchedulerOutput,
+    SequenceUpdate,
+    fill_each,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,7 @@ class Scheduler:
         reserve_kv_for_growth: bool = True,
         max_loras: int = 0,
         vocab_size: int = 0,
+        fill_bitmasks: Callable[[list[Any], Any], None] = fill_each,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -45,7 +52,8 @@ class Scheduler:
         self.reserve_kv_for_growth = reserve_kv_for_growth
         self.max_loras = max_loras  # distinct LoRA adapters the running sequences may use (device slots)
         self.bitmask_width = -(-vocab_size // 32)  # int32 words of a grammar's token bitmask row
-        self.mask_steps, self.mask_seconds = 0, 0.0  # steps that filled grammar masks, and the host time
+        self.fill_bitmasks = fill_bitmasks  # (grammar states, bitmask) -> one row per state
+        self.mask_stats = MaskStats()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -177,20 +185,16 @@ class Scheduler:
         """Waiting sequences whose grammar is still compiling (nothing else keeps them waiting)."""
         return sum(1 for s in self.waiting if s.grammar is not None and not s.grammar.ready)
 
-    # NOTE on grammars: a constrained row's mask is filled here, on the host, from its matcher, which has
-    # seen every token so far (update() advances it); the sampler applies the masks on the device in one
-    # op. So a constrained sequence never runs ahead (its last token must be known to fill the mask).
+    # NOTE on grammars: a constrained row's mask comes from its matcher, which has seen every token so
+    # far (update() advances it), filled on the host while the step's forward pass runs (GrammarMask);
+    # the sampler applies the masks on the device in one op. So a constrained sequence never runs ahead:
+    # its last token must be known to fill its mask.
     def _grammar_mask(self, sampled: list[Sequence]) -> GrammarMask | None:
         rows = [row for row, seq in enumerate(sampled) if seq.grammar is not None]
         if not rows:
             return None
-        started = time.perf_counter()
-        bitmask = np.empty((len(rows), self.bitmask_width), dtype=np.int32)
-        for k, row in enumerate(rows):
-            sampled[row].grammar.fill_bitmask(bitmask, k)
-        self.mask_steps += 1
-        self.mask_seconds += time.perf_counter() - started
-        return GrammarMask(rows, bitmask)
+        states = [sampled[row].grammar for row in rows]
+        return GrammarMask(rows, states, self.bitmask_width, self.fill_bitmasks, self.mask_stats)
 
     # NOTE on running ahead (asynchronous scheduling): the next step may be scheduled while this one runs,
     # so a sequence can be scheduled with its last token still pending (its id comes from the previous

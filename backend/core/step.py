@@ -22,11 +22,22 @@ with its last token pending, whose id the executor takes from the previous step'
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pagetron.backend.core.sequence import Sequence
+
+
+@dataclass
+class MaskStats:
+    """Host time spent filling grammar bitmasks (for benchmarks)."""
+
+    steps: int = 0
+    seconds: float = 0.0
 
 
 @dataclass
@@ -36,10 +47,35 @@ class GrammarMask:
 
         rows    = [0, 2]                    sampled rows (RunnerOutput order) under a grammar
         bitmask = int32 [len(rows), ceil(vocab / 32)]
+
+    NOTE: the bitmask is filled when first read, which the sampler does after the step's forward pass is
+    queued: on a GPU the host fills the masks while the device computes.
     """
 
     rows: list[int]
-    bitmask: np.ndarray
+    states: list[Any]  # each row's GrammarState (core.structured_outputs)
+    width: int
+    fill: Callable[[list[Any], np.ndarray], None]  # fills one bitmask row per state
+    stats: MaskStats | None = None
+    _bitmask: np.ndarray | None = None
+
+    @property
+    def bitmask(self) -> np.ndarray:
+        if self._bitmask is None:
+            started = time.perf_counter()
+            bitmask = np.empty((len(self.rows), self.width), dtype=np.int32)
+            self.fill(self.states, bitmask)
+            self._bitmask = bitmask
+            if self.stats is not None:
+                self.stats.steps += 1
+                self.stats.seconds += time.perf_counter() - started
+        return self._bitmask
+
+
+def fill_each(states: list[Any], bitmask: np.ndarray) -> None:
+    """The plain fill: one row per grammar state, in order."""
+    for row, state in enumerate(states):
+        state.fill_bitmask(bitmask, row)
 
 
 @dataclass

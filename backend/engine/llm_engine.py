@@ -65,6 +65,7 @@ class LLMEngine:
             reserve_kv_for_growth=config.reserve_kv_for_growth,
             max_loras=config.max_loras if config.enable_lora else 0,
             vocab_size=self.model_config.vocab_size,
+            fill_bitmasks=self._fill_bitmasks,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.loras = LoRARegistry(config.lora_modules, config.lora_dir)
@@ -213,6 +214,9 @@ class LLMEngine:
                     self.config.grammar_compile_timeout_s,
                 )
             return self._grammar_service
+
+    def _fill_bitmasks(self, states: list[SequenceGrammar], bitmask: Any) -> None:
+        self._grammar_service.fill_bitmasks(states, bitmask)  # it exists: these states came from it
 
     def _add_lora(self, lora_request: LoRARequest) -> None:
         if not isinstance(lora_request, LoRARequest):

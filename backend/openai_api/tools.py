@@ -152,7 +152,7 @@ class ToolCallStream:
     """Turns streamed text into OpenAI chat deltas: ``{"content": ...}`` or ``{"tool_calls": [...]}``.
 
     named: the first delta names the function, each later one adds argument text as it arrives.
-    required: each call is sent once its array element is complete (name and arguments together).
+    required: each call is sent once its array element is complete (id and name, then its arguments).
     auto: text is content until a ``<tool_call>`` may begin (a possible tag prefix is held back); a call
     is sent once its closing tag arrives; a reply that starts like a Llama-3 JSON call is held to the end.
     """
@@ -192,9 +192,14 @@ class ToolCallStream:
         return deltas
 
     def _emit(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each call as OpenAI streams one: its id and name (empty arguments), then its arguments."""
         deltas = []
         for call in calls:
-            deltas.append({"tool_calls": [{"index": self.num_calls, **call}]})
+            function = call["function"]
+            head = {**call, "function": {"name": function["name"], "arguments": ""}}
+            deltas.append({"tool_calls": [{"index": self.num_calls, **head}]})
+            arguments = {"index": self.num_calls, "function": {"arguments": function["arguments"]}}
+            deltas.append({"tool_calls": [arguments]})
             self.num_calls += 1
         return deltas
 
