@@ -2,8 +2,10 @@
 (rank 16 on every projection, random weights written as PEFT folders) against the base model alone, in
 one run on one engine per setting.
 
-  pagetron bench lora [--model PATH] [--adapters 1,8,32] [--requests 64] [--prompt-len 128]
-      [--max-tokens 64] [--rank 16] [--max-num-seqs 32] [--json out.json]
+  pagetron bench lora [--model PATH | --shape llama3-8b] [--adapters 1,8,32] [--requests 64]
+      [--prompt-len 128] [--max-tokens 64] [--rank 16] [--max-num-seqs 32] [--json out.json]
+
+``--shape`` runs a GPU benchmark shape with random weights (load_format dummy).
 
 Every request is greedy and runs to max_tokens (ignore_eos); the requests of a setting use its adapters
 round-robin and every adapter fits a device slot (max_loras = the number of adapters), so the figure is the
@@ -58,7 +60,13 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
         engine = {"max_num_seqs": ns.max_num_seqs, "kv_cache_memory_gb": ns.kv_cache_memory_gb}
         if count:
             engine.update(enable_lora=True, max_loras=count, max_lora_rank=ns.rank)
-        llm = LLM(ns.model, **engine) if ns.model else LLM(**engine)
+        if ns.shape:
+            from pagetron.backend.benchmarks.gpu_workloads import write_config
+
+            engine.update(model=str(write_config(ns.shape, root / "model")), load_format="dummy")
+        elif ns.model:
+            engine["model"] = ns.model
+        llm = LLM(**engine)
         cfg = llm.engine.model_config
         shapes = projection_shapes(cfg)
         folders = [write_adapter(root / f"a{j}", shapes, cfg.num_layers, ns.rank, j) for j in range(count)]
@@ -89,6 +97,7 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2")
+    parser.add_argument("--shape", default=None, help="a GPU benchmark shape (e.g. llama3-8b), dummy weights")
     parser.add_argument("--adapters", default="1,8,32", help="adapter counts to compare with the base model")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
