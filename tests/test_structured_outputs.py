@@ -30,11 +30,11 @@ PERSON = {
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "height_m": {"type": "number"},
         "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
         "address": {
             "type": "object",
             "properties": {
-                "city": {"type": "string", "maxLength": 20},
+                "city": {"type": "string", "maxLength": 12},
                 "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
             },
             "required": ["city", "zip"],
@@ -84,9 +84,7 @@ def test_guided_decoding_is_the_older_name():
 # ---- SmolLM2: outputs parse, validate and end with the grammar ---------------------------------------------
 def test_json_schema_outputs_validate(smollm):
     prompt = "Describe a fictional person as JSON with name, age, role, tags and address."
-    sampled = SamplingParams(
-        max_tokens=160, temperature=0.8, seed=7, n=2, structured_outputs={"json": PERSON}
-    )
+    sampled = SamplingParams(max_tokens=160, temperature=0.8, seed=7, structured_outputs={"json": PERSON})
     outs = smollm.generate([prompt, prompt], [constrained(160, json=PERSON), sampled], use_tqdm=False)
     for c in [c for o in outs for c in o.outputs]:
         assert c.finish_reason == "stop", c.text

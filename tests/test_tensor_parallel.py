@@ -87,6 +87,7 @@ def test_tiny_llama_tensor_parallel_equals_one_rank(tiny, tp, args):
         assert engine.scheduler.num_preemptions > 0
 
 
+@FULL_ONLY  # three processes load and dequantize the GGUF (~12 s); the tiny TP 2 cases cover the paths
 def test_smollm2_tp3_equals_one_rank(smollm):
     """9 heads and 3 KV heads over 3 ranks: 3 and 1 each."""
     questions = ["What is the capital of France?", "Why do cats purr?"]

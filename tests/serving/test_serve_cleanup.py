@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from grpc_helpers import pids_matching, stream_generate, wait_until
+from model_factory import FULL_ONLY
 from pagetron.backend.model.loader import pagetron_cache_dir
 from pagetron.backend.serving.launcher import (
     TritonServer,
@@ -188,6 +189,7 @@ def test_a_taken_port_fails_at_once_naming_the_port_and_its_holder():
         assert not pids_matching(f"tritonserver.*--grpc-port={ports['grpc']} ")
 
 
+@FULL_ONLY  # a second serve start (~10 s); serve's own check is the test above
 def test_a_port_taken_while_the_model_loads_is_reported_not_retried(tmp_path, tiny_model_dir):
     """tritonserver loads its models before it binds its ports, so a port taken once it has started
     (after serve's own check) fails its first start: serve names the port and exits, no restart."""
