@@ -76,9 +76,7 @@ def message(text: str, finish_reason: str | None, tool_plan: ToolPlan) -> tuple[
     out: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if calls:
         out["tool_calls"] = calls
-        if finish_reason == "stop" and tool_plan.mode != "named":  # OpenAI: a forced function "stops"
-            finish_reason = "tool_calls"
-    return out, finish_reason
+    return out, tool_plan.finish_reason(finish_reason, bool(calls))
 
 
 async def create_chat_completion(gateway: TritonGateway, body: ChatCompletionRequest) -> dict[str, Any]:
@@ -149,8 +147,7 @@ async def stream_chat_completion(gateway: TritonGateway, body: ChatCompletionReq
                 for delta in streams[j].finish():
                     choice = {"index": j, "delta": delta, "logprobs": None, "finish_reason": None}
                     yield event({**head, "choices": [choice], **tail})
-                if reason == "stop" and streams[j].num_calls and tool_plan.mode != "named":
-                    reason = "tool_calls"
+                reason = tool_plan.finish_reason(reason, streams[j].num_calls > 0)
                 choice = {"index": j, "delta": {}, "logprobs": None, "finish_reason": reason}
                 yield event({**head, "choices": [choice], **tail})
     if include_usage:

@@ -56,6 +56,13 @@ class ToolPlan:
             array["maxItems"] = 1
         return {"json": array, "disable_any_whitespace": True}
 
+    def finish_reason(self, engine_reason: str | None, called: bool) -> str | None:
+        """OpenAI's finish reason for a choice: ``tool_calls`` when it called tools and stopped by itself;
+        a forced (named) function "stops", as OpenAI reports it."""
+        if engine_reason == "stop" and called and self.mode != "named":
+            return "tool_calls"
+        return engine_reason
+
     def _parameters(self, name: str | None) -> dict[str, Any]:
         return next(t["function"]["parameters"] for t in self.tools if t["function"]["name"] == name)
 
