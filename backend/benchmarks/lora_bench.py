@@ -9,12 +9,15 @@ one run on one engine per setting.
 
 Every request is greedy and runs to max_tokens (ignore_eos); the requests of a setting use its adapters
 round-robin and every adapter fits a device slot (max_loras = the number of adapters), so the figure is the
-batched LoRA products themselves, not adapter swapping.
+batched LoRA products themselves, not adapter swapping. Each setting first runs the whole batch for two
+tokens (compiling the kernels for its shapes), then the timed batch, then one request alone (concurrency 1:
+milliseconds per output token, on an adapter where there are any).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import tempfile
@@ -75,24 +78,47 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
         prompts = [{"prompt_token_ids": p} for p in ids]
         params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
         per_request = [loras[k % count] for k in range(ns.requests)] if count else None
-        warm = per_request[:1] if per_request else None
-        llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False, lora_request=warm)
+        warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        llm.generate(prompts, warm, use_tqdm=False, lora_request=per_request)
         started = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False, lora_request=per_request)
         seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        llm.generate(prompts[:1], params, use_tqdm=False, lora_request=per_request[:1] if count else None)
+        alone_ms = 1e3 * (time.perf_counter() - started) / ns.max_tokens
         tokens = ns.requests * ns.max_tokens
-        run = {"adapters": count, "seconds": round(seconds, 2), "output_tok_s": round(tokens / seconds, 1)}
+        run = {
+            "adapters": count,
+            "seconds": round(seconds, 2),
+            "output_tok_s": round(tokens / seconds, 1),
+            "concurrency_1_ms_per_token": round(alone_ms, 3),
+        }
         result["runs"].append(run)
-        print(f"{count:3d} adapters: {run['output_tok_s']} output tok/s ({run['seconds']} s)", flush=True)
+        print(
+            f"{count:3d} adapters: {run['output_tok_s']} output tok/s ({run['seconds']} s); alone "
+            f"{run['concurrency_1_ms_per_token']} ms/token",
+            flush=True,
+        )
+        result.setdefault("device", llm.engine.executor.device_name)
         llm.engine.shutdown()
         del llm
-    base = result["runs"][0]["output_tok_s"]
+        gc.collect()  # the next setting's engine needs the device memory this one held
+        _empty_device_cache()
+    base, base_ms = result["runs"][0]["output_tok_s"], result["runs"][0]["concurrency_1_ms_per_token"]
     for run in result["runs"]:
         run["of_base"] = round(run["output_tok_s"] / base, 3)
+        run["concurrency_1_added_ms_per_token"] = round(run["concurrency_1_ms_per_token"] - base_ms, 3)
     print("of base: " + ", ".join(f"{r['adapters']} adapters {r['of_base']}" for r in result["runs"][1:]))
     if ns.json_path:
         Path(ns.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,9 @@ import pytest
 from grpc_helpers import SERVER_ENGINE_ARGS
 from model_factory import make_hf_model
 from openai_frontend import Frontend, start_frontend
+from pagetron.backend.serving.constants import FAULT_ENV
 from pagetron.backend.serving.launcher import TritonServer, free_port, prepare_model_repository
+from serve_process import SEEN_RANKS, alive, start_serve, stop_serve
 
 
 def start_server(
@@ -129,6 +131,34 @@ def small_server(tmp_path_factory, tiny_model_dir):
     server = start_server(tmp_path_factory.mktemp("small"), engine_args, parameters)
     yield server
     server.kill()
+
+
+# The session's `pagetron serve`: tensor parallel 2 on the tiny model, its faults read from a file at each
+# load (PAGETRON_FAULT=file:PATH) and a 2 s stall timeout. The HTTP guard tests use it first (their files
+# sort first), then the tensor-parallel serving tests, which kill a rank, stall it and end by unloading it.
+TP_SERVE_MAX_MODEL_LEN = 2048
+
+
+@pytest.fixture(scope="session")
+def tp_fault_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tp-fault") / "fault"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tp_serve(tmp_path_factory, tiny_model_dir, tp_fault_file):
+    serve = start_serve(
+        tmp_path_factory.mktemp("tp-serve"),
+        tiny_model_dir,
+        "--tensor-parallel-size", "2", "--max-model-len", str(TP_SERVE_MAX_MODEL_LEN),
+        "--stall-timeout-s", "2",
+        env={FAULT_ENV: f"file:{tp_fault_file}"},
+    )  # fmt: skip
+    yield serve
+    code = stop_serve(serve)
+    assert code == 0, serve.text()[-3000:]
+    assert not [pid for pid in SEEN_RANKS if alive(pid)], "a rank outlived serve's SIGTERM"
 
 
 @dataclass

@@ -111,3 +111,32 @@ def stop_serve(serve: Serve) -> int | None:
         serve._log.close()
     assert not leftovers, f"left running after serve stopped: {leftovers}"
     return serve.process.returncode
+
+
+# ---- tensor-parallel ranks ---------------------------------------------------------------------------
+
+RANK_PATTERN = "pagetron.backend.executor.multiproc"
+SEEN_RANKS: set[int] = set()  # every rank process a test saw; none may outlive its serve
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def ranks_of(serve: Serve) -> list[int]:
+    """The tensor-parallel rank processes (beyond rank 0, the stub) of this serve's model."""
+    [stub] = pids_matching(f"repo-{serve.ports['grpc']}/llm")
+    ranks = [pid for pid in pids_matching(RANK_PATTERN) if parent(pid) == stub]
+    SEEN_RANKS.update(ranks)
+    return ranks

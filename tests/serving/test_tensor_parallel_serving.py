@@ -1,6 +1,7 @@
 """`pagetron serve --tensor-parallel-size 2` (the tiny Llama: 4 heads, 2 KV heads, so one KV head per rank)
 through the real tritonserver, and serve's self-healing on it. The stub is rank 0 (the driver); rank 1 is
-a child process of the stub. Faults come from a file read at each load (PAGETRON_FAULT=file:PATH).
+a child process of the stub. Faults come from a file read at each load (PAGETRON_FAULT=file:PATH). The
+serve is the session's `tp_serve` (conftest.py), which the HTTP guard tests use first.
 
 - concurrent streams give the greedy tokens of the one-rank offline engine;
 - a cancelled stream frees its KV blocks: the scheduler owns the block table every rank indexes, so the
@@ -21,7 +22,6 @@ import queue
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
@@ -35,54 +35,11 @@ from grpc_helpers import (
     wait_until,
 )
 from pagetron.backend import SamplingParams
-from pagetron.backend.serving.constants import FAULT_ENV
-from serve_process import start_serve, stop_serve
+from serve_process import alive, ranks_of
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Tensor parallelism"]
 MAX_TOKENS = 12
-RANK_PATTERN = "pagetron.backend.executor.multiproc"
 STALL_AFTER = 60  # steps: warm-up and the concurrent streams pass (4 x 12 tokens at most), then a stall
-SEEN_RANKS: set[int] = set()  # every rank process the tests saw; none may outlive serve
-
-
-def parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def ranks_of(serve) -> list[int]:
-    """The tensor-parallel rank processes (beyond rank 0, the stub) of this serve's model."""
-    [stub] = pids_matching(f"repo-{serve.ports['grpc']}/llm")
-    ranks = [pid for pid in pids_matching(RANK_PATTERN) if _parent_or_none(pid) == stub]
-    SEEN_RANKS.update(ranks)
-    return ranks
-
-
-def _parent_or_none(pid: int) -> int | None:
-    try:
-        return parent(pid)
-    except OSError:
-        return None
-
-
-@pytest.fixture(scope="module")
-def fault_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tp-fault") / "fault"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tp_serve(tmp_path_factory, tiny_model_dir, fault_file):
-    serve = start_serve(
-        tmp_path_factory.mktemp("tp-serve"),
-        tiny_model_dir,
-        "--tensor-parallel-size", "2", "--max-model-len", "2048", "--stall-timeout-s", "2",
-        env={FAULT_ENV: f"file:{fault_file}"},
-    )  # fmt: skip
-    yield serve
-    code = stop_serve(serve)
-    assert code == 0, serve.text()[-3000:]
-    assert not [pid for pid in SEEN_RANKS if alive(pid)], "a rank outlived serve's SIGTERM"
 
 
 def heals(serve, times: int) -> bool:
@@ -133,7 +90,8 @@ def test_a_cancelled_stream_frees_its_kv_blocks(tp_serve):
     assert wait_until(lambda: engine_idle(scrape_metrics(metrics_url)), 10, 0.1), scrape_metrics(metrics_url)
 
 
-def test_a_killed_rank_fails_the_stream_drops_readiness_and_serve_reloads(tp_serve, expected, fault_file):
+def test_a_killed_rank_fails_the_stream_drops_readiness_and_serve_reloads(tp_serve, expected, tp_fault_file):
+    fault_file = tp_fault_file
     [stub] = pids_matching(f"repo-{tp_serve.ports['grpc']}/llm")
     [rank] = ranks_of(tp_serve)
     client = grpcclient.InferenceServerClient(tp_serve.grpc_url)
@@ -172,7 +130,8 @@ def test_a_killed_rank_fails_the_stream_drops_readiness_and_serve_reloads(tp_ser
     assert concurrent_streams(tp_serve.grpc_url) == expected
 
 
-def test_a_stalled_engine_fails_its_request_unloads_and_serve_reloads_it(tp_serve, expected, fault_file):
+def test_a_stalled_engine_fails_its_request_unloads_and_serve_reloads_it(tp_serve, expected, tp_fault_file):
+    fault_file = tp_fault_file
     assert (
         "ready (cpu x 2 ranks"
         in tp_serve.text().rsplit(f"fault injection armed: hang-after:{STALL_AFTER}", 1)[1]
@@ -198,10 +157,3 @@ def test_an_operators_unload_is_left_alone_and_takes_the_ranks_down(tp_serve):
     # serve has looked and decided; it checks every half second, so a reload would have started by now
     assert not wait_until(tp_serve.ready, 2, 0.2), "serve reloaded a model an operator had unloaded"
     assert tp_serve.text().count("reloading model 'llm' (attempt") == reloads
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
