@@ -68,11 +68,12 @@ def smollm2_gguf_path() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer():
-    """SmolLM2's tokenizer (chat template included), built by transformers from the GGUF (~6 s, once)."""
-    from transformers import AutoTokenizer
+    """SmolLM2's tokenizer (chat template included): the one transformers builds from the GGUF, as the
+    engine's GGUF cache saved it (building it takes ~6 s; the cache entry is made once per machine)."""
+    from pagetron.backend.model.loader.gguf_cache import converted_gguf
+    from pagetron.backend.model.loader.tokenizer import load_folder_tokenizer
 
-    path = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return load_folder_tokenizer(converted_gguf(smollm2_gguf_path()))
 
 
 def _new_dir(parent: Path, stem: str) -> Path:

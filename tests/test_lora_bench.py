@@ -17,4 +17,5 @@ def test_the_lora_benchmark_reports_every_setting(tmp_path):
     assert code == 0
     runs = json.loads(out.read_text())["runs"]
     assert [r["adapters"] for r in runs] == [0, 2] and runs[0]["of_base"] == 1.0
-    assert all(r["output_tok_s"] > 0 for r in runs)
+    assert all(r["output_tok_s"] > 0 and r["concurrency_1_ms_per_token"] > 0 for r in runs)
+    assert runs[0]["concurrency_1_added_ms_per_token"] == 0.0

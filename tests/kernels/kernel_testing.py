@@ -18,6 +18,12 @@ from pagetron.backend.model.kernel_ops import KernelOps, triton_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+# a variant whose path another case covers: compiled on a GPU it always runs; in the (slow) interpreter
+# only under `make test-full`
+INTERPRETED_FULL_ONLY = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("PAGETRON_FULL_TESTS") != "1",
+    reason="a repeated path in the interpreter: make test-full",
+)
 
 KERNEL_MODULES = tuple(
     f"pagetron.kernels.{name}"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_testing import DEVICE, for_device, needs_cuda, relative_error
+from kernel_testing import DEVICE, INTERPRETED_FULL_ONLY, for_device, needs_cuda, relative_error
 from pagetron.kernels import paged_prefill_attention as kernel_module
 from pagetron.kernels.attention_ref import FP8_DTYPE, paged_prefill_attention_ref, quantize_fp8
 
@@ -171,10 +171,15 @@ def test_bf16_matches_reference(heads, block_size, tiles):
 
 # fp8 caches with the uncalibrated default scales and with scales fitted to the data (|x| / scale up to
 # about 450: e4m3's whole range, the largest values clamped)
-FP8_SCALES = [(1.0, 1.0), (0.0113, 0.0097)]
+# unit scales are the fitted scales' special case (1.0): the interpreter runs them under make test-full
+_UNIT, _FITTED = [(1.0, 1.0), (0.0113, 0.0097)]
+FP8_SCALES = [
+    pytest.param(_UNIT, id="unit_scales", marks=INTERPRETED_FULL_ONLY),
+    pytest.param(_FITTED, id="fitted_scales"),
+]
 
 
-@pytest.mark.parametrize("scales", FP8_SCALES, ids=["unit_scales", "fitted_scales"])
+@pytest.mark.parametrize("scales", FP8_SCALES)
 @pytest.mark.parametrize("tiles", TILES, ids=["default_tiles", "small_tiles"])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=lambda h: f"hq{h[0]}_hkv{h[1]}")
@@ -187,7 +192,7 @@ def test_fp8_cache_fp32_query_matches_reference(heads, block_size, tiles, scales
     torch.testing.assert_close(out, batch.reference(scale), atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scales", FP8_SCALES, ids=["unit_scales", "fitted_scales"])
+@pytest.mark.parametrize("scales", FP8_SCALES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads", HEAD_LAYOUTS, ids=lambda h: f"hq{h[0]}_hkv{h[1]}")
 def test_fp8_cache_half_query_matches_reference(heads, dtype, scales):
@@ -298,7 +303,7 @@ def test_cuda_fp8_real_shapes_match_reference(model):
     q_lens = [rng.randint(1, 1024) for _ in range(8)]
     prefix_lens = [0, 1024, 16 * 37, 999, *(rng.randint(0, 1024) for _ in range(4))]
     batch = make_batch(q_lens, prefix_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, "cuda", 9)
-    batch = batch.to_fp8(torch.bfloat16, *FP8_SCALES[1])
+    batch = batch.to_fp8(torch.bfloat16, *_FITTED)
     scale = head_dim**-0.5
     out = run_kernel(batch, scale)
     assert relative_error(out, batch.reference(scale)) < CUDA_MAX_REL_ERROR
