@@ -1,81 +1,177 @@
-"""OpenAI-Triton batched LoRA (Punica's BGMV): every token row picks its adapter's slot, so one launch serves
-a step that mixes the base model and many adapters, and the launch shapes depend only on the tensors
-(CUDA-graph safe: a row's slot is read from a device tensor, -1 meaning "no adapter").
+"""OpenAI-Triton batched LoRA over a step's token rows grouped by adapter slot (Punica's SGMV, as vLLM's
+kernels do it): each program takes up to BLOCK_M rows of one slot, so an adapter's A and B tiles are read
+once per block of its rows and multiplied on the tensor cores, whatever the mix of adapters in the step.
+Launch shapes depend only on the number of rows and slots (CUDA-graph safe: which rows belong to which
+slot is read from device tensors that ``group_rows`` computes once per step; -1 means "no adapter").
 
     shrink:  t[i, :]        = x[i, :] @ A[slot_i]^T          A: [S, P * R, K]   (P parts of rank R)
     expand:  y[i, n]       += t[i, p(n) R : p(n) R + R] . B[slot_i, n, :]        B: [S, N, R]
              p(n) = the part output column n belongs to (q | k | v, gate | up: part_starts)
 
-The product accumulates in fp32 and is rounded once, when added to ``y`` (the torch reference,
-pagetron.kernels.lora_ref, rounds the same way). Rows without an adapter leave ``y`` untouched.
+    rows grouped:  token_slots [ -1  0  2  0 -1  1  2  2 ]
+                   order       [  0  4 | 1  3 | 5 | 2  6  7 ]   rows sorted by slot (stable)
+                   blocks      (slot 0, order[2:4]) (slot 1, order[4:5]) (slot 2, order[5:8])  <- programs
+
+The shrink accumulates in fp32, split over K when there are few rows (partial sums added atomically, so
+the last bits may vary between runs); the expand multiplies t rounded to B's dtype (as PEFT rounds the
+intermediate) and adds to ``y`` rounding once. Rows without an adapter leave ``y`` untouched.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+BLOCK_M = 16  # rows of one slot per program (tl.dot's smallest M)
+
+
+@dataclass
+class LoRARows:
+    """A step's token rows grouped by slot, on the device (``group_rows``)."""
+
+    slots: torch.Tensor  # [T] int32, -1: no adapter
+    order: torch.Tensor  # [T] int32 row indices sorted by slot (stable)
+    block_slot: torch.Tensor  # [B] int32 slot of each program's block of rows, -1: no block
+    block_start: torch.Tensor  # [B] int32 its first position in ``order``
+    slot_end: torch.Tensor  # [S] int32 one past each slot's last position in ``order``
+
+
+def group_rows(token_slots: torch.Tensor, num_slots: int) -> LoRARows:
+    """Groups rows by slot with device ops only (no host sync: capturable in a CUDA graph). A step of T
+    rows over k distinct slots has at most ceil(T / BLOCK_M) + k blocks, and k <= min(S, T)."""
+    device, num_rows = token_slots.device, token_slots.shape[0]
+    slots = token_slots.to(torch.int64)
+    sorted_slots, order = torch.sort(slots, stable=True)
+    bounds = torch.searchsorted(sorted_slots, torch.arange(num_slots + 1, device=device))
+    counts = bounds[1:] - bounds[:-1]
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = torch.cumsum(blocks, 0)
+    num_blocks = triton.cdiv(num_rows, BLOCK_M) + min(num_slots, num_rows)
+    program = torch.arange(num_blocks, device=device)
+    slot = torch.searchsorted(ends, program, right=True)
+    valid = slot < num_slots
+    slot = slot.clamp(max=num_slots - 1)
+    start = bounds[slot] + (program - (ends[slot] - blocks[slot])) * BLOCK_M
+    return LoRARows(
+        slots=token_slots,
+        order=order.to(torch.int32),
+        block_slot=torch.where(valid, slot, -1).to(torch.int32),
+        block_start=start.to(torch.int32),
+        slot_end=bounds[1:].to(torch.int32),
+    )
+
+
+@triton.jit
+def _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_M: tl.constexpr):
+    """This program's slot (-1: none) and its rows (row indices, and which of the BLOCK_M are real)."""
+    block = tl.program_id(0)
+    slot = tl.load(block_slot_ptr + block)
+    start = tl.load(block_start_ptr + block)
+    end = tl.load(slot_end_ptr + tl.maximum(slot, 0))
+    pos = start + tl.arange(0, BLOCK_M)
+    real = pos < end
+    rows = tl.load(order_ptr + pos, mask=real, other=0).to(tl.int64)
+    return slot.to(tl.int64), rows, real
+
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, slots_ptr, t_ptr, stride_x, stride_as, stride_ar, stride_t, K, RP,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, a_ptr, t_ptr, block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr,
+    stride_x, stride_as, stride_ar, stride_t, K, RP, K_PER_SPLIT,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    rs = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    slot = tl.load(slots_ptr + row).to(tl.int64)
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    slot, rows, real = _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_M)
     if slot >= 0:
-        for k0 in range(0, K, BLOCK_K):
+        rs = tl.arange(0, BLOCK_R)
+        k_begin = tl.program_id(1) * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_x + ks, mask=ks < K, other=0.0).to(tl.float32)
-            a_tile = a_ptr + slot * stride_as + rs[:, None] * stride_ar + ks[None, :]
-            a = tl.load(a_tile, mask=(rs[:, None] < RP) & (ks[None, :] < K), other=0.0).to(tl.float32)
-            acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(t_ptr + row * stride_t + rs, acc, mask=rs < RP)
+            x_mask = real[:, None] & (ks[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_mask, other=0.0)
+            a_tile = a_ptr + slot * stride_as + rs[None, :] * stride_ar + ks[:, None]  # [BLOCK_K, BLOCK_R]
+            a = tl.load(a_tile, mask=(ks[:, None] < K) & (rs[None, :] < RP), other=0.0)
+            if IEEE:
+                acc += tl.dot(x, a, input_precision="ieee")
+            else:
+                acc += tl.dot(x, a)
+        out = t_ptr + rows[:, None] * stride_t + rs[None, :]
+        mask = real[:, None] & (rs[None, :] < RP)
+        if SPLIT_K == 1:
+            tl.store(out, acc, mask=mask)
+        else:
+            tl.atomic_add(out, acc, mask=mask)
 
 
 @triton.jit
 def _expand_kernel(
-    t_ptr, b_ptr, slots_ptr, y_ptr, stride_t, stride_bs, stride_bn, stride_y, N, R, start1, start2,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    t_ptr, b_ptr, y_ptr, block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr,
+    stride_t, stride_bs, stride_bn, stride_y, N, R, start1, start2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slots_ptr + row).to(tl.int64)
+    slot, rows, real = _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_M)
     if slot >= 0:
-        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N
+        ns = n0 + tl.arange(0, BLOCK_N)
         rs = tl.arange(0, BLOCK_R)
-        part = (ns >= start1).to(tl.int32) + (ns >= start2).to(tl.int32)
-        mask = (ns[:, None] < N) & (rs[None, :] < R)
-        t = tl.load(t_ptr + row * stride_t + part[:, None] * R + rs[None, :], mask=mask, other=0.0)
-        b_tile = b_ptr + slot * stride_bs + ns[:, None] * stride_bn + rs[None, :]
-        b = tl.load(b_tile, mask=mask, other=0.0).to(tl.float32)
-        delta = tl.sum(t * b, axis=1)
-        y_row = y_ptr + row * stride_y + ns
-        y = tl.load(y_row, mask=ns < N, other=0.0)
-        tl.store(y_row, (y.to(tl.float32) + delta.to(y.dtype).to(tl.float32)).to(y.dtype), mask=ns < N)
+        part_of_n = (ns >= start1).to(tl.int32) + (ns >= start2).to(tl.int32)
+        b_tile = b_ptr + slot * stride_bs + ns[None, :] * stride_bn + rs[:, None]  # [BLOCK_R, BLOCK_N]
+        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for p in tl.static_range(PARTS):
+            if p == 0:
+                part_begin, part_end = 0, start1
+            elif p == 1:
+                part_begin, part_end = start1, start2
+            else:
+                part_begin, part_end = start2, N
+            if (n0 < part_end) & (n0 + BLOCK_N > part_begin):  # the tile holds columns of part p
+                t_rows = t_ptr + rows[:, None] * stride_t + p * R + rs[None, :]
+                t = tl.load(t_rows, mask=real[:, None] & (rs[None, :] < R), other=0.0)
+                b_mask = (rs[:, None] < R) & (ns[None, :] < N) & (part_of_n[None, :] == p)
+                b = tl.load(b_tile, mask=b_mask, other=0.0)
+                if IEEE:
+                    delta += tl.dot(t.to(b.dtype), b, input_precision="ieee")
+                else:
+                    delta += tl.dot(t.to(b.dtype), b)
+        y_rows = y_ptr + rows[:, None] * stride_y + ns[None, :]
+        mask = real[:, None] & (ns[None, :] < N)
+        y = tl.load(y_rows, mask=mask, other=0.0)
+        tl.store(y_rows, (y.to(tl.float32) + delta.to(y.dtype).to(tl.float32)).to(y.dtype), mask=mask)
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """x [T, K] (last dim contiguous), a [S, P * R, K] contiguous, token_slots [T] int -> fp32 [T, P * R]
-    (zeros on rows whose slot is -1)."""
+def _block_r(width: int) -> int:
+    return max(16, triton.next_power_of_2(width))  # tl.dot's smallest N and K
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows) -> torch.Tensor:
+    """x [T, K] (last dim contiguous), a [S, P * R, K] contiguous -> fp32 [T, P * R] (zeros on rows
+    without an adapter)."""
     num_rows, k = x.shape
     rp = a.shape[1]
-    out = torch.empty(num_rows, rp, dtype=torch.float32, device=x.device)
+    out = torch.zeros(num_rows, rp, dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return out
-    block_r = min(64, triton.next_power_of_2(rp))
-    grid = (num_rows, triton.cdiv(rp, block_r))
+    block_k = 64
+    # few rows: split K so that more than a handful of programs read A (the product is memory-bound)
+    split_k = max(1, min(16, k // 512)) if num_rows <= 4 * BLOCK_M else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (rows.block_slot.shape[0], triton.cdiv(k, k_per_split))
     _shrink_kernel[grid](
-        x, a, token_slots, out, x.stride(0), a.stride(0), a.stride(1), out.stride(0), k, rp,
-        BLOCK_R=block_r, BLOCK_K=128,
+        x, a, out, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
+        x.stride(0), a.stride(0), a.stride(1), out.stride(0), k, rp, k_per_split,
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rp), BLOCK_K=block_k, SPLIT_K=grid[1],
+        IEEE=x.dtype == torch.float32,
     )  # fmt: skip
     return out
 
 
 def lora_expand(
-    t: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor, y: torch.Tensor, part_starts: list[int]
+    t: torch.Tensor, b: torch.Tensor, rows: LoRARows, y: torch.Tensor, part_starts: list[int]
 ) -> torch.Tensor:
     """y [T, N] += the expansion of t [T, P * R] (fp32) through b [S, N, R], part p reading t's p-th
     rank block for the output columns from part_starts[p] on (at most 3 parts). In place; returns y."""
@@ -86,9 +182,11 @@ def lora_expand(
         return y
     starts = [*part_starts[1:], n, n][:2]
     block_n = 64
-    grid = (num_rows, triton.cdiv(n, block_n))
+    grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
-        t, b, token_slots, y, t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank,
-        starts[0], starts[1], BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rank),
+        t, b, y, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
+        t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_block_r(rank), PARTS=len(part_starts),
+        IEEE=b.dtype == torch.float32,
     )  # fmt: skip
     return y

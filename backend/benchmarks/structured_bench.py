@@ -5,8 +5,9 @@
       [--max-tokens 64] [--json out.json] [engine arguments]
 
 ``--shape`` runs a GPU benchmark shape with random weights (load_format dummy) and the bundled SmolLM2's
-tokenizer, whose 49,152 tokens are the only ones a grammar allows there (the rest are masked like
-special tokens); prompts and outputs are still the same in both modes.
+tokenizer (or ``--tokenizer FOLDER``: SmolLM2's, saved, where its package is not installed), whose 49,152
+tokens are the only ones a grammar allows there (the rest are masked like special tokens); prompts and
+outputs are still the same in both modes.
 
 A closed loop keeps `concurrency` requests in flight (a new one starts as one finishes) until `requests`
 have run. Every request is greedy. Unconstrained requests ignore EOS, so both modes run to max_tokens
@@ -97,7 +98,8 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
 
         folder = write_config(ns.shape, Path(tempfile.mkdtemp(prefix="pagetron-structured-")))
         args.update(model=str(folder), load_format="dummy")
-        args.setdefault("tokenizer", str(default_model_path()))
+        if not args.get("tokenizer"):
+            args["tokenizer"] = str(default_model_path())
     llm = LLM(**args)
     prompt = llm.encode_chat([{"role": "user", "content": QUESTION}])
     prompts = [list(prompt) for _ in range(ns.requests)]

@@ -15,10 +15,10 @@ With tensor parallelism B is cut like its layer's output (column-parallel) and A
 x_r A_r^T B^T is x A^T B^T). Adapters live on the host too (``max_cpu_loras``, LRU), and a slot is given
 to the least recently used adapter that the step does not need.
 
-The product is pagetron.kernels.lora (OpenAI-Triton, Punica's BGMV: one launch per shrink and per expand
-of a layer, whatever the mix of adapters) or its torch reference, chosen once with the model's kernels.
-The slot of each row is a device tensor, so decode CUDA graphs capture the LoRA path too (their padding
-rows have slot -1).
+The product is pagetron.kernels.lora (OpenAI-Triton, Punica's SGMV: the rows grouped by slot once per
+step, then one launch per shrink and per expand of a layer, whatever the mix of adapters) or its torch
+reference, chosen once with the model's kernels. The slot of each row is a device tensor and the grouping
+runs on the device, so decode CUDA graphs capture the LoRA path too (their padding rows have slot -1).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,14 +45,35 @@ class LoRAError(ValueError):
     pass
 
 
-@dataclass
 class LoRAContext:
     """Shared by every LoRA-capable layer: the current step's slot per token row (None: no row uses an
-    adapter) and the shrink / expand implementations (kernels or references)."""
+    adapter) and the shrink / expand implementations (kernels or references), which take the rows as
+    ``group`` makes them from the slots: once per forward pass, by the first layer that needs them (inside
+    a CUDA graph's capture, so replays regroup the rows they are given)."""
 
-    shrink: Callable[..., torch.Tensor]
-    expand: Callable[..., torch.Tensor]
-    token_slots: torch.Tensor | None = None
+    def __init__(
+        self,
+        shrink: Callable[..., torch.Tensor],
+        expand: Callable[..., torch.Tensor],
+        group: Callable[[torch.Tensor, int], Any],
+        num_slots: int,
+    ):
+        self.shrink, self.expand, self.group, self.num_slots = shrink, expand, group, num_slots
+        self._token_slots: torch.Tensor | None = None
+        self._rows: Any = None
+
+    @property
+    def token_slots(self) -> torch.Tensor | None:
+        return self._token_slots
+
+    @token_slots.setter
+    def token_slots(self, token_slots: torch.Tensor | None) -> None:
+        self._token_slots, self._rows = token_slots, None
+
+    def rows(self) -> Any:
+        if self._rows is None:
+            self._rows = self.group(self._token_slots, self.num_slots)
+        return self._rows
 
 
 @dataclass
@@ -154,11 +176,13 @@ class LoRAManager:
             max_cpu_loras,
         )
         if kernels == "triton":
-            from pagetron.kernels.lora import lora_expand, lora_shrink
+            from pagetron.kernels.lora import group_rows, lora_expand, lora_shrink
+
+            self.context = LoRAContext(lora_shrink, lora_expand, group_rows, max_loras)
         else:
-            from pagetron.kernels.lora_ref import lora_expand_ref as lora_expand
-            from pagetron.kernels.lora_ref import lora_shrink_ref as lora_shrink
-        self.context = LoRAContext(lora_shrink, lora_expand)
+            from pagetron.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+
+            self.context = LoRAContext(lora_shrink_ref, lora_expand_ref, _slots_as_they_are, max_loras)
         self.layers = model.model.layers
         for layer in self.layers:
             for module_name in {m for m, _ in TARGETS.values()}:
@@ -246,3 +270,7 @@ class LoRAManager:
         self.slots[slot] = adapter.request.lora_int_id
         if self.record_slot_loads:
             self._slot_loads.append((slot, adapter.request))
+
+
+def _slots_as_they_are(token_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    return token_slots  # the torch reference takes each row's slot

@@ -112,8 +112,9 @@ class _LoRASlots:
         context = self.lora_context
         if context is None or context.token_slots is None:
             return y
-        t = context.shrink(x, self.lora_a, context.token_slots)
-        return context.expand(t, self.lora_b, context.token_slots, y, self.lora_part_starts)
+        rows = context.rows()
+        t = context.shrink(x, self.lora_a, rows)
+        return context.expand(t, self.lora_b, rows, y, self.lora_part_starts)
 
     def _lora_buffers(
         self, context: Any, slots: int, rank: int, in_features: int, outs: list[int], device, dtype

@@ -1,11 +1,14 @@
-"""The batched LoRA kernels (shrink and expand over per-row adapter slots) equal their torch reference.
+"""The batched LoRA kernels (shrink and expand over rows grouped by adapter slot) equal their torch
+reference, and the grouping puts each slot's rows in exact blocks.
 
 Without CUDA they run in the Triton interpreter on small shapes: rows of three adapters and of none
-(slot -1) mixed in one call, three fused parts (q | k | v) of uneven widths, a rank below the block width
-and an input width that is not a multiple of the K block. The shrink accumulates in fp32 as the reference
-does (fp32: to 1e-5 relative; bf16: to the reference's fp32 sums within 1e-2); the expand's add into
-``y`` rounds once, as the reference's; rows without an adapter are left bit-identical. With CUDA the
-kernels also run inside a captured graph whose slot buffer changes between replays.
+(slot -1) mixed in one call, three fused parts (q | k | v) of uneven widths that do not align with the
+column blocks, a rank below the block width and an input width that is not a multiple of the K block; a
+slot with more rows than one block holds; a wide input that the shrink splits over K. The shrink
+accumulates in fp32 as the reference does (fp32: to 1e-5 relative; bf16: to the reference's fp32 sums
+within 1e-2); the expand's add into ``y`` rounds once, as the reference's; rows without an adapter are
+left bit-identical. With CUDA the kernels also run inside a captured graph whose slot buffer changes
+between replays (the grouping is captured too).
 """
 
 import pytest
@@ -29,29 +32,54 @@ def weights(dtype, gen):
     return a, b
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_shrink_and_expand_match_the_reference(dtype):
-    gen = torch.Generator().manual_seed(0)
-    a, b = weights(dtype, gen)
-    slots = torch.tensor(TOKEN_SLOTS, dtype=torch.int32, device=DEVICE)
-    x = torch.randn(len(TOKEN_SLOTS), IN + 8, generator=gen).to(DEVICE, dtype)[:, :IN]  # strided rows
-    t = lora.lora_shrink(x, a, slots)
+def test_rows_are_grouped_into_blocks_of_one_slot():
+    rows = lora.group_rows(torch.tensor(TOKEN_SLOTS, dtype=torch.int32, device=DEVICE), SLOTS)
+    assert rows.order.tolist() == [0, 4, 1, 3, 5, 2, 6, 7]
+    # at most ceil(8 / 16) + min(3, 8) = 4 blocks: slot 0 from order[2], slot 1 from [4], slot 2 from [5]
+    assert rows.block_slot.tolist() == [0, 1, 2, -1] and rows.block_start.tolist()[:3] == [2, 4, 5]
+    assert rows.slot_end.tolist() == [4, 5, 8]
+    # 40 rows of slot 1 and 3 of slot 0: slot 1 takes three blocks (16, 16, 8 rows)
+    many = torch.tensor([1] * 20 + [0, 0, 0] + [1] * 20 + [-1], dtype=torch.int32, device=DEVICE)
+    rows = lora.group_rows(many, 2)
+    assert rows.block_slot.tolist() == [0, 1, 1, 1, -1] and rows.block_start.tolist()[:4] == [1, 4, 20, 36]
+    assert rows.slot_end.tolist() == [4, 44] and rows.order.tolist()[:4] == [43, 20, 21, 22]
+
+
+def check_against_reference(dtype, token_slots, in_features, seed):
+    gen = torch.Generator().manual_seed(seed)
+    parts = len(PART_WIDTHS)
+    a = (torch.randn(SLOTS, parts * RANK, in_features, generator=gen) * 0.1).to(DEVICE, dtype)
+    b = (torch.randn(SLOTS, sum(PART_WIDTHS), RANK, generator=gen) * 0.1).to(DEVICE, dtype)
+    slots = torch.tensor(token_slots, dtype=torch.int32, device=DEVICE)
+    rows = lora.group_rows(slots, SLOTS)
+    x = torch.randn(len(token_slots), in_features + 8, generator=gen).to(DEVICE, dtype)[:, :in_features]
+    t = lora.lora_shrink(x, a, rows)  # strided rows above
     t_ref = lora_shrink_ref(x, a, slots)
-    assert t.dtype == torch.float32 and t.shape == (len(TOKEN_SLOTS), len(PART_WIDTHS) * RANK)
+    assert t.dtype == torch.float32 and t.shape == (len(token_slots), parts * RANK)
     torch.testing.assert_close(t, t_ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
     assert not t[slots < 0].any()
 
     starts = [0, 40, 56]
-    y = torch.randn(len(TOKEN_SLOTS), sum(PART_WIDTHS), generator=gen).to(DEVICE, dtype)
+    y = torch.randn(len(token_slots), sum(PART_WIDTHS), generator=gen).to(DEVICE, dtype)
     before = y.clone()
-    assert lora.lora_expand(t_ref, b, slots, y, starts) is y
+    assert lora.lora_expand(t_ref, b, rows, y, starts) is y
     expected = lora_expand_ref(t_ref, b, slots, before.clone(), starts)
     if dtype == torch.float32:
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-    else:  # one rounding of (y + delta) either way; the fp32 dot products may differ in the last bits
+    else:  # t is rounded to bf16 before its product, then one rounding of (y + delta)
         assert (y.float() - expected.float()).abs().max() <= 2**-6
     assert torch.equal(y[slots < 0], before[slots < 0])
     assert not torch.equal(y[slots >= 0], before[slots >= 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shrink_and_expand_match_the_reference(dtype):
+    check_against_reference(dtype, TOKEN_SLOTS, IN, seed=0)
+
+
+def test_many_rows_per_slot_and_a_wide_input_split_over_k():
+    # slot 2 spans three blocks; 1,100 input features split in two K ranges (few rows, added atomically)
+    check_against_reference(torch.float32, [2] * 35 + [0, -1, 1] * 3, 1100, seed=4)
 
 
 def test_the_reference_is_the_per_adapter_product():
@@ -72,10 +100,10 @@ def test_the_reference_is_the_per_adapter_product():
 
 def test_no_rows():
     a, b = weights(torch.float32, torch.Generator().manual_seed(2))
-    slots = torch.zeros(0, dtype=torch.int32, device=DEVICE)
-    t = lora.lora_shrink(torch.zeros(0, IN, device=DEVICE), a, slots)
+    rows = lora.group_rows(torch.zeros(0, dtype=torch.int32, device=DEVICE), SLOTS)
+    t = lora.lora_shrink(torch.zeros(0, IN, device=DEVICE), a, rows)
     assert t.shape == (0, 18)
-    assert lora.lora_expand(t, b, slots, torch.zeros(0, 80, device=DEVICE), [0, 40, 56]).shape == (0, 80)
+    assert lora.lora_expand(t, b, rows, torch.zeros(0, 80, device=DEVICE), [0, 40, 56]).shape == (0, 80)
 
 
 @needs_cuda
@@ -86,12 +114,17 @@ def test_cuda_graph_replays_with_new_slots():
     slots = torch.tensor(TOKEN_SLOTS, dtype=torch.int32, device=DEVICE)
     y0 = torch.zeros(len(TOKEN_SLOTS), 80, dtype=torch.bfloat16, device=DEVICE)
     y = y0.clone()
-    lora.lora_expand(lora.lora_shrink(x, a, slots), b, slots, y, [0, 40, 56])  # compile outside the capture
+
+    def step() -> None:
+        rows = lora.group_rows(slots, SLOTS)
+        lora.lora_expand(lora.lora_shrink(x, a, rows), b, rows, y, [0, 40, 56])
+
+    step()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y.copy_(y0)
-        lora.lora_expand(lora.lora_shrink(x, a, slots), b, slots, y, [0, 40, 56])
+        step()
     slots.copy_(torch.tensor([2, 2, -1, 1, 0, -1, 0, 1], dtype=torch.int32, device=DEVICE))
     graph.replay()
     expected = lora_expand_ref(lora_shrink_ref(x, a, slots), b, slots, y0.clone(), [0, 40, 56])
