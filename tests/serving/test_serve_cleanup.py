@@ -1,4 +1,5 @@
-"""`pagetron serve` leaves nothing behind when it is SIGKILLed (the OOM killer, a supervisor's hard stop):
+"""`pagetron serve --openai` runs the OpenAI frontend beside tritonserver and restarts it if it dies, and
+leaves nothing behind when it is SIGKILLed (the OOM killer, a supervisor's hard stop):
 tritonserver, its Python-backend stubs and the OpenAI frontend die with it and its ports go quiet. A
 port that is already taken is a clear error at once, naming the port and its holder, never a restart
 loop, also when tritonserver itself finds it taken (another process took it after serve's check)."""
@@ -14,9 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+import openai
+
 from grpc_helpers import pids_matching, stream_generate, wait_until
 from model_factory import FULL_ONLY
 from pagetron.backend.model.loader import pagetron_cache_dir
+from pagetron.backend.serving.constants import OPENAI_API_KEY_ENV
 from pagetron.backend.serving.launcher import (
     TritonServer,
     free_port,
@@ -85,6 +90,34 @@ def remove_repository(ports: dict[str, int]) -> None:
     shutil.rmtree(pagetron_cache_dir() / "serve" / f"repo-{ports['grpc']}", ignore_errors=True)
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def check_the_frontend(root: str, frontend_pattern: str) -> None:
+    client = openai.OpenAI(base_url=f"{root}/v1", api_key="serve-key", max_retries=0)
+    assert sorted(m.id for m in client.models.list().data) == ["embed", "llm"]
+    chat = client.chat.completions.create(
+        model="llm",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert isinstance(chat.choices[0].message.content, str) and chat.usage.completion_tokens == 4
+    assert len(client.embeddings.create(model="embed", input="Hi").data[0].embedding) == 384
+    cmdlines = " ".join(open(f"/proc/{p}/cmdline").read() for p in pids_matching(frontend_pattern))
+    assert "serve-key" not in cmdlines  # the key goes through the environment
+
+    [frontend] = pids_matching(frontend_pattern)
+    os.kill(frontend, signal.SIGKILL)
+    assert wait_until(lambda: healthy(root), 60, 0.5), "the frontend was not restarted"
+    assert pids_matching(frontend_pattern) != [frontend]
+
+
 def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
     """Serves the default model, SmolLM2 (the other served tests run a tiny one): its known greedy
     continuation is checked end to end here first."""
@@ -98,6 +131,7 @@ def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, OPENAI_API_KEY_ENV: "serve-key"},
     )
     probe = TritonServer(
         tmp_path, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"]
@@ -136,6 +170,9 @@ def test_sigkill_of_serve_takes_server_stubs_and_frontend_down(tmp_path):
         assert taken in second.stderr, second.stderr
         assert "starting tritonserver" not in second.stderr
         assert probe.is_ready("llm") and set(processes_with(*markers)) == set(processes)
+
+        # the frontend answers with the key, never shows it on a command line, and is restarted if it dies
+        check_the_frontend(f"http://127.0.0.1:{ports['openai']}", markers[2])
 
         regions = [Path("/dev/shm", name) for name in stub_shm_regions(server)]
         assert len(regions) == 2
