@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pagetron.backend.serving import schema
 from pagetron.backend.serving.constants import (
     ADMIN_HEADER,
     ADMIN_KEY_ENV,
@@ -151,7 +152,10 @@ def prepare_model_repository(
     models: tuple[str, ...] = (MODEL_NAME,),
 ) -> Path:
     """A copy of the named models of model_repository/ (``llm`` always), whose llm/1/engine_args.json
-    holds ``engine_args`` (merged over the template's) and whose llm config.pbtxt gets ``parameters``."""
+    holds ``engine_args`` (merged over the template's) and whose llm config.pbtxt gets ``parameters`` and
+    the request/response tensors (serving/schema.py), so every config is complete: serve it with
+    ``TritonServer(auto_complete=False)``, which saves launching a stub just to ask each model its
+    config at every load."""
     if MODEL_NAME not in models:
         raise LaunchError(f"the served repository must hold model {MODEL_NAME!r}; got {models}")
     for model in models:
@@ -168,14 +172,13 @@ def prepare_model_repository(
         if isinstance(merged.get(key), str) and Path(merged[key]).exists():
             merged[key] = str(Path(merged[key]).resolve())
     args_file.write_text(json.dumps(merged, indent=2) + "\n")
-    if parameters:
-        config = dest / MODEL_NAME / "config.pbtxt"
-        text = config.read_text()
-        for key, value in parameters.items():
-            entry = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-            lines = [line for line in text.splitlines() if f'key: "{key}"' not in line]
-            text = "\n".join(lines) + "\n" + entry + "\n"
-        config.write_text(text)
+    config = dest / MODEL_NAME / "config.pbtxt"
+    text = config.read_text()
+    for key, value in (parameters or {}).items():
+        entry = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        lines = [line for line in text.splitlines() if f'key: "{key}"' not in line]
+        text = "\n".join(lines) + "\n" + entry + "\n"
+    config.write_text(text.rstrip("\n") + "\n" + schema.config_pbtxt())
     return dest
 
 
@@ -407,6 +410,9 @@ class TritonServer:
     # the kernel SIGKILLs the server when the process (thread) that started it dies; its stubs are not
     # covered by this (see supervisor.ProcessGroupGuard)
     die_with_parent: bool = True
+    # Triton's config auto-complete launches a stub per model load just to ask for its config; off for a
+    # repository whose configs are complete (prepare_model_repository's)
+    auto_complete: bool = True
     process: subprocess.Popen | None = None
 
     @classmethod
@@ -461,6 +467,8 @@ class TritonServer:
         cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if self.model_control_mode == "explicit":
             cmd += [f"--load-model={model}" for model in self.models]
+        if not self.auto_complete:
+            cmd.append("--disable-auto-complete-config")
         return cmd
 
     def start(self) -> TritonServer:

@@ -76,6 +76,24 @@ OUTPUTS = (
     TensorSpec("output_ids", "INT32", (-1,)),  # Pagetron: this response's token ids, outputs concatenated
 )
 INPUT_NAMES = tuple(t.name for t in INPUTS)
+
+
+def config_pbtxt() -> str:
+    """What auto_complete_config declares, as config.pbtxt text: the launcher writes it into the
+    repositories it prepares, so their tritonserver needs no auto-complete stub at each model load."""
+
+    def entry(tensor: TensorSpec, is_input: bool) -> str:
+        fields = tensor.model_config(is_input)
+        text = f'{{ name: "{fields["name"]}" data_type: {fields["data_type"]} dims: {fields["dims"]}'
+        return text + (f" optional: {str(fields['optional']).lower()} }}" if is_input else " }")
+
+    inputs = ",\n  ".join(entry(t, True) for t in INPUTS)
+    outputs = ",\n  ".join(entry(t, False) for t in OUTPUTS)
+    return (
+        f"input [\n  {inputs}\n]\noutput [\n  {outputs}\n]\nmodel_transaction_policy {{ decoupled: true }}\n"
+    )
+
+
 PROMPT_INPUT_NAMES = tuple(t.name for t in PROMPT_INPUTS)
 BOOL_INPUT_NAMES = tuple(t.name for t in INPUTS if t.datatype == "BOOL")
 INPUTS_BY_NAME = {t.name: t for t in INPUTS}

@@ -314,6 +314,7 @@ def serve(settings: ServeSettings, stop: threading.Event | None = None) -> int:
         host=settings.host,
         model_control_mode=settings.model_control_mode,
         exit_timeout_s=settings.exit_timeout_s,
+        auto_complete=False,  # prepare_model_repository writes complete configs
     )
     http_guard = HttpGuard(
         settings.host,

@@ -26,8 +26,10 @@ def start_server(
     wait: bool = True,
     models: tuple[str, ...] = ("llm",),
     version_files: dict[str, str] | None = None,
+    auto_complete: bool = False,
 ) -> TritonServer:
-    """``version_files``: more files for llm/1/ (e.g. multi_lora.json), name -> text."""
+    """``version_files``: more files for llm/1/ (e.g. multi_lora.json), name -> text. The prepared
+    repository's configs are complete, so Triton's config auto-complete is off unless asked for."""
     parameters = {"drain_grace_s": "3", **(parameters or {})}  # keeps server stops short
     repository = prepare_model_repository(
         tmp_dir / "repo", {**SERVER_ENGINE_ARGS, **(engine_args or {})}, parameters, models=models
@@ -44,6 +46,7 @@ def start_server(
         exit_timeout_s=5,
         env=env or {},
         log_path=tmp_dir / "tritonserver.log",
+        auto_complete=auto_complete,
     )
     server.start()
     if wait:
@@ -92,8 +95,9 @@ def lora_dir(tmp_path_factory) -> Path:
 def triton_server(tmp_path_factory, tiny_model_dir, lora_adapters, lora_dir):
     engine_args = {**SESSION_ENGINE_ARGS, "model": str(tiny_model_dir), "lora_dir": str(lora_dir)}
     multi_lora = json.dumps({name: str(lora_adapters[name]) for name in ("sql", "chat")})
+    # auto-complete on: test_vllm_conformance.py loads a vLLM-backend folder whose config names no tensors
     server = start_server(tmp_path_factory.mktemp("triton"), engine_args, models=("llm", "embed"),
-                          version_files={"multi_lora.json": multi_lora})  # fmt: skip
+                          version_files={"multi_lora.json": multi_lora}, auto_complete=True)  # fmt: skip
     yield server
     server.stop()
     assert not _alive(server.pid)

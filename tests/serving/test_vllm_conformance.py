@@ -219,9 +219,13 @@ def test_n_outputs_give_one_element_each(triton_server, tiny_llm):
     assert result.as_numpy("num_input_tokens").tolist() == [len(expected.prompt_token_ids)]
 
 
-def test_a_vllm_backend_model_folder_loads_after_changing_backend_only(triton_server, tiny_model_dir):
+def test_a_vllm_backend_model_folder_loads_after_changing_backend_only(
+    triton_server, tiny_model_dir, small_server
+):
     """model.json (vLLM engine arguments) in the version folder, `backend: "pagetron"` in config.pbtxt;
-    harmless vLLM keys are accepted, an unknown one fails the load naming it."""
+    harmless vLLM keys are accepted, an unknown one fails the load naming it. Its tensors come from
+    Triton's auto-complete (the model declares them), the same as those the launcher writes into the
+    configs of its repositories (served without auto-complete by `small_server`)."""
     folder = triton_server.repository / "vllm_model"
     (folder / "1").mkdir(parents=True)
     (folder / "config.pbtxt").write_text(
@@ -248,6 +252,7 @@ def test_a_vllm_backend_model_folder_loads_after_changing_backend_only(triton_se
             result, error = results.get(timeout=60)
             client.stop_stream()
         assert error is None and strings(result, "text_output")[0].startswith(PROMPT)
+        assert served_tensors(triton_server, "vllm_model") == served_tensors(small_server, "llm")
         unload(triton_server, "vllm_model")
         if FULL:  # the served path of a refused key; test_vllm_engine_arguments_map_onto_pagetrons: the rule
             (folder / "1" / "model.json").write_text(json.dumps({**engine, "swap_space_gb": 4}))
@@ -256,6 +261,14 @@ def test_a_vllm_backend_model_folder_loads_after_changing_backend_only(triton_se
             assert "swap_space_gb" in refused.value.read().decode()
     finally:
         unload(triton_server, "vllm_model", missing_ok=True)
+
+
+def served_tensors(server, model: str) -> dict:
+    """The model's inputs, outputs and transaction policy as the server reports its config."""
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+    tensors = {key: sorted(config[key], key=lambda t: t["name"]) for key in ("input", "output")}
+    return {**tensors, "policy": config.get("model_transaction_policy")}
 
 
 def load(server, model: str) -> None:
