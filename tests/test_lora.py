@@ -16,6 +16,7 @@ from pagetron.backend import LLM, InvalidRequestError, LoRARequest, SamplingPara
 from pagetron.backend.core.block_manager import BlockManager
 from pagetron.backend.core.scheduler import Scheduler
 from pagetron.backend.core.sequence import Sequence
+from pagetron.backend.model.lora import LoRAContext
 
 MAX_TOKENS = 8
 PROMPTS = [[11, 12, 13, 14, 15], [200, 7, 9], list(range(30, 52))]
@@ -194,3 +195,26 @@ def test_a_peft_adapter_on_smollm2_gives_hf_peft_greedy_tokens(tmp_path):
         assert got == out[0, len(prompt) :].tolist()
     base = tokens(llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False))
     assert base != ours  # the adapter changes the answers
+
+
+def test_rows_are_regrouped_whenever_the_slots_are_set():
+    """The grouping the kernels take is made once per forward pass, and again whenever the slots are set,
+    even to the same buffer: a decode graph's capture sets them after its warm-up pass, so the grouping it
+    records is made inside the capture, not the warm-up's (freed afterwards, then read by each replay)."""
+    made = []
+    context = LoRAContext(None, None, lambda slots, num_slots: made.append(slots) or len(made), num_slots=2)
+    slots = torch.tensor([0, -1, 1], dtype=torch.int32)
+    context.token_slots = slots
+    assert context.rows() == 1 and context.rows() == 1
+    context.token_slots = slots
+    assert context.rows() == 2 and len(made) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_graphs_give_each_request_its_adapters_tokens(base, adapters, references):
+    """On a GPU: the LoRA kernels in decode CUDA graphs (mixed batch, bf16 rounding aside: fp32 here)."""
+    llm = LLM(str(base), enable_lora=True, max_loras=2, max_lora_rank=8, dtype="float32")
+    names = [None, "qv-r4", "all-r8"]
+    requests = [None if name is None else adapters[name] for name in names for _ in PROMPTS]
+    outs = llm.generate(PROMPTS * len(names), PARAMS, use_tqdm=False, lora_request=requests)
+    assert tokens(outs) == [ref for name in names for ref in references[name]]
