@@ -32,7 +32,6 @@ BLOCK_M = 16  # rows of one slot per program (tl.dot's smallest M)
 class LoRARows:
     """A step's token rows grouped by slot, on the device (``group_rows``)."""
 
-    slots: torch.Tensor  # [T] int32, -1: no adapter
     order: torch.Tensor  # [T] int32 row indices sorted by slot (stable)
     block_slot: torch.Tensor  # [B] int32 slot of each program's block of rows, -1: no block
     block_start: torch.Tensor  # [B] int32 its first position in ``order``
@@ -56,7 +55,6 @@ def group_rows(token_slots: torch.Tensor, num_slots: int) -> LoRARows:
     slot = slot.clamp(max=num_slots - 1)
     start = bounds[slot] + (program - (ends[slot] - blocks[slot])) * BLOCK_M
     return LoRARows(
-        slots=token_slots,
         order=order.to(torch.int32),
         block_slot=torch.where(valid, slot, -1).to(torch.int32),
         block_start=start.to(torch.int32),

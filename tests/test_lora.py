@@ -198,8 +198,8 @@ def test_a_peft_adapter_on_smollm2_gives_hf_peft_greedy_tokens(tmp_path):
 
 
 def test_rows_are_regrouped_whenever_the_slots_are_set():
-    """The grouping the kernels take is made once per forward pass, and again whenever the slots are set,
-    even to the same buffer: a decode graph's capture sets them after its warm-up pass, so the grouping it
+    """The grouping the kernels take is made once per forward pass, and again whenever the slots are set
+    or a regroup is asked for: a decode graph's capture asks after its warm-up pass, so the grouping it
     records is made inside the capture, not the warm-up's (freed afterwards, then read by each replay)."""
     made = []
     context = LoRAContext(None, None, lambda slots, num_slots: made.append(slots) or len(made), num_slots=2)
@@ -208,6 +208,8 @@ def test_rows_are_regrouped_whenever_the_slots_are_set():
     assert context.rows() == 1 and context.rows() == 1
     context.token_slots = slots
     assert context.rows() == 2 and len(made) == 2
+    context.regroup()
+    assert context.rows() == 3 and context.rows() == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -68,8 +68,8 @@ class DecodeGraphs:
                 self.lora_context.token_slots = self.lora_slots[:batch]
             self.model(self.input_ids[:batch], self.positions[:batch], meta)  # compile and warm up
             torch.cuda.synchronize()
-            if self.lora_context is not None:  # regroup the rows inside the capture, not reuse the warm-up's
-                self.lora_context.token_slots = self.lora_slots[:batch]
+            if self.lora_context is not None:  # group the rows inside the capture, not reuse the warm-up's
+                self.lora_context.regroup()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(self.input_ids[:batch], self.positions[:batch], meta)

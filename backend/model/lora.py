@@ -70,6 +70,10 @@ class LoRAContext:
     def token_slots(self, token_slots: torch.Tensor | None) -> None:
         self._token_slots, self._rows = token_slots, None
 
+    def regroup(self) -> None:
+        """The next pass groups the rows again (a graph capture after its warm-up pass)."""
+        self._rows = None
+
     def rows(self) -> Any:
         if self._rows is None:
             self._rows = self.group(self._token_slots, self.num_slots)

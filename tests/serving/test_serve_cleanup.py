@@ -29,6 +29,7 @@ from pagetron.backend.serving.launcher import (
     port_holders,
     stub_shm_regions,
 )
+from serve_process import alive
 
 SERVE = [sys.executable, "-m", "pagetron.backend.cli", "serve"]
 ENGINE_ARGS = ["--max-model-len", "512", "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "8"]
@@ -68,14 +69,6 @@ def answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def kill_leftovers(pids) -> None:
