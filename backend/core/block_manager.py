@@ -103,12 +103,21 @@ class BlockManager:
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        bs = self.block_size
+        if new_computed_blocks is None:
+            # NOTE: the common case, a running sequence's next tokens inside the blocks it holds and
+            # completing none (15 of 16 decode steps): nothing to take, nothing to register
+            covered = seq.num_computed_tokens + num_new_tokens
+            if covered <= len(seq.block_table) * bs and (
+                not self.enable_prefix_caching
+                or min(covered, seq.num_tokens) // bs <= seq.num_computed_tokens // bs
+            ):
+                return True
         hits = new_computed_blocks or []
         if hits and (seq.block_table or seq.num_computed_tokens):
             raise ValueError("prefix-cache hits can only start an empty block table")
         if self.num_blocks_to_take(seq, num_new_tokens, hits) > self.num_free_blocks:
             return False
-        bs = self.block_size
         num_new_blocks = self._num_new_blocks(seq, num_new_tokens, hits)
         num_covered_tokens = seq.num_computed_tokens + len(hits) * bs + num_new_tokens
 

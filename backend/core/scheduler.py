@@ -98,7 +98,7 @@ class Scheduler:
         if preempted:
             return self._output(scheduled, preempted)
         ratio, reserved = self.growth_ratio, 0
-        if self.reserve_kv_for_growth:
+        if self.reserve_kv_for_growth and self.waiting:  # only admissions read it
             reserved = sum(self._growth_blocks(s, len(s.block_table), ratio) for s in self.running)
         # passed over: waiting for an adapter slot or for their grammar to compile; they keep their place
         passed_over: list[Sequence] = []

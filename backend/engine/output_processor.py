@@ -56,7 +56,8 @@ class RequestState:
             detok = seq.detokenizer
             delta = detok.get_delta(finished=seq.is_finished) if detok is not None else ""
             sent.text += delta
-            new_token_ids = seq.output_token_ids[sent.num_tokens :]
+            first_output = seq.num_prompt_tokens
+            new_token_ids = seq.token_ids[first_output + sent.num_tokens :]
             params = seq.sampling_params
             logprobs = None
             if params.logprobs is not None:
@@ -66,7 +67,7 @@ class RequestState:
                 CompletionOutput(
                     index=seq.index,
                     text=delta if delta_only else sent.text,
-                    token_ids=list(new_token_ids) if delta_only else list(seq.output_token_ids),
+                    token_ids=list(new_token_ids) if delta_only else seq.token_ids[first_output:],
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=logprobs,
                     finish_reason=seq.finish_reason,
@@ -119,8 +120,9 @@ class OutputProcessor:
         for state in touched.values():
             if state is None:
                 continue
-            if state.finished or state.output_kind != OutputKind.FINAL_ONLY:
+            finished = state.finished
+            if finished or state.output_kind != OutputKind.FINAL_ONLY:
                 outputs.append(state.make_output())
-            if state.finished:
+            if finished:
                 del self.requests[state.request_id]
         return outputs

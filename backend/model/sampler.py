@@ -58,6 +58,8 @@ class Sampler:
         cols: list[int] = []
         for i, seq in enumerate(seqs):
             p = seq.sampling_params
+            if not p.min_tokens:
+                continue
             # outputs before this row's token: the known ones and any earlier step's still pending
             if seq.num_output_tokens + max(seq.num_pending_tokens - 1, 0) >= p.min_tokens:
                 continue
@@ -145,7 +147,9 @@ def apply_token_bitmask(logits: torch.Tensor, grammar: GrammarMask) -> None:
 def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     rows, cols, values = [], [], []
     for i, p in enumerate(params):
-        for token_id, bias in (p.logit_bias or {}).items():
+        if not p.logit_bias:
+            continue
+        for token_id, bias in p.logit_bias.items():
             if token_id < logits.shape[1]:
                 rows.append(i)
                 cols.append(token_id)
