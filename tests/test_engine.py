@@ -170,3 +170,24 @@ def test_bad_engine_arguments_name_the_key(args, key):
     with pytest.raises(ConfigError) as e:
         EngineConfig(**args)
     assert e.value.key == key
+
+
+def test_an_engine_is_freed_by_reference_counts_and_unfreezes_the_heap_on_shutdown(tiny_llama):
+    """The engine freezes the GC heap once built (llm_engine.freeze_gc_heap), which is only safe if a
+    dropped engine needs no cyclic collection: nothing of it may sit in a reference cycle."""
+    import gc
+    import weakref
+
+    llm = LLM(tiny_llama, block_size=4, num_kv_blocks=32)
+    assert gc.get_freeze_count() > 0
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
+    worker = llm.engine.executor.worker
+    refs = [weakref.ref(o) for o in (llm.engine, llm.engine.scheduler, worker, worker.model, worker.runner)]
+    gc.disable()
+    try:
+        del llm, worker
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        gc.enable()
+    LLM(tiny_llama, block_size=4, num_kv_blocks=32).engine.shutdown()
+    assert gc.get_freeze_count() == 0

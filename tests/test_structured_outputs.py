@@ -20,7 +20,7 @@ from pagetron.backend import LLM
 from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParams, SamplingParamsError
 from pagetron.backend.core.structured_outputs import StructuredOutputsParams
-from pagetron.backend.engine.grammar import SequenceGrammar
+from pagetron.backend.engine.grammar import SequenceGrammar, fill_bitmasks
 from pagetron.backend.executor.executor import UniprocExecutor
 
 PERSON = {
@@ -353,7 +353,8 @@ def test_the_batched_mask_fill_equals_the_row_by_row_one(smollm):
             assert state.accept(token)
     width = smollm.engine.scheduler.bitmask_width
     batched, one_by_one = np.zeros((10, width), np.int32), np.zeros((10, width), np.int32)
-    service.fill_bitmasks(states, batched)
+    assert states[0].batch is not None
+    fill_bitmasks(states, batched)
     for row, state in enumerate(states):
         state.fill_bitmask(one_by_one, row)
     assert np.array_equal(batched, one_by_one) and len({r.tobytes() for r in batched}) == len(texts)

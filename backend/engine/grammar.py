@@ -39,8 +39,9 @@ class SequenceGrammar:
     """One sequence's grammar state (``core.structured_outputs.GrammarState``); matchers are per sequence,
     the compiled grammar is shared. Used by the engine thread only, once ``ready``."""
 
-    def __init__(self, compiled: Future, deadline: float):
+    def __init__(self, compiled: Future, deadline: float, batch: Any = None):
         self.compiled, self.deadline = compiled, deadline
+        self.batch = batch  # the service's xgrammar BatchGrammarMatcher (None: rows are filled one by one)
         self._matcher: Any = None
 
     @property
@@ -70,6 +71,18 @@ class SequenceGrammar:
 
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
+
+
+def fill_bitmasks(states: list[SequenceGrammar], bitmask: Any) -> None:
+    """One bitmask row per state; many rows are filled in parallel by the batch matcher of the service the
+    states came from (xgrammar releases the GIL). A plain function, so the scheduler holding it keeps no
+    engine alive."""
+    batch = states[0].batch if states else None
+    if len(states) < BATCH_FILL_ROWS or batch is None:
+        for row, state in enumerate(states):
+            state.fill_bitmask(bitmask, row)
+    else:
+        batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
 
 
 class GrammarService:
@@ -113,15 +126,7 @@ class GrammarService:
                     while len(self._cache) > CACHE_SIZE:
                         self._cache.popitem(last=False)
         deadline = time.monotonic() + self.compile_timeout_s
-        return [SequenceGrammar(compiled, deadline) for _ in range(n)]
-
-    def fill_bitmasks(self, states: list[SequenceGrammar], bitmask: Any) -> None:
-        """One bitmask row per state; many rows are filled in parallel (xgrammar releases the GIL)."""
-        if len(states) < BATCH_FILL_ROWS:
-            for row, state in enumerate(states):
-                state.fill_bitmask(bitmask, row)
-        else:
-            self._batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
+        return [SequenceGrammar(compiled, deadline, self._batch) for _ in range(n)]
 
     def _parse(self, params: StructuredOutputsParams) -> Any:
         xgr, kind = self._xgr, params.kind
