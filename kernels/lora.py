@@ -12,8 +12,8 @@ slot is read from device tensors that ``group_rows`` computes once per step; -1 
                    order       [  0  4 | 1  3 | 5 | 2  6  7 ]   rows sorted by slot (stable)
                    blocks      (slot 0, order[2:4]) (slot 1, order[4:5]) (slot 2, order[5:8])  <- programs
 
-The shrink accumulates in fp32, split over K when there are few rows (partial sums added atomically, so
-the last bits may vary between runs); the expand multiplies t rounded to B's dtype (as PEFT rounds the
+The shrink accumulates in fp32, split over K (partial sums added atomically, so the last bits may vary
+between runs); the expand multiplies t rounded to B's dtype (as PEFT rounds the
 intermediate) and adds to ``y`` rounding once. Rows without an adapter leave ``y`` untouched.
 """
 
@@ -155,8 +155,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows) -> torch.Tenso
     if num_rows == 0:
         return out
     block_k = 64
-    # few rows: split K so that more than a handful of programs read A (the product is memory-bound)
-    split_k = max(1, min(16, k // 512)) if num_rows <= 4 * BLOCK_M else 1
+    # NOTE: the product is memory- and latency-bound, and a program walks its K range serially: split K so
+    # that each program loads at most about 8 tiles (partial sums added atomically), however many rows.
+    # Unsplit, a decode step's down projection (K = 14,336) was 224 dependent loads per program.
+    split_k = max(1, min(32, triton.cdiv(k, 8 * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     grid = (rows.block_slot.shape[0], triton.cdiv(k, k_per_split))
     _shrink_kernel[grid](

@@ -11,6 +11,7 @@ from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import GrammarMask, RunnerOutput, SchedulerOutput
 from pagetron.backend.executor.cuda_graphs import DecodeGraphs
 from pagetron.backend.executor.step_inputs import HostStepInputs, StepInputBuilder, StepInputs
+from pagetron.backend.model.host_copy import to_device
 from pagetron.backend.model.llama import LlamaForCausalLM
 from pagetron.backend.model.lora import LoRAManager
 from pagetron.backend.model.sampler import SampledTokens, Sampler
@@ -85,8 +86,8 @@ class ModelRunner:
         inputs = self.inputs.to_device(host)
         if host.pending:
             rows, previous = self._last_sampled  # only the step just before can leave a token pending
-            dst = torch.tensor([row for row, _ in host.pending], device=self.device)
-            src = torch.tensor([rows[seq_id] for _, seq_id in host.pending], device=self.device)
+            dst = to_device([row for row, _ in host.pending], self.device)
+            src = to_device([rows[seq_id] for _, seq_id in host.pending], self.device)
             inputs.input_ids[dst] = previous[src]
         return inputs
 

@@ -36,6 +36,7 @@ import torch
 
 from pagetron.backend.core.lora import LoRARequest
 from pagetron.backend.core.step import SchedulerOutput
+from pagetron.backend.model.host_copy import to_device
 from pagetron.backend.model.llama import PROJECTIONS, projection_shapes
 
 TARGETS = PROJECTIONS  # PEFT names its target modules as HF does
@@ -237,7 +238,7 @@ class LoRAManager:
         for seq, n in zip(out.seqs, out.num_new_tokens):
             token_slots += [-1 if seq.lora is None else slots[seq.lora.lora_int_id]] * n
         self.token_slots = token_slots
-        self.context.token_slots = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
+        self.context.token_slots = to_device(token_slots, self.device, torch.int32)
         return True
 
     def _assign(self, requests: dict[int, LoRARequest]) -> dict[int, int]:
@@ -261,7 +262,7 @@ class LoRAManager:
         for slot, request in loads:
             self._load_slot(slot, self.add(request))
         self.context.token_slots = (
-            torch.tensor(token_slots, dtype=torch.int32, device=self.device) if token_slots else None
+            to_device(token_slots, self.device, torch.int32) if token_slots else None
         )
 
     def _load_slot(self, slot: int, adapter: Adapter) -> None:

@@ -15,6 +15,7 @@ import torch
 from pagetron.backend.core.sampling_params import SamplingParams
 from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import GrammarMask, RunnerOutput
+from pagetron.backend.model.host_copy import to_device
 
 
 class Sampler:
@@ -72,8 +73,8 @@ class Sampler:
                 rows.append(i)
                 cols.append(token_id)
         if rows:
-            index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-            logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+            index = (to_device(rows, logits.device), to_device(cols, logits.device))
+            logits.index_put_(index, to_device(float("-inf"), logits.device))
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [seq.sampling_params for seq in seqs]
@@ -81,17 +82,17 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy_ids
         device = logits.device
-        temperatures = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        temperatures = to_device([1.0 if p.greedy else p.temperature for p in params], device)
         logits = _apply_top_k_top_p(logits / temperatures[:, None], params)
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
+            min_p = to_device([p.min_p for p in params], device)
             threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
         # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i / sum(p)
         # (no renormalisation needed after masking).
         sampled_ids = probs.div_(self._exponential_noise(probs, seqs)).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=device)
+        is_greedy = to_device([p.greedy for p in params], device)
         return torch.where(is_greedy, greedy_ids, sampled_ids)
 
     def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -140,7 +141,10 @@ def apply_token_bitmask(logits: torch.Tensor, grammar: GrammarMask) -> None:
             [1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device
         )
     allowed = (words[:, :, None] & bit).ne(0).flatten(1)[:, :vocab_size]
-    rows = torch.tensor(grammar.rows, device=device)
+    if len(grammar.rows) == logits.shape[0]:  # every row constrained (rows 0..n-1): in place
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    rows = to_device(grammar.rows, device)
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
@@ -156,8 +160,8 @@ def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> Non
                 values.append(bias)
     if rows:
         device = logits.device
-        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-        logits.index_put_(index, torch.tensor(values, device=device), accumulate=True)
+        index = (to_device(rows, device), to_device(cols, device))
+        logits.index_put_(index, to_device(values, device), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -172,12 +176,12 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     if needs_repetition:
         prompt_counts = _token_counts([seq.prompt_token_ids for seq in seqs], logits.shape[1], device)
         seen = (prompt_counts > 0) | (output_counts > 0)
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        penalty = to_device([p.repetition_penalty for p in params], device)[:, None]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, penalized, logits))
     if needs_output:
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = to_device([p.frequency_penalty for p in params], device)[:, None]
+        presence = to_device([p.presence_penalty for p in params], device)[:, None]
         logits -= frequency * output_counts + presence * (output_counts > 0)
 
 
@@ -188,7 +192,7 @@ def _token_counts(id_lists: list[list[int]], vocab_size: int, device: torch.devi
     if width == 0:
         return counts[:, :vocab_size]
     padded = [ids + [vocab_size] * (width - len(ids)) for ids in id_lists]
-    index = torch.tensor(padded, dtype=torch.long, device=device)
+    index = to_device(padded, device, torch.long)
     counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
     return counts[:, :vocab_size]
 
@@ -205,14 +209,14 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     if needs_k:
-        k = torch.tensor(top_k, device=device)
+        k = to_device(top_k, device)
         kth_largest = sorted_logits.gather(1, (k - 1)[:, None])
         sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))  # ties with the k-th stay
     if needs_p:
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         # keep the smallest prefix whose mass reaches p; the most likely token always stays
-        sorted_logits.masked_fill_(mass_before >= torch.tensor(top_p, device=device)[:, None], float("-inf"))
+        sorted_logits.masked_fill_(mass_before >= to_device(top_p, device)[:, None], float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 

@@ -78,7 +78,7 @@ def test_shrink_and_expand_match_the_reference(dtype):
 
 
 def test_many_rows_per_slot_and_a_wide_input_split_over_k():
-    # slot 2 spans three blocks; 1,100 input features split in two K ranges (few rows, added atomically)
+    # slot 2 spans three blocks; 1,100 input features split in three K ranges (added atomically)
     check_against_reference(torch.float32, [2] * 35 + [0, -1, 1] * 3, 1100, seed=4)
 
 
