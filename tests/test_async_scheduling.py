@@ -176,3 +176,20 @@ def test_tensor_parallel_and_wrapped_executors_step_synchronously(tiny):
     assert not llm.engine.async_scheduling
     [out] = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 4
+
+
+class DeviceApartExecutor(UniprocExecutor):
+    """The default executor, as if its device ran apart from the host (as a GPU does)."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.overlaps_host = True
+
+
+def test_on_by_default_only_where_it_overlaps_something(tiny):
+    """The default (None) schedules ahead where the device runs apart from the host; on the CPU the forward
+    pass runs on the host, so the engine steps synchronously; an explicit False always wins."""
+    assert not LLM(tiny, num_kv_blocks=8).engine.async_scheduling
+    assert LLM(tiny, num_kv_blocks=8, executor_factory=DeviceApartExecutor).engine.async_scheduling
+    off = LLM(tiny, num_kv_blocks=8, executor_factory=DeviceApartExecutor, async_scheduling=False)
+    assert not off.engine.async_scheduling

@@ -85,10 +85,14 @@ def test_each_adapter_gives_hf_peft_greedy_tokens(base, adapters, references):
     assert all(references[name] != references[None] for name in adapters)  # the adapters change the answers
 
 
-def test_a_mixed_batch_gives_each_request_its_own_output(base, adapters, references):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_mixed_batch_gives_each_request_its_own_output(base, adapters, references, async_scheduling):
     """Base and three adapters at once with two device slots and two adapters kept on the host: the
-    scheduler holds back the third adapter's requests until a slot frees, and the host reloads it."""
-    llm = LLM(str(base), enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=8)
+    scheduler holds back the third adapter's requests until a slot frees, and the host reloads it (also
+    with asynchronous scheduling, where a step's adapters are set while the previous step may still run)."""
+    llm = LLM(str(base), enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=8,
+              async_scheduling=async_scheduling)  # fmt: skip
+    assert llm.engine.async_scheduling == async_scheduling
     names = [None, *adapters]
     prompts = [p for _ in names for p in PROMPTS]
     loras = [adapters.get(n) for n in names for _ in PROMPTS]

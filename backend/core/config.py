@@ -57,8 +57,9 @@ class EngineConfig:
     lora_modules: dict | None = None  # adapters requests may name (lora_name): {name: PEFT folder}
     lora_dir: str | None = None  # a folder of adapter folders, each loaded when a request first names it
     # schedule step N+1 while step N runs on the device; its tokens feed N+1 there (single-process only;
-    # tensor-parallel engines step synchronously)
-    async_scheduling: bool = False
+    # tensor-parallel engines step synchronously). None: on where the device runs apart from the host (a
+    # GPU), off on the CPU, where the forward pass runs on the host and there is nothing to overlap
+    async_scheduling: bool | None = None
     attention_backend: str = "auto"  # auto: OpenAI-Triton kernels on CUDA, torch references on CPU
     # tensor parallelism: ranks (one process and, on CUDA, one GPU each), spread over nnodes hosts; the
     # other hosts run `pagetron worker` and meet the engine at dist_init_addr ("host:port")

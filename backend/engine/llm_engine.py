@@ -71,7 +71,10 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.loras = LoRARegistry(config.lora_modules, config.lora_dir)
-        self.async_scheduling = config.async_scheduling and self.executor.supports_async
+        wanted = config.async_scheduling
+        if wanted is None:  # the default: where it overlaps anything
+            wanted = self.executor.overlaps_host
+        self.async_scheduling = wanted and self.executor.supports_async
         if config.async_scheduling and not self.async_scheduling:
             logger.warning("async_scheduling: this executor runs each step through; stepping synchronously")
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None

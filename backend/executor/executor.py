@@ -43,6 +43,8 @@ class Executor(ABC):
     # launch() takes steps whose input tokens are still pending (sampled by the step before, whose result
     # the scheduler has not applied): what asynchronous scheduling needs
     supports_async: bool = False
+    # steps run on a device apart from the host (CUDA), so scheduling ahead overlaps host and device work
+    overlaps_host: bool = False
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
@@ -77,6 +79,7 @@ class UniprocExecutor(Executor):
         self.worker.initialize_cache(self.worker.max_kv_blocks)
         self.num_kv_blocks = self.worker.num_kv_blocks
         self.device_name = str(self.worker.device)
+        self.overlaps_host = self.worker.device.type == "cuda"
 
     supports_async = True
 
@@ -111,6 +114,7 @@ class ExecutorWrapper(Executor):
     def __init__(self, inner: Executor):
         self.inner = inner
         self.num_kv_blocks, self.device_name = inner.num_kv_blocks, inner.device_name
+        self.overlaps_host = inner.overlaps_host
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.inner.execute(scheduler_output)
