@@ -136,22 +136,25 @@ class MaskCheckingExecutor(UniprocExecutor):
         super().__init__(spec)
         self.checked = 0
         self.violations: list[tuple[int, int]] = []
+        self.ran_ahead = 0  # constrained rows launched before their previous token was applied
 
     def execute(self, out):
         return self.launch(out).result()
 
     def launch(self, out):
         step = super().launch(out)
-        grammar = None if out.grammar is None else (list(out.grammar.rows), out.grammar.bitmask.copy())
+        grammar = out.grammar  # its bitmask is filled when the step samples (later, if it ran ahead)
+        if grammar is not None:
+            self.ran_ahead += sum(out.sampled_seqs[row].num_pending_tokens > 1 for row in grammar.rows)
         result = step.result
 
         def checked_result():
             output = result()
             if grammar is not None:
-                for k, row in enumerate(grammar[0]):
+                for k, row in enumerate(grammar.rows):
                     token = output.token_ids[row]
                     self.checked += 1
-                    if not (int(grammar[1][k, token // 32]) >> (token % 32)) & 1:
+                    if not (int(grammar.bitmask[k, token // 32]) >> (token % 32)) & 1:
                         self.violations.append((row, token))
             return output
 
@@ -226,6 +229,8 @@ def test_no_sampled_token_leaves_the_mask(tiny_with_tokenizer, async_scheduling)
     outs = llm.generate(prompts, params, use_tqdm=False)
     executor = llm.engine.executor
     assert executor.violations == [] and executor.checked > 40
+    # with asynchronous scheduling constrained rows run ahead: sampled once their previous token is applied
+    assert (executor.ran_ahead > 0) == async_scheduling
     assert llm.engine.scheduler.num_preemptions > 0
     # seeded and greedy: the same texts with or without async scheduling, however often preempted
     texts = [c.text for o in outs[:4] for c in o.outputs]

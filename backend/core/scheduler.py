@@ -187,8 +187,9 @@ class Scheduler:
 
     # NOTE on grammars: a constrained row's mask comes from its matcher, which has seen every token so
     # far (update() advances it), filled on the host while the step's forward pass runs (GrammarMask);
-    # the sampler applies the masks on the device in one op. So a constrained sequence never runs ahead:
-    # its last token must be known to fill its mask.
+    # the sampler applies the masks on the device in one op. A constrained sequence that runs ahead
+    # (asynchronous scheduling) is sampled only after update() has applied its pending token: the runner
+    # defers that step's sampling (ModelRunner.launch).
     def _grammar_mask(self, sampled: list[Sequence]) -> GrammarMask | None:
         rows = [row for row, seq in enumerate(sampled) if seq.grammar is not None]
         if not rows:
@@ -199,16 +200,15 @@ class Scheduler:
     # NOTE on running ahead (asynchronous scheduling): the next step may be scheduled while this one runs,
     # so a sequence can be scheduled with its last token still pending (its id comes from the previous
     # step's samples, on the device). That is safe when the pending token cannot end the sequence by
-    # length (known in advance; EOS and stop strings are found one step late and the extra row is
-    # dropped) and when sampling the next token needs no output history on the host (penalties).
+    # length (known in advance; EOS, stop strings and a completed grammar are found one step late and
+    # the extra row is dropped) and when sampling the next token needs no output history on the host
+    # (penalties; a grammar's mask waits for update(), see the NOTE on grammars).
     def _may_run_ahead(self, seq: Sequence) -> bool:
         params = seq.sampling_params
         outputs = seq.num_output_tokens + seq.num_pending_tokens
         if params.max_tokens is not None and outputs >= params.max_tokens:
             return False
         if seq.num_tokens + seq.num_pending_tokens >= self.max_model_len:
-            return False
-        if seq.grammar is not None:
             return False
         return seq.num_pending_tokens < 2 and not params.uses_output_history
 

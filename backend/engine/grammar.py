@@ -78,9 +78,13 @@ def fill_bitmasks(states: list[SequenceGrammar], bitmask: Any) -> None:
     states came from (xgrammar releases the GIL). A plain function, so the scheduler holding it keeps no
     engine alive."""
     batch = states[0].batch if states else None
-    if len(states) < BATCH_FILL_ROWS or batch is None:
+    done = [row for row, state in enumerate(states) if state.is_terminated()]
+    if done:  # ran ahead past its grammar's end (asynchronous scheduling): the row is dropped, allow all
+        bitmask[done] = -1
+    if len(states) < BATCH_FILL_ROWS or batch is None or done:
         for row, state in enumerate(states):
-            state.fill_bitmask(bitmask, row)
+            if row not in done:
+                state.fill_bitmask(bitmask, row)
     else:
         batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
 

@@ -317,18 +317,22 @@ class LLMEngine:
     # device. A sequence sampled by N is scheduled in N+1 with that token pending; the runner takes it from
     # N's samples on the device. Outputs are the same as stepping synchronously (the scheduler only runs a
     # sequence ahead where it can; see Scheduler._may_run_ahead), and each step() returns the outputs of
-    # the step before.
+    # the step before. A constrained row that runs ahead needs N's token in its grammar before its mask
+    # can be filled: such a step's sampling is queued by launched.sample() after update(N), while the
+    # device computes N+1's forward pass (the runner's launch queued it without sampling).
     #
-    #   host:   [sched N+1][launch N+1][wait N][update N, outputs N][sched N+2][launch N+2][wait N+1] ...
-    #   device:   ...  step N  ][ step N+1                                    ][ step N+2 ...
+    #   host:   [sched N+1][launch N+1][wait N][update N][sample N+1][outputs N][sched N+2][launch N+2] ...
+    #   device:   ...  step N  ][ N+1 forward ... ][ N+1 sampling ][ step N+2 ...
     def _step_ahead(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         launched = self._guarded(lambda: self.executor.launch(scheduled))
         previous, self._in_flight = self._in_flight, (scheduled, launched)
         if previous is None:
+            self._guarded(launched.sample)
             return []
-        scheduled, launched = previous
-        updates = self.scheduler.update(scheduled, self._guarded(launched.result))
+        previous_scheduled, previous_launched = previous
+        updates = self.scheduler.update(previous_scheduled, self._guarded(previous_launched.result))
+        self._guarded(launched.sample)  # the grammars have seen the previous step's tokens now
         return self.output_processor.process(updates)
 
     def _guarded(self, run: Callable[[], T]) -> T:

@@ -24,6 +24,10 @@ from pagetron.backend.executor.worker import Worker
 
 
 class LaunchedStep(Protocol):
+    def sample(self) -> None:
+        """Queues the step's sampling if launch left it for later (constrained rows that ran ahead: their
+        masks need the previous step's tokens, applied after this launch)."""
+
     def result(self) -> RunnerOutput: ...
 
 
@@ -32,6 +36,9 @@ class Finished:
 
     def __init__(self, output: RunnerOutput):
         self._output = output
+
+    def sample(self) -> None:
+        pass
 
     def result(self) -> RunnerOutput:
         return self._output

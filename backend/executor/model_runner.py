@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,7 +54,12 @@ class ModelRunner:
     def launch(self, out: SchedulerOutput) -> StepResult:
         """Queues the step's work without waiting for the device; ``result()`` waits. Input tokens still
         pending (sampled by the previous step, whose result the scheduler has not seen) are taken from that
-        step's samples on the device."""
+        step's samples on the device.
+
+        NOTE on constrained rows that run ahead: their grammar masks need the previous step's tokens, which
+        the scheduler applies after this launch. Such a step queues its forward pass and LM head now and its
+        sampling when ``sample()`` is called (the engine does, once it has applied the previous step), so
+        the device computes the forward pass while the host updates the grammars and fills the masks."""
         self.sampler.forget(out.finished_seq_ids)
         if not out:
             return StepResult(None)
@@ -60,10 +67,23 @@ class ModelRunner:
         host = timer.phase("prepare", self.inputs.build, out)
         if self.lora is not None:
             self.lora.prepare(out)
-        sampled = self.run(host, out.sampled_seqs, timer, out.grammar)
+        seqs = out.sampled_seqs
+        if out.grammar is not None and any(seqs[row].num_pending_tokens > 1 for row in out.grammar.rows):
+            logits = self.run(host, seqs, timer, sample=False)
+            return StepResult(None, lambda: self._sample_later(logits, out, timer))
+        return StepResult(self._remember(out, self.run(host, seqs, timer, out.grammar)))
+
+    @torch.inference_mode()
+    def _sample_later(self, logits: torch.Tensor, out: SchedulerOutput, timer: _Timer) -> SampledTokens:
+        sampled = self.sampler.sample(logits, out.sampled_seqs, out.grammar)
+        timer.done(None)
+        return self._remember(out, sampled)
+
+    def _remember(self, out: SchedulerOutput, sampled: SampledTokens | None) -> SampledTokens | None:
+        """Keeps the samples on the device: the next step's pending input tokens."""
         rows = {seq.seq_id: row for row, seq in enumerate(out.sampled_seqs)}
         self._last_sampled = (rows, sampled.token_ids) if sampled is not None else None
-        return StepResult(sampled)
+        return sampled
 
     @torch.inference_mode()
     def run(
@@ -72,14 +92,18 @@ class ModelRunner:
         sampled_seqs: list[Sequence] | None,
         timer: _Timer | None = None,
         grammar: GrammarMask | None = None,
-    ) -> SampledTokens | None:
+        sample: bool = True,
+    ) -> Any:
         """Forward over ``host`` inputs; with tensor parallelism every rank runs this, and rank 0 (the one
-        with ``sampled_seqs`` and the grammar masks) gets the logits and samples."""
+        with ``sampled_seqs`` and the grammar masks) gets the logits and samples (``SampledTokens``), or
+        with ``sample=False`` returns the logits (``launch`` samples them later)."""
         timer = timer or _Timer(self.phase_times, self.device)
         inputs = timer.phase("prepare", self._to_device, host)
         hidden = timer.phase("forward", self._forward, inputs)
         if not host.shape.num_sampled:
             return timer.done(None)
+        if not sample:
+            return self.model.compute_logits(hidden[inputs.sample_rows])
         return timer.done(timer.phase("sample", self._sample, hidden, inputs, sampled_seqs, grammar))
 
     def _to_device(self, host: HostStepInputs) -> StepInputs:
@@ -113,13 +137,20 @@ class ModelRunner:
 
 
 class StepResult:
-    """A launched step: ``result()`` waits for its samples to reach the host (once)."""
+    """A launched step: ``sample()`` queues its sampling if launch deferred it; ``result()`` (which samples
+    first if that is still to do) waits for its samples to reach the host (once)."""
 
-    def __init__(self, sampled: SampledTokens | None):
-        self._sampled = sampled
+    def __init__(self, sampled: SampledTokens | None, deferred: Callable[[], SampledTokens] | None = None):
+        self._sampled, self._deferred = sampled, deferred
         self._output: RunnerOutput | None = None
 
+    def sample(self) -> None:
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            self._sampled = deferred()
+
     def result(self) -> RunnerOutput:
+        self.sample()
         if self._output is None:
             self._output = self._sampled.output() if self._sampled is not None else RunnerOutput()
         return self._output
