@@ -126,7 +126,7 @@ def run_level(args: argparse.Namespace, concurrency: int, extra: list[str]) -> d
     out: Path = args.out
     csv_path, profile_path = out / f"c{concurrency}.csv", out / f"c{concurrency}.profile.json"
     count = args.request_count or 4 * concurrency
-    command = [str(perf_analyzer_binary()), "-m", args.model, "-i", "grpc", "-u", args.url, "--streaming"]
+    command = [str(args.perf_analyzer), "-m", args.model, "-i", "grpc", "-u", args.url, "--streaming"]
     command += ["--input-data", str(args.input_data), "--concurrency-range", str(concurrency)]
     command += ["--request-count", str(count), "-f", str(csv_path)]
     command += ["--profile-export-file", str(profile_path)]
@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-count", type=int, default=0, help="requests per level (default 4 x level)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per level before giving up")
     parser.add_argument("--out", type=Path, help="empty or new folder (default out/perf_analyzer/<time>)")
+    parser.add_argument("--perf-analyzer", type=Path, help="the binary (default: the one beside python)")
     args = parser.parse_args(argv)
+    args.perf_analyzer = args.perf_analyzer or perf_analyzer_binary()
     args.out = args.out or HERE.parent / "out" / "perf_analyzer" / time.strftime("%Y%m%d-%H%M%S")
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} is not empty (perf_analyzer will not overwrite its exports)")
@@ -216,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_level(args, level, extra)
         if any(e.startswith(PROFILE_EXPORT_BROKEN) for e in result["errors"]):
             # NOTE: perf_analyzer 2.51 now and then exits 0 leaving its profile export empty or cut short
-            # (seen in CI under load); the level is run once more, and both attempts are reported.
+            # (seen in CI under load); the level is run once more, and both attempts are reported. The
+            # first attempt's files move aside: perf_analyzer refuses an export path that exists.
             first = result
+            for path in args.out.glob(f"c{level}.*"):
+                path.rename(path.with_name(f"c{level}.first-attempt." + path.name.split(".", 1)[1]))
             result = run_level(args, level, extra)
             result["first_attempt_errors"] = first["errors"]
         results.append(result)
