@@ -336,6 +336,10 @@ class MultiprocExecutor(Executor):
         return 0 if lora is None else sum(slot is not None for slot in lora.slots)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        # NOTE: a rank process known to be gone fails the step before any collective: gloo does not always
+        # notice a closed connection in time (a broadcast to a just-killed rank was seen to wait for ever)
+        if self._failed is None:
+            self._failed = next((p.describe() for p in self.procs if p.exitcode is not None), None)
         if self._failed is not None:
             raise WorkerFailed(self._failed)
         runner = self.worker.runner
