@@ -77,16 +77,16 @@ def fill_bitmasks(states: list[SequenceGrammar], bitmask: Any) -> None:
     """One bitmask row per state; many rows are filled in parallel by the batch matcher of the service the
     states came from (xgrammar releases the GIL). A plain function, so the scheduler holding it keeps no
     engine alive."""
+    done = {row for row, state in enumerate(states) if state.is_terminated()}
     batch = states[0].batch if states else None
-    done = [row for row, state in enumerate(states) if state.is_terminated()]
-    if done:  # ran ahead past its grammar's end (asynchronous scheduling): the row is dropped, allow all
-        bitmask[done] = -1
-    if len(states) < BATCH_FILL_ROWS or batch is None or done:
-        for row, state in enumerate(states):
-            if row not in done:
-                state.fill_bitmask(bitmask, row)
-    else:
+    if batch is not None and not done and len(states) >= BATCH_FILL_ROWS:
         batch.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
+        return
+    for row, state in enumerate(states):
+        if row in done:  # ran ahead past its grammar's end (asynchronous scheduling): dropped, allow all
+            bitmask[row] = -1
+        else:
+            state.fill_bitmask(bitmask, row)
 
 
 class GrammarService:

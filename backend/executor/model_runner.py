@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -43,9 +42,9 @@ class ModelRunner:
         self.lora = lora
         self.inputs = StepInputBuilder(block_size, device)
         self.phase_times: PhaseTimes | None = None  # set to profile each step's phases
-        # the last step's samples on the device, and their row per sequence id: the next step's pending
-        # input tokens (asynchronous scheduling)
-        self._last_sampled: tuple[dict[int, int], torch.Tensor] | None = None
+        # the last step's sampled sequences and their samples on the device: the next step's pending input
+        # tokens (asynchronous scheduling)
+        self._last_sampled: tuple[list[Sequence], torch.Tensor] | None = None
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """One step on a single rank: inputs from the scheduler's output, forward, sample."""
@@ -69,20 +68,20 @@ class ModelRunner:
             self.lora.prepare(out)
         seqs = out.sampled_seqs
         if out.grammar is not None and any(seqs[row].num_pending_tokens > 1 for row in out.grammar.rows):
-            logits = self.run(host, seqs, timer, sample=False)
-            return StepResult(None, lambda: self._sample_later(logits, out, timer))
-        return StepResult(self._remember(out, self.run(host, seqs, timer, out.grammar)))
+            logits = self._logits(host, timer)
+            return StepResult(None, lambda: self._sample_later(logits, seqs, out.grammar, timer))
+        return StepResult(self._remember(seqs, self.run(host, seqs, timer, out.grammar)))
 
     @torch.inference_mode()
-    def _sample_later(self, logits: torch.Tensor, out: SchedulerOutput, timer: _Timer) -> SampledTokens:
-        sampled = self.sampler.sample(logits, out.sampled_seqs, out.grammar)
-        timer.done(None)
-        return self._remember(out, sampled)
+    def _sample_later(
+        self, logits: torch.Tensor, seqs: list[Sequence], grammar: GrammarMask, timer: _Timer
+    ) -> SampledTokens:
+        sampled = timer.done(timer.phase("sample", self.sampler.sample, logits, seqs, grammar))
+        return self._remember(seqs, sampled)
 
-    def _remember(self, out: SchedulerOutput, sampled: SampledTokens | None) -> SampledTokens | None:
+    def _remember(self, seqs: list[Sequence], sampled: SampledTokens | None) -> SampledTokens | None:
         """Keeps the samples on the device: the next step's pending input tokens."""
-        rows = {seq.seq_id: row for row, seq in enumerate(out.sampled_seqs)}
-        self._last_sampled = (rows, sampled.token_ids) if sampled is not None else None
+        self._last_sampled = (seqs, sampled.token_ids) if sampled is not None else None
         return sampled
 
     @torch.inference_mode()
@@ -92,24 +91,30 @@ class ModelRunner:
         sampled_seqs: list[Sequence] | None,
         timer: _Timer | None = None,
         grammar: GrammarMask | None = None,
-        sample: bool = True,
-    ) -> Any:
+    ) -> SampledTokens | None:
         """Forward over ``host`` inputs; with tensor parallelism every rank runs this, and rank 0 (the one
-        with ``sampled_seqs`` and the grammar masks) gets the logits and samples (``SampledTokens``), or
-        with ``sample=False`` returns the logits (``launch`` samples them later)."""
+        with ``sampled_seqs`` and the grammar masks) gets the logits and samples."""
         timer = timer or _Timer(self.phase_times, self.device)
+        logits = self._logits(host, timer)
+        if logits is None:
+            return timer.done(None)
+        return timer.done(timer.phase("sample", self.sampler.sample, logits, sampled_seqs, grammar))
+
+    @torch.inference_mode()
+    def _logits(self, host: HostStepInputs, timer: _Timer) -> torch.Tensor | None:
+        """The forward pass and the LM head on the rows to sample: logits on rank 0 (gathered there), None on
+        the other ranks or when no row is sampled."""
         inputs = timer.phase("prepare", self._to_device, host)
         hidden = timer.phase("forward", self._forward, inputs)
         if not host.shape.num_sampled:
-            return timer.done(None)
-        if not sample:
-            return self.model.compute_logits(hidden[inputs.sample_rows])
-        return timer.done(timer.phase("sample", self._sample, hidden, inputs, sampled_seqs, grammar))
+            return None
+        return timer.phase("sample", self.model.compute_logits, hidden[inputs.sample_rows])
 
     def _to_device(self, host: HostStepInputs) -> StepInputs:
         inputs = self.inputs.to_device(host)
         if host.pending:
-            rows, previous = self._last_sampled  # only the step just before can leave a token pending
+            seqs, previous = self._last_sampled  # only the step just before can leave a token pending
+            rows = {seq.seq_id: row for row, seq in enumerate(seqs)}
             dst = to_device([row for row, _ in host.pending], self.device)
             src = to_device([rows[seq_id] for _, seq_id in host.pending], self.device)
             inputs.input_ids[dst] = previous[src]
@@ -124,16 +129,6 @@ class ModelRunner:
         ):
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, meta)
-
-    def _sample(
-        self,
-        hidden: torch.Tensor,
-        inputs: StepInputs,
-        seqs: list[Sequence] | None,
-        grammar: GrammarMask | None,
-    ) -> SampledTokens | None:
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # gathered on rank 0 only
-        return self.sampler.sample(logits, seqs, grammar) if logits is not None else None
 
 
 class StepResult:

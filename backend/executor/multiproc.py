@@ -297,7 +297,9 @@ class MultiprocExecutor(Executor):
                     raise WorkerFailed(
                         f"tensor-parallel rank {rank} failed: {_text(self.store, f'failed/{rank}')}"
                     )
-            self._check_processes()
+            dead = self._dead_rank()
+            if dead is not None:
+                raise WorkerFailed(dead)
             if self.store.check([f"{stage}/{r}" for r in ranks]):
                 return [_text(self.store, f"{stage}/{r}") for r in ranks]
             if time.monotonic() > deadline:
@@ -307,18 +309,17 @@ class MultiprocExecutor(Executor):
                 )
             time.sleep(0.05)
 
-    def _check_processes(self) -> None:
-        for proc in self.procs:
-            if proc.exitcode is not None:
-                raise WorkerFailed(proc.describe())
+    def _dead_rank(self) -> str | None:
+        """What became of the first rank process of this host that has exited, or None."""
+        return next((proc.describe() for proc in self.procs if proc.exitcode is not None), None)
 
     def _watch_ranks(self) -> None:
         while not self._closed:
-            for proc in self.procs:
-                if proc.exitcode is not None and not self._closed:
-                    self._failed = proc.describe()
-                    logger.error(self._failed)
-                    return
+            dead = self._dead_rank()
+            if dead is not None and not self._closed:
+                self._failed = dead
+                logger.error(dead)
+                return
             time.sleep(0.2)
 
     def health(self) -> str | None:
@@ -338,8 +339,7 @@ class MultiprocExecutor(Executor):
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         # NOTE: a rank process known to be gone fails the step before any collective: gloo does not always
         # notice a closed connection in time (a broadcast to a just-killed rank was seen to wait for ever)
-        if self._failed is None:
-            self._failed = next((p.describe() for p in self.procs if p.exitcode is not None), None)
+        self._failed = self._failed or self._dead_rank()
         if self._failed is not None:
             raise WorkerFailed(self._failed)
         runner = self.worker.runner

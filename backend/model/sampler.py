@@ -74,7 +74,7 @@ class Sampler:
                 cols.append(token_id)
         if rows:
             index = (to_device(rows, logits.device), to_device(cols, logits.device))
-            logits.index_put_(index, to_device(float("-inf"), logits.device))
+            logits[index] = float("-inf")
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [seq.sampling_params for seq in seqs]
