@@ -16,7 +16,7 @@ import pytest
 
 from model_factory import FULL_ONLY, make_hf_model
 from pagetron.backend import LLM, ConfigError, SamplingParams
-from pagetron.backend.executor.multiproc import WorkerFailed, free_address
+from pagetron.backend.executor.multiproc import Rank, WorkerFailed, exited_ranks, free_address
 
 NEAR_TIE = 1e-3  # fp32 sums in another order move a logprob by far less than this
 LOGPROB_TOLERANCE = 1e-4
@@ -136,6 +136,19 @@ def test_a_rank_that_dies_fails_the_next_step_with_a_clear_error(tiny):
         assert not llm.engine.has_unfinished_requests()
     finally:
         llm.engine.shutdown()
+
+
+def test_a_rank_that_exits_just_after_a_failed_collective_is_still_named():
+    """A killed rank's closed socket can fail the driver's collective before the rank is reapable."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        assert exited_ranks([Rank(1, proc)], grace_s=0) == []
+        assert exited_ranks([Rank(1, proc)], grace_s=30) == [
+            f"tensor-parallel rank 1 (pid {proc.pid}) exited with code 0"
+        ]
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_several_hosts_need_an_address_to_meet_at(monkeypatch):

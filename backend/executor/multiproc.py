@@ -52,6 +52,7 @@ from pagetron.backend.model.parallel import TensorParallel
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # for every rank to join and load its shard (other hosts may start later)
+RANK_EXIT_GRACE_S = 2.0  # after a failed collective, how long a local rank gets to show it has exited
 # NOTE: idle ranks wait in a broadcast for the next step for as long as the engine is idle, so the
 # groups' own timeout must not end them; a dead peer is noticed by its closed connection instead.
 IDLE_FOREVER = datetime.timedelta(days=365)
@@ -248,6 +249,20 @@ class Rank:
         return f"tensor-parallel rank {self.rank} (pid {self.process.pid}) exited with code {self.exitcode}"
 
 
+def exited_ranks(procs: list[Rank], grace_s: float) -> list[str]:
+    """What became of the rank processes that have exited, waiting up to ``grace_s`` for one to show.
+
+    NOTE: a killed process closes its sockets before it becomes a zombie its parent can reap, so a
+    collective's "connection reset" can arrive while poll() still says the rank runs.
+    """
+    deadline = time.monotonic() + grace_s
+    while True:
+        dead = [proc.describe() for proc in procs if proc.exitcode is not None]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.01)
+
+
 def main() -> None:
     """A rank process: ``python -m pagetron.backend.executor.multiproc ADDR RANK LOCAL_RANK``."""
     addr, rank, local_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -357,7 +372,7 @@ class MultiprocExecutor(Executor):
             sampled = runner.run(host, scheduler_output.sampled_seqs, grammar=scheduler_output.grammar)
             return sampled.output() if sampled is not None else RunnerOutput()
         except RuntimeError as e:  # a collective with a rank that went away
-            dead = [proc.describe() for proc in self.procs if proc.exitcode is not None]
+            dead = exited_ranks(self.procs, grace_s=RANK_EXIT_GRACE_S)
             raise WorkerFailed(self._failed or "; ".join(dead) or f"tensor-parallel step failed: {e}") from e
 
     def shutdown(self) -> None:
