@@ -21,4 +21,7 @@ def test_the_structured_benchmark_reports_both_modes(tmp_path):
         # 8 tokens cannot complete the order schema: both modes generate 4 x 8 tokens
         assert run["unconstrained"]["output_tokens"] == run["json_schema"]["output_tokens"] == 32
         assert run["json_schema"]["ended_by_grammar"] == 0 and run["json_schema"]["mask_ms_per_step"] > 0
+        # stepping synchronously (the CPU), the step waits for all of each fill
+        constrained = run["json_schema"]
+        assert constrained["mask_wait_ms_per_step"] >= constrained["mask_ms_per_step"]
         assert run["unconstrained"]["mask_ms_per_step"] is None and run["ratio"] > 0

@@ -192,6 +192,7 @@ def test_no_sampled_token_leaves_the_mask(tiny_with_tokenizer, async_scheduling)
         async_scheduling=async_scheduling,
         executor_factory=MaskCheckingExecutor,
     )
+    llm.engine.fill_masks_on_thread = True  # as on a GPU host, however few cores this one has
     shared = "You are a helpful assistant that always answers in JSON. " * 2
     enum_schema = {
         "type": "object",
@@ -231,6 +232,8 @@ def test_no_sampled_token_leaves_the_mask(tiny_with_tokenizer, async_scheduling)
     assert executor.violations == [] and executor.checked > 40
     # with asynchronous scheduling constrained rows run ahead: sampled once their previous token is applied
     assert (executor.ran_ahead > 0) == async_scheduling
+    # ... and their masks are filled on a thread while the engine thread does the rest of its step
+    assert (llm.engine.scheduler.mask_stats.on_thread > 0) == async_scheduling
     assert llm.engine.scheduler.num_preemptions > 0
     # seeded and greedy: the same texts with or without async scheduling, however often preempted
     texts = [c.text for o in outs[:4] for c in o.outputs]
@@ -363,3 +366,24 @@ def test_the_batched_mask_fill_equals_the_row_by_row_one(smollm):
     for row, state in enumerate(states):
         state.fill_bitmask(one_by_one, row)
     assert np.array_equal(batched, one_by_one) and len({r.tobytes() for r in batched}) == len(texts)
+
+
+def test_a_mask_filled_on_a_thread_equals_one_filled_where_read():
+    from pagetron.backend.core.step import GrammarMask, MaskStats
+
+    def fill(states, bitmask):
+        for row, value in enumerate(states):
+            if value is None:
+                raise RuntimeError("no matcher")
+            bitmask[row] = value
+
+    stats = MaskStats()
+    here, there = GrammarMask([0, 2], [5, -1], 3, fill, stats), GrammarMask([0, 2], [5, -1], 3, fill, stats)
+    there.start_fill()
+    assert np.array_equal(there.bitmask, here.bitmask) and here.bitmask.tolist() == [[5, 5, 5], [-1, -1, -1]]
+    there.start_fill()  # filled already: nothing to do
+    assert (stats.steps, stats.on_thread) == (2, 1)
+    broken = GrammarMask([1], [None], 3, fill, stats)
+    broken.start_fill()
+    with pytest.raises(RuntimeError, match="no matcher"):
+        broken.bitmask  # noqa: B018 (the read raises what the thread raised)

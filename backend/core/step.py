@@ -22,6 +22,7 @@ with its last token pending, whose id the executor takes from the previous step'
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,10 +35,13 @@ from pagetron.backend.core.sequence import Sequence
 
 @dataclass
 class MaskStats:
-    """Host time spent filling grammar bitmasks (for benchmarks)."""
+    """Host time spent on grammar bitmasks (for benchmarks): filling them, and the part of that the step
+    waited for (all of it when a mask is filled where it is read; less when the fill ran on a thread)."""
 
     steps: int = 0
     seconds: float = 0.0
+    waited: float = 0.0
+    on_thread: int = 0  # fills that ran on a thread (start_fill)
 
 
 @dataclass
@@ -49,7 +53,9 @@ class GrammarMask:
         bitmask = int32 [len(rows), ceil(vocab / 32)]
 
     NOTE: the bitmask is filled when first read, which the sampler does after the step's forward pass is
-    queued: on a GPU the host fills the masks while the device computes.
+    queued: on a GPU the host fills the masks while the device computes. ``start_fill`` fills it on a
+    thread instead (xgrammar releases the GIL), so the host's next work overlaps it too; the caller must
+    not touch the grammar states until the bitmask has been read.
     """
 
     rows: list[int]
@@ -58,18 +64,48 @@ class GrammarMask:
     fill: Callable[[list[Any], np.ndarray], None]  # fills one bitmask row per state
     stats: MaskStats | None = None
     _bitmask: np.ndarray | None = None
+    _filling: threading.Thread | None = None
+    _error: BaseException | None = None
+
+    def start_fill(self) -> None:
+        if self._bitmask is None and self._filling is None:
+            # NOTE: a new thread, not a pool's: starting one hands it the GIL at once, where a pool's
+            # worker would wait for the running thread's switch interval (5 ms) to begin
+            self._filling = threading.Thread(target=self._fill_caught, name="pagetron-mask-fill")
+            self._filling.start()
+            if self.stats is not None:
+                self.stats.on_thread += 1
 
     @property
     def bitmask(self) -> np.ndarray:
         if self._bitmask is None:
             started = time.perf_counter()
-            bitmask = np.empty((len(self.rows), self.width), dtype=np.int32)
-            self.fill(self.states, bitmask)
-            self._bitmask = bitmask
+            if self._filling is None:
+                self._fill()
+            else:
+                self._filling.join()
+                self._filling = None
+                if self._error is not None:
+                    raise self._error
             if self.stats is not None:
-                self.stats.steps += 1
-                self.stats.seconds += time.perf_counter() - started
+                self.stats.waited += time.perf_counter() - started
+        assert self._bitmask is not None
         return self._bitmask
+
+    def _fill(self) -> None:
+        started = time.perf_counter()
+        bitmask = np.empty((len(self.rows), self.width), dtype=np.int32)
+        self.fill(self.states, bitmask)
+        if self.stats is not None:
+            self.stats.steps += 1
+            self.stats.seconds += time.perf_counter() - started
+        self._bitmask = bitmask
+
+    def _fill_caught(self) -> None:
+        try:
+            self._fill()
+        except BaseException as e:  # noqa: BLE001 (raised again where the bitmask is read)
+            self._error = e
 
 
 def fill_each(states: list[Any], bitmask: np.ndarray) -> None:

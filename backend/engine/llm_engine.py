@@ -7,6 +7,7 @@ import functools
 import gc
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,10 @@ __all__ = ["LLMEngine", "PromptType"]
 T = TypeVar("T")
 
 COMPILE_POLL_S = 0.05
+# NOTE: with asynchronous scheduling a step's grammar masks are filled on a thread beside the engine thread
+# (see _step_ahead), which only pays where cores are free for it and xgrammar's fill threads (up to 8):
+# on 2 cores the fill slowed by more than it overlapped (an emulated device, 64 JSON-schema rows).
+FILL_THREAD_MIN_CPUS = 8
 
 
 class LLMEngine:
@@ -78,6 +83,7 @@ class LLMEngine:
         if config.async_scheduling and not self.async_scheduling:
             logger.warning("async_scheduling: this executor runs each step through; stepping synchronously")
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self.fill_masks_on_thread = (os.cpu_count() or 1) >= FILL_THREAD_MIN_CPUS
         self._request_ids = itertools.count()
         self._grammar_service: GrammarService | None = None  # made when a request first needs it
         self._grammar_lock = threading.Lock()
@@ -318,21 +324,28 @@ class LLMEngine:
     # N's samples on the device. Outputs are the same as stepping synchronously (the scheduler only runs a
     # sequence ahead where it can; see Scheduler._may_run_ahead), and each step() returns the outputs of
     # the step before. A constrained row that runs ahead needs N's token in its grammar before its mask
-    # can be filled: such a step's sampling is queued by launched.sample() after update(N), while the
-    # device computes N+1's forward pass (the runner's launch queued it without sampling).
+    # can be filled: the runner's launch of such a step queues its forward pass only, and its sampling is
+    # queued by launched.sample() once update(N) has run. Where cores allow, the mask fill then runs on a
+    # thread while the host detokenizes N and schedules N+2, and the sampling is queued just before N+2's
+    # forward pass (which takes N+1's samples as inputs):
     #
-    #   host:   [sched N+1][launch N+1][wait N][update N][sample N+1][outputs N][sched N+2][launch N+2] ...
-    #   device:   ...  step N  ][ N+1 forward ... ][ N+1 sampling ][ step N+2 ...
+    #   host:   [sched N+2][sample N+1][launch N+2][wait N+1][update N+1][outputs N+1]  [sched N+3] ...
+    #   thread:    ... fill N+1 ]                                        [ fill N+2 ...              ]
+    #   device:  [ N+1 forward       ][N+1 sampling][ N+2 forward                ][N+2 sampling] ...
     def _step_ahead(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        if self._in_flight is not None:
+            self._guarded(self._in_flight[1].sample)  # no-op unless its sampling still waits (see above)
         launched = self._guarded(lambda: self.executor.launch(scheduled))
         previous, self._in_flight = self._in_flight, (scheduled, launched)
         if previous is None:
-            self._guarded(launched.sample)
             return []
-        previous_scheduled, previous_launched = previous
-        updates = self.scheduler.update(previous_scheduled, self._guarded(previous_launched.result))
-        self._guarded(launched.sample)  # the grammars have seen the previous step's tokens now
+        updates = self.scheduler.update(previous[0], self._guarded(previous[1].result))
+        # the grammars have seen the previous step's tokens now
+        if scheduled.grammar is not None and self.fill_masks_on_thread:
+            scheduled.grammar.start_fill()
+        else:
+            self._guarded(launched.sample)
         return self.output_processor.process(updates)
 
     def _guarded(self, run: Callable[[], T]) -> T:

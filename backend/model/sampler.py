@@ -16,6 +16,7 @@ from pagetron.backend.core.sampling_params import SamplingParams
 from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import GrammarMask, RunnerOutput
 from pagetron.backend.model.host_copy import to_device
+from pagetron.kernels.token_bitmask_ref import apply_token_bitmask_ref
 
 
 class Sampler:
@@ -24,6 +25,7 @@ class Sampler:
         self.seed = seed
         self._generators: dict[tuple[torch.device, bool], torch.Generator] = {}
         self._seeded: dict[int, torch.Generator] = {}  # seq id -> its own CPU generator
+        self._bitmasks = BitmaskUpload()
 
     def forget(self, seq_ids: list[int]) -> None:
         """Drops the generators of sequences that ended."""
@@ -45,7 +47,7 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)  # modified in place below
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         if grammar is not None:
-            apply_token_bitmask(logits, grammar)
+            self._bitmasks.apply(logits, grammar)
         _apply_logit_bias(logits, params)
         self._mask_stop_tokens_below_min_tokens(logits, seqs)
         _apply_penalties(logits, seqs)
@@ -125,27 +127,46 @@ class Sampler:
         return gen
 
 
-_BIT = {}  # device -> int32 [32] of 1 << j
+class BitmaskUpload:
+    """Applies a step's grammar bitmasks on the logits' device: one copy to the device and one kernel (the
+    OpenAI-Triton one on CUDA, its torch reference elsewhere), no host sync.
 
+    NOTE: on CUDA the masks go through one pinned staging buffer, kept from step to step (a fresh pinned
+    buffer each step costs an allocation and a copy on the host). Before it is overwritten the host waits
+    for the last upload's event; that upload was queued before its step's sampling, whose samples the
+    engine read before filling the next masks, so the wait returns at once.
+    """
 
-def apply_token_bitmask(logits: torch.Tensor, grammar: GrammarMask) -> None:
-    """-inf on every token a constrained row's bitmask forbids: one copy of the bitmask to the device and a
-    few tensor ops, no host sync."""
-    device, vocab_size = logits.device, logits.shape[1]
-    words = torch.from_numpy(grammar.bitmask)
-    if device.type == "cuda":
-        words = words.pin_memory().to(device, non_blocking=True)
-    bit = _BIT.get(device)
-    if bit is None:
-        bit = _BIT[device] = torch.tensor(
-            [1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device
-        )
-    allowed = (words[:, :, None] & bit).ne(0).flatten(1)[:, :vocab_size]
-    if len(grammar.rows) == logits.shape[0]:  # every row constrained (rows 0..n-1): in place
-        logits.masked_fill_(~allowed, float("-inf"))
-        return
-    rows = to_device(grammar.rows, device)
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    def __init__(self) -> None:
+        self._staging: torch.Tensor | None = None  # pinned int32 [rows, width]
+        self._words: torch.Tensor | None = None  # the device copy
+        self._uploaded: torch.cuda.Event | None = None
+
+    def apply(self, logits: torch.Tensor, grammar: GrammarMask) -> None:
+        device = logits.device
+        words = torch.from_numpy(grammar.bitmask)
+        every_row = len(grammar.rows) == logits.shape[0]  # rows are sorted: then they are 0..n-1
+        rows = None if every_row else to_device(grammar.rows, device, torch.int32)
+        if device.type != "cuda":
+            apply_token_bitmask_ref(logits, words.to(device), rows)
+            return
+        from pagetron.kernels.token_bitmask import apply_token_bitmask
+
+        apply_token_bitmask(logits, self._upload(words, device), rows)
+
+    def _upload(self, words: torch.Tensor, device: torch.device) -> torch.Tensor:
+        n, width = words.shape
+        if self._staging is None or self._staging.shape[0] < n or self._staging.shape[1] != width:
+            capacity = max(n, 2 * self._staging.shape[0] if self._staging is not None else 64)
+            self._staging = torch.empty((capacity, width), dtype=torch.int32, pin_memory=True)
+            self._words = torch.empty((capacity, width), dtype=torch.int32, device=device)
+            self._uploaded = torch.cuda.Event()
+        else:
+            self._uploaded.synchronize()
+        self._staging[:n].copy_(words)
+        self._words[:n].copy_(self._staging[:n], non_blocking=True)
+        self._uploaded.record()
+        return self._words[:n]
 
 
 def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:

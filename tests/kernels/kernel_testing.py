@@ -35,6 +35,7 @@ KERNEL_MODULES = tuple(
         "rms_norm",
         "rotary_embedding",
         "silu_and_mul",
+        "token_bitmask",
     )
 )
 
