@@ -12,14 +12,9 @@ slot is read from device tensors that ``group_rows`` computes once per step; -1 
                    order       [  0  4 | 1  3 | 5 | 2  6  7 ]   rows sorted by slot (stable)
                    blocks      (slot 0, order[2:4]) (slot 1, order[4:5]) (slot 2, order[5:8])  <- programs
 
-The shrink accumulates in fp32, split over K: each K range writes its own partial sums, which the expand
-adds up in a fixed order as it loads them (deterministic, and no buffer to zero first: a step's LoRA is
-two launches per layer, nothing else). The expand multiplies t rounded to B's dtype (as PEFT rounds the
-intermediate) and adds to ``y`` rounding once. Rows without an adapter leave ``y`` untouched (their
-partial sums are never written nor read).
-
-    partials t [SPLITS, T, P R]:   t[s, i] = x[i, K range s] @ A[slot_i][:, K range s]^T
-    expand:                         t[i]    = t[0, i] + t[1, i] + ... (fp32, in this order)
+The shrink accumulates in fp32, split over K (partial sums added atomically, so the last bits may vary
+between runs); the expand multiplies t rounded to B's dtype (as PEFT rounds the
+intermediate) and adds to ``y`` rounding once. Rows without an adapter leave ``y`` untouched.
 """
 
 from __future__ import annotations
@@ -83,14 +78,14 @@ def _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, t_ptr, block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr,
-    stride_x, stride_as, stride_ar, stride_ts, stride_t, K, RP, K_PER_SPLIT,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    stride_x, stride_as, stride_ar, stride_t, K, RP, K_PER_SPLIT,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     slot, rows, real = _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_M)
     if slot >= 0:
         rs = tl.arange(0, BLOCK_R)
-        split = tl.program_id(1)
-        k_begin = split * K_PER_SPLIT
+        k_begin = tl.program_id(1) * K_PER_SPLIT
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -102,14 +97,18 @@ def _shrink_kernel(
                 acc += tl.dot(x, a, input_precision="ieee")
             else:
                 acc += tl.dot(x, a)
-        out = t_ptr + split.to(tl.int64) * stride_ts + rows[:, None] * stride_t + rs[None, :]
-        tl.store(out, acc, mask=real[:, None] & (rs[None, :] < RP))
+        out = t_ptr + rows[:, None] * stride_t + rs[None, :]
+        mask = real[:, None] & (rs[None, :] < RP)
+        if SPLIT_K == 1:
+            tl.store(out, acc, mask=mask)
+        else:
+            tl.atomic_add(out, acc, mask=mask)
 
 
 @triton.jit
 def _expand_kernel(
     t_ptr, b_ptr, y_ptr, block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr,
-    stride_ts, stride_t, stride_bs, stride_bn, stride_y, N, R, start1, start2, SPLITS,
+    stride_t, stride_bs, stride_bn, stride_y, N, R, start1, start2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS: tl.constexpr,
     IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -130,10 +129,7 @@ def _expand_kernel(
                 part_begin, part_end = start2, N
             if (n0 < part_end) & (n0 + BLOCK_N > part_begin):  # the tile holds columns of part p
                 t_rows = t_ptr + rows[:, None] * stride_t + p * R + rs[None, :]
-                t_mask = real[:, None] & (rs[None, :] < R)
-                t = tl.load(t_rows, mask=t_mask, other=0.0)
-                for s in range(1, SPLITS):  # the shrink's partial sums, added in a fixed order
-                    t += tl.load(t_rows + s * stride_ts, mask=t_mask, other=0.0)
+                t = tl.load(t_rows, mask=real[:, None] & (rs[None, :] < R), other=0.0)
                 b_mask = (rs[:, None] < R) & (ns[None, :] < N) & (part_of_n[None, :] == p)
                 b = tl.load(b_tile, mask=b_mask, other=0.0)
                 if IEEE:
@@ -151,25 +147,25 @@ def _block_r(width: int) -> int:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows) -> torch.Tensor:
-    """x [T, K] (last dim contiguous), a [S, P * R, K] contiguous -> fp32 partial sums [SPLITS, T, P * R]
-    over K ranges (``t.sum(0)`` is x A^T; rows without an adapter are left unwritten)."""
+    """x [T, K] (last dim contiguous), a [S, P * R, K] contiguous -> fp32 [T, P * R] (zeros on rows
+    without an adapter)."""
     num_rows, k = x.shape
     rp = a.shape[1]
-    block_k = 64
-    # NOTE: the product is memory- and latency-bound, and a program walks its K range serially: split K so
-    # that each program loads at most about 8 tiles, however many rows. Unsplit, a decode step's down
-    # projection (K = 14,336) was 224 dependent loads per program.
-    split_k = max(1, min(32, triton.cdiv(k, 8 * block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    out = torch.empty(splits, num_rows, rp, dtype=torch.float32, device=x.device)
+    out = torch.zeros(num_rows, rp, dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return out
-    grid = (rows.block_slot.shape[0], splits)
+    block_k = 64
+    # NOTE: the product is memory- and latency-bound, and a program walks its K range serially: split K so
+    # that each program loads at most about 8 tiles (partial sums added atomically), however many rows.
+    # Unsplit, a decode step's down projection (K = 14,336) was 224 dependent loads per program.
+    split_k = max(1, min(32, triton.cdiv(k, 8 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (rows.block_slot.shape[0], triton.cdiv(k, k_per_split))
     _shrink_kernel[grid](
         x, a, out, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
-        x.stride(0), a.stride(0), a.stride(1), out.stride(0), out.stride(1), k, rp, k_per_split,
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rp), BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        x.stride(0), a.stride(0), a.stride(1), out.stride(0), k, rp, k_per_split,
+        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rp), BLOCK_K=block_k, SPLIT_K=grid[1],
+        IEEE=x.dtype == torch.float32,
     )  # fmt: skip
     return out
 
@@ -177,23 +173,19 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows) -> torch.Tenso
 def lora_expand(
     t: torch.Tensor, b: torch.Tensor, rows: LoRARows, y: torch.Tensor, part_starts: list[int]
 ) -> torch.Tensor:
-    """y [T, N] += the expansion of t through b [S, N, R], part p reading t's p-th rank block for the
-    output columns from part_starts[p] on (at most 3 parts). t is fp32 [T, P * R], or the shrink's partial
-    sums [SPLITS, T, P * R] (added up here). In place; returns y."""
+    """y [T, N] += the expansion of t [T, P * R] (fp32) through b [S, N, R], part p reading t's p-th
+    rank block for the output columns from part_starts[p] on (at most 3 parts). In place; returns y."""
     assert 1 <= len(part_starts) <= 3 and part_starts[0] == 0
     num_rows, n = y.shape
     rank = b.shape[2]
     if num_rows == 0:
         return y
-    if t.dim() == 2:
-        t = t[None]
     starts = [*part_starts[1:], n, n][:2]
     block_n = 64
     grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
         t, b, y, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
-        t.stride(0), t.stride(1), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
-        t.shape[0],
+        t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_block_r(rank), PARTS=len(part_starts),
         IEEE=b.dtype == torch.float32,
     )  # fmt: skip
