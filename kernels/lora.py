@@ -146,12 +146,17 @@ def _block_r(width: int) -> int:
     return max(16, triton.next_power_of_2(width))  # tl.dot's smallest N and K
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, rows: LoRARows, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [T, K] (last dim contiguous), a [S, P * R, K] contiguous -> fp32 [T, P * R] (zeros on rows
-    without an adapter)."""
+    without an adapter), written into ``out`` where given: fp32 [T, P * R], zeroed, last dim contiguous
+    (a layer's columns of a workspace that the step zeroed once for all its layers)."""
     num_rows, k = x.shape
     rp = a.shape[1]
-    out = torch.zeros(num_rows, rp, dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.zeros(num_rows, rp, dtype=torch.float32, device=x.device)
+    assert out.shape == (num_rows, rp) and out.dtype == torch.float32 and out.stride(1) == 1
     if num_rows == 0:
         return out
     block_k = 64

@@ -7,9 +7,13 @@ from __future__ import annotations
 import torch
 
 
-def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """x [T, K], a [S, P * R, K], token_slots [T] (-1: no adapter) -> fp32 [T, P * R]."""
-    out = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+def lora_shrink_ref(
+    x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, K], a [S, P * R, K], token_slots [T] (-1: no adapter) -> fp32 [T, P * R], written into
+    ``out`` (zeroed) where given."""
+    if out is None:
+        out = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
     for slot in token_slots.unique().tolist():
         if slot >= 0:
             rows = (token_slots == slot).nonzero().squeeze(1)

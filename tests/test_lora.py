@@ -216,6 +216,42 @@ def test_rows_are_regrouped_whenever_the_slots_are_set():
     assert context.rows() == 3 and context.rows() == 3
 
 
+def test_short_steps_share_one_zeroed_shrink_workspace_and_long_ones_do_not(base, adapters):
+    """Every LoRA layer has its own columns of the workspace, zeroed once per forward pass of at most
+    WORKSPACE_MAX_ROWS rows; a longer step's layers zero their own buffers. Both give the same product."""
+    from pagetron.backend.model import lora as lora_module
+
+    llm = LLM(str(base), enable_lora=True, max_loras=2, max_lora_rank=8)
+    model = llm.engine.executor.worker.runner.model
+    layer = model.model.layers[0]
+    qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
+    widths = [3 * 8, 8, 2 * 8, 8]  # qkv, o, gate_up, down at max_lora_rank 8
+    assert (qkv.lora_offset, o.lora_offset) == (0, 24)
+    context = qkv.lora_context
+    assert context._width == len(model.model.layers) * sum(widths)
+    manager = llm.engine.executor.worker.lora
+    manager._load_slot(1, manager.add(adapters["all-r8"]))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, qkv.weight.shape[1], generator=gen)
+    context.token_slots = torch.tensor([1, -1, 1, 1, -1, 1], dtype=torch.int32)
+    with torch.inference_mode():
+        shared = qkv(x)
+        assert context._workspace is not None and context._workspace.shape == (6, context._width)
+        assert context._workspace[:, 24:].count_nonzero() == 0  # only qkv's columns written so far
+        original = lora_module.WORKSPACE_MAX_ROWS
+        lora_module.WORKSPACE_MAX_ROWS = 5
+        try:
+            context.token_slots = context.token_slots.clone()
+            own = qkv(x)
+            assert context._workspace is None
+        finally:
+            lora_module.WORKSPACE_MAX_ROWS = original
+        context.token_slots = None
+        plain = qkv(x)
+    assert torch.equal(shared, own) and not torch.equal(shared[0], plain[0])
+    assert torch.equal(shared[1], plain[1])  # no adapter on row 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_graphs_give_each_request_its_adapters_tokens(base, adapters, references):
     """On a GPU: the LoRA kernels in decode CUDA graphs (mixed batch, bf16 rounding aside: fp32 here)."""

@@ -46,11 +46,23 @@ class LoRAError(ValueError):
     pass
 
 
+WORKSPACE_MAX_ROWS = 1024  # steps up to this many rows share one zeroed shrink workspace (decode)
+
+
 class LoRAContext:
     """Shared by every LoRA-capable layer: the current step's slot per token row (None: no row uses an
     adapter) and the shrink / expand implementations (kernels or references), which take the rows as
     ``group`` makes them from the slots: once per forward pass, by the first layer that needs them (inside
-    a CUDA graph's capture, so replays regroup the rows they are given)."""
+    a CUDA graph's capture, so replays regroup the rows they are given).
+
+    NOTE: the shrink adds its K ranges' partial sums into a zeroed fp32 buffer. A step of at most
+    WORKSPACE_MAX_ROWS rows zeroes one workspace for every layer at once, each layer's shrink writing its
+    own columns (registered when LoRA is enabled), instead of one zero-fill launch per layer (128 for the
+    8B shape's 32 layers x 4 projections); longer steps, whose launches count for little beside their
+    GEMMs, zero each layer's buffer as they go, keeping the workspace small::
+
+        workspace [T, sum of P R]:  [ L0 qkv (3R) | L0 o (R) | L0 gate_up (2R) | L0 down (R) | L1 qkv ... ]
+    """
 
     def __init__(
         self,
@@ -62,6 +74,19 @@ class LoRAContext:
         self.shrink, self.expand, self.group, self.num_slots = shrink, expand, group, num_slots
         self._token_slots: torch.Tensor | None = None
         self._rows: Any = None
+        self._width = 0  # columns of the workspace, over every registered layer
+        self._workspace: torch.Tensor | None = None
+
+    def register(self, width: int) -> int:
+        """A layer's ``width`` columns of the shrink workspace; returns their offset."""
+        offset, self._width = self._width, self._width + width
+        return offset
+
+    def shrink_out(self, offset: int, width: int) -> torch.Tensor | None:
+        """The zeroed workspace columns of the layer at ``offset`` this step, or None (zero its own)."""
+        if self._workspace is None:
+            return None
+        return self._workspace[:, offset : offset + width]
 
     @property
     def token_slots(self) -> torch.Tensor | None:
@@ -77,7 +102,11 @@ class LoRAContext:
 
     def rows(self) -> Any:
         if self._rows is None:
-            self._rows = self.group(self._token_slots, self.num_slots)
+            slots = self._token_slots
+            self._rows = self.group(slots, self.num_slots)
+            num_rows, self._workspace = slots.shape[0], None
+            if num_rows <= WORKSPACE_MAX_ROWS:
+                self._workspace = torch.zeros(num_rows, self._width, dtype=torch.float32, device=slots.device)
         return self._rows
 
 
@@ -190,7 +219,7 @@ class LoRAManager:
             self.context = LoRAContext(lora_shrink_ref, lora_expand_ref, _slots_as_they_are, max_loras)
         self.layers = model.model.layers
         for layer in self.layers:
-            for module_name in {m for m, _ in TARGETS.values()}:
+            for module_name in dict.fromkeys(m for m, _ in TARGETS.values()):  # in layer order
                 module = layer.get_submodule(module_name)
                 module.enable_lora(self.context, max_loras, max_rank, device, dtype)
         self.shapes = projection_shapes(model.cfg)

@@ -113,13 +113,14 @@ class _LoRASlots:
         if context is None or context.token_slots is None:
             return y
         rows = context.rows()
-        t = context.shrink(x, self.lora_a, rows)
+        t = context.shrink(x, self.lora_a, rows, context.shrink_out(self.lora_offset, self.lora_a.shape[1]))
         return context.expand(t, self.lora_b, rows, y, self.lora_part_starts)
 
     def _lora_buffers(
         self, context: Any, slots: int, rank: int, in_features: int, outs: list[int], device, dtype
     ):
         self.lora_context, self.lora_rank = context, rank
+        self.lora_offset = context.register(len(outs) * rank)  # its columns of the shrink's workspace
         self.lora_a = torch.zeros(slots, len(outs) * rank, in_features, device=device, dtype=dtype)
         self.lora_b = torch.zeros(slots, sum(outs), rank, device=device, dtype=dtype)
         self.lora_part_starts = [sum(outs[:p]) for p in range(len(outs))]

@@ -58,6 +58,12 @@ def check_against_reference(dtype, token_slots, in_features, seed):
     assert t.dtype == torch.float32 and t.shape == (len(token_slots), parts * RANK)
     torch.testing.assert_close(t, t_ref, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
     assert not t[slots < 0].any()
+    # into a layer's columns of a zeroed workspace (rows strided past them): the same sums
+    workspace = torch.zeros(len(token_slots), parts * RANK + 10, device=DEVICE)
+    columns = workspace[:, 4 : 4 + parts * RANK]
+    assert lora.lora_shrink(x, a, rows, columns) is columns
+    torch.testing.assert_close(columns, t, rtol=1e-6, atol=1e-6)
+    assert not workspace[:, :4].any() and not workspace[:, 4 + parts * RANK :].any()
 
     starts = [0, 40, 56]
     y = torch.randn(len(token_slots), sum(PART_WIDTHS), generator=gen).to(DEVICE, dtype)
