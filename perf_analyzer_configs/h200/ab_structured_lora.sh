@@ -1,0 +1,44 @@
+# A/B on one GPU for the structured-output and multi-LoRA goals: `pagetron bench structured` (8B shape,
+# concurrency 64 and 1) and `pagetron bench lora` (8B shape, 1 / 8 / 32 adapters and concurrency 1) with a
+# base tree and this one, in the same call. BASE names the base: a folder holding `backend`, `kernels` and
+# `client` of an older commit (default .base_e13: `git archive e13b888 backend kernels client | tar -x -C
+# .base_e13`); carry it with .whl (xgrammar and jsonschema wheels, smollm2-tokenizer/). The kernel tests of
+# this tree run compiled first. Results and logs in $OUT; a short table last.
+# Usage: bash perf_analyzer_configs/h200/ab_structured_lora.sh [parts: kernels,structured,lora]
+source perf_analyzer_configs/h200/env.sh
+PARTS=${1:-kernels,structured,lora}
+BASE=${BASE:-.base_e13}
+TOKENIZER=.whl/smollm2-tokenizer
+summary=()
+use() { for part in backend kernels client; do ln -sfn "$PWD/$1/$part" "$SITE/pagetron/$part"; done; }
+run() {  # name, command...
+  local name=$1; shift
+  local start=$SECONDS
+  timeout "${PART_TIMEOUT:-240}" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-110)")")
+}
+nvidia-smi --query-gpu=name --format=csv,noheader
+git log -1 --format=%h 2>/dev/null || true
+if [[ $PARTS == *kernels* ]]; then
+  use .
+  run kernels python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_token_bitmask.py \
+    tests/kernels/test_kernel_lora.py
+fi
+for side in base head; do
+  if [[ $side == base ]]; then use "$BASE"; else use .; fi
+  if [[ $PARTS == *structured* ]]; then
+    run "structured-c64-$side" python3 -m pagetron.backend.cli bench structured --shape llama3-8b \
+      --tokenizer "$TOKENIZER" --concurrency 64 --requests 384 --max-tokens 128 --json "$OUT/structured-c64-$side.json"
+    run "structured-c1-$side" python3 -m pagetron.backend.cli bench structured --shape llama3-8b \
+      --tokenizer "$TOKENIZER" --concurrency 1 --requests 6 --max-tokens 128 --json "$OUT/structured-c1-$side.json"
+  fi
+  if [[ $PARTS == *lora* ]]; then
+    run "lora-$side" python3 -m pagetron.backend.cli bench lora --shape llama3-8b --adapters 1,8,32 \
+      --requests 256 --prompt-len 512 --max-tokens 128 --max-num-seqs 128 --kv-cache-memory-gb 16 \
+      --json "$OUT/lora-$side.json"
+  fi
+done
+use .
+for f in "$OUT"/*.log; do echo "== $f"; tail -n 8 "$f"; done
+printf '%s\n' "${summary[@]}"
