@@ -105,21 +105,44 @@ def test_auto_streams_content_then_whole_calls():
     ]
 
 
-def test_required_streams_each_call_once_its_element_closes():
-    text = '[{"name":"get_weather","parameters":{"city":"a]\\"}"}},{"name":"get_time","parameters":{}}]'
+def test_required_streams_each_calls_arguments_as_they_come():
+    weather = '{"name": "get_weather", "parameters": {"city": "a]\\"}"}}'
+    text = f'[{weather}, {{"name": "get_time", "parameters": {{}}}}]'
     stream = ToolCallStream(plan([WEATHER, TIME], "required", None))
-    deltas = []
+    fed, seen = "", []  # (text fed so far, delta)
     for i in range(0, len(text), 7):
-        deltas.append(stream.feed(text[i : i + 7]))
-    first = next(i for i, d in enumerate(deltas) if d)
-    assert len(text[: 7 * (first + 1)]) >= text.index("},{") + 2  # not before the element closed
-    calls = [d["tool_calls"][0] for step in deltas for d in step]
+        fed += text[i : i + 7]
+        seen += [(fed, d["tool_calls"][0]) for d in stream.feed(text[i : i + 7])]
+    seen += [(fed, d["tool_calls"][0]) for d in stream.finish()]
+    heads = [(fed, call) for fed, call in seen if "id" in call]
+    assert [call["function"] for _, call in heads] == [
+        {"name": "get_weather", "arguments": ""},
+        {"name": "get_time", "arguments": ""},
+    ]
+    # a head goes out once its parameters have begun, not before
+    assert heads[0][0].startswith('[{"name": "get_weather", "parameters": {')
+    arguments: dict[int, list[str]] = {}
+    for _, call in seen:
+        if "id" not in call:
+            arguments.setdefault(call["index"], []).append(call["function"]["arguments"])
+    assert {i: "".join(parts) for i, parts in arguments.items()} == {0: '{"city": "a]\\"}"}', 1: "{}"}
+    assert len(arguments[0]) > 1  # streamed in pieces, as they came
+    assert [call["index"] for _, call in seen] == sorted(call["index"] for _, call in seen)
+
+
+def test_required_sends_an_element_in_another_form_whole_and_a_cut_one_as_far_as_it_got():
+    stream = ToolCallStream(plan([WEATHER], "required", None))
+    deltas = stream.feed('[{"parameters": {"city": "Oslo"}, "name": "get_weather"}, ')
+    deltas += stream.feed('{"name": "get_weather", "pa')
+    deltas += stream.feed('rameters": {"city": "Ri') + stream.finish()  # max_tokens ends it here
+    calls = [d["tool_calls"][0] for d in deltas]
     assert [(c["index"], c["function"].get("name"), c["function"]["arguments"]) for c in calls] == [
         (0, "get_weather", ""),
-        (0, None, '{"city": "a]\\"}"}'),
-        (1, "get_time", ""),
-        (1, None, "{}"),
+        (0, None, '{"city": "Oslo"}'),
+        (1, "get_weather", ""),
+        (1, None, '{"city": "Ri'),
     ]
+    assert stream.num_calls == 2
 
 
 def test_named_streams_the_arguments_as_they_come():

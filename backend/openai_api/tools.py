@@ -16,6 +16,7 @@ With ``auto`` the model writes calls in its own format, which ``parse_calls`` re
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,7 +160,12 @@ class ToolCallStream:
     """Turns streamed text into OpenAI chat deltas: ``{"content": ...}`` or ``{"tool_calls": [...]}``.
 
     named: the first delta names the function, each later one adds argument text as it arrives.
-    required: each call is sent once its array element is complete (id and name, then its arguments).
+    required: as named, call after call: a call's id and name go out once its ``"name"`` is complete and
+    its ``"parameters"`` value has begun (the grammar writes them in that order), then its arguments
+    text as it arrives (the parameters value exactly as written)::
+
+        [{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": ...
+        |------- head: id, name -----------||-- arguments ---|
     auto: text is content until a ``<tool_call>`` may begin (a possible tag prefix is held back); a call
     is sent once its closing tag arrives; a reply that starts like a Llama-3 JSON call is held to the end.
     """
@@ -169,6 +175,8 @@ class ToolCallStream:
         self.buffer = ""
         self.num_calls = 0
         self._sent = 0  # buffer characters already turned into deltas
+        self._element: int | None = None  # required: where the call being sent begins ...
+        self._arguments: int | None = None  # ... and its arguments
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         self.buffer += text
@@ -176,14 +184,14 @@ class ToolCallStream:
         if mode == "named":
             return self._named(text)
         if mode == "required":
-            return self._required(final=False)
+            return self._required()
         if mode == "auto":
             return self._auto(final=False)
         return [{"content": text}] if text else []
 
     def finish(self) -> list[dict[str, Any]]:
         if self.plan.mode == "required":
-            return self._required(final=True)
+            return self._required()
         if self.plan.mode == "auto":
             return self._auto(final=True)
         return []
@@ -210,15 +218,48 @@ class ToolCallStream:
             self.num_calls += 1
         return deltas
 
-    def _required(self, final: bool) -> list[dict[str, Any]]:
-        ends = _element_ends(self.buffer)
-        deltas = []
-        while self._sent < len(ends):
-            start = ends[self._sent - 1] if self._sent else self.buffer.index("[") + 1
-            element = self.buffer[start : ends[self._sent]].strip().lstrip(",").strip()
-            deltas += self._emit([c for c in [_call(_loads(element))] if c is not None])
-            self._sent += 1
-        return deltas
+    def _required(self) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        while True:
+            start = self._element if self._arguments is not None else self._next_element()
+            if start is None:
+                return deltas
+            end = _value_end(self.buffer, start)
+            if self._arguments is None:
+                head = _REQUIRED_HEAD.match(self.buffer, start)
+                if head is None:
+                    if end is None:
+                        return deltas  # the head is still being written
+                    # a complete element in another form (not what the grammar writes): sent whole
+                    whole = _call(_loads(self.buffer[start:end]))
+                    deltas += self._emit([whole] if whole is not None else [])
+                    self._sent = end
+                    continue
+                call = new_call(json.loads(f'"{head.group(1)}"'), "")
+                deltas.append({"tool_calls": [{"index": self.num_calls, **call}]})
+                self.num_calls += 1
+                self._element, self._arguments = start, head.end()
+                self._sent = head.end()
+            value_end = _value_end(self.buffer, self._arguments)
+            upto = len(self.buffer) if value_end is None else value_end
+            if upto > self._sent:
+                arguments = {"arguments": self.buffer[self._sent : upto]}
+                deltas.append({"tool_calls": [{"index": self.num_calls - 1, "function": arguments}]})
+                self._sent = upto
+            if end is None:
+                return deltas
+            self._element = self._arguments = None
+            self._sent = end
+
+    def _next_element(self) -> int | None:
+        """Where the next array element begins (its ``{``) once it has, else None."""
+        if self._sent == 0:
+            opening = self.buffer.find("[")
+            if opening < 0:
+                return None
+            self._sent = opening + 1
+        rest = self.buffer[self._sent :].lstrip(" \n\r\t,")
+        return len(self.buffer) - len(rest) if rest.startswith("{") else None
 
     def _auto(self, final: bool) -> list[dict[str, Any]]:
         pending = self.buffer[self._sent :]
@@ -260,6 +301,50 @@ class ToolCallStream:
             self._sent += used
 
 
+# a required call's head as the grammar writes it, up to the first character of its parameters value
+_REQUIRED_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*(?=\S)')
+
+
+def _value_end(text: str, start: int) -> int | None:
+    """The end offset of the JSON value that begins at ``text[start]`` (an object, array, string or
+    scalar), or None while it is still being written."""
+    first = text[start] if start < len(text) else ""
+    if first == '"':
+        escaped = False
+        for i in range(start + 1, len(text)):
+            if escaped:
+                escaped = False
+            elif text[i] == "\\":
+                escaped = True
+            elif text[i] == '"':
+                return i + 1
+        return None
+    if first in "{[":
+        depth, in_string, escaped = 0, False, False
+        for i in range(start, len(text)):
+            ch = text[i]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+        return None
+    for i in range(start, len(text)):  # a number, true, false or null: ends where a delimiter comes
+        if text[i] in ",}] \n\r\t":
+            return i
+    return None
+
+
 def _loads(text: str) -> Any:
     try:
         return json.loads(text)
@@ -273,25 +358,3 @@ def _tag_prefix_len(text: str) -> int:
         if TAG_OPEN.startswith(text[-n:]):
             return n
     return 0
-
-
-def _element_ends(text: str) -> list[int]:
-    """End offsets of the complete top-level elements of a JSON array being written (strings respected)."""
-    ends, depth, in_string, escaped = [], 0, False, False
-    for i, ch in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-            if depth == 1 and ch == "}":
-                ends.append(i + 1)
-    return ends
