@@ -83,15 +83,23 @@ def feed_in_pieces(stream: ToolCallStream, text: str, size: int) -> list[dict]:
     return deltas + stream.finish()
 
 
-def test_auto_streams_content_then_whole_calls():
+def test_auto_streams_content_and_each_tagged_calls_arguments_as_they_come():
     text = 'Sure <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call> ok'
     deltas = feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), text, 4)
     content = "".join(d.get("content", "") for d in deltas)
     assert content == "Sure  ok"  # the tag never leaks into content, even split over pieces
-    head, arguments = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    head, *arguments = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     assert head["index"] == 0 and head["id"].startswith("call_") and head["type"] == "function"
     assert head["function"] == {"name": "get_weather", "arguments": ""}
-    assert arguments == {"index": 0, "function": {"arguments": '{"city": "Oslo"}'}}
+    assert len(arguments) > 1 and {a["index"] for a in arguments} == {0}
+    assert "".join(a["function"]["arguments"] for a in arguments) == '{"city": "Oslo"}'
+    # a tag holding a list of calls, or arguments written as a JSON string, goes whole at its closing tag
+    listed = '<tool_call>[{"name": "get_weather", "arguments": {"city": "A"}}]</tool_call>'
+    as_string = '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"B\\"}"}</tool_call>'
+    for text, city in ((listed, "A"), (as_string, "B")):
+        deltas = feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), text, 5)
+        calls = [d["tool_calls"][0] for d in deltas]
+        assert [c["function"]["arguments"] for c in calls] == ["", json.dumps({"city": city})]
     # a reply that starts like a Llama-3 call is held until the end, then sent as a call
     llama = feed_in_pieces(
         ToolCallStream(plan([WEATHER], "auto", None)),
@@ -103,6 +111,24 @@ def test_auto_streams_content_then_whole_calls():
     assert feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), '{"a": 1}', 3) == [
         {"content": '{"a": 1}'}
     ]
+
+
+def test_auto_streams_several_tagged_calls_and_a_cut_one_as_far_as_it_got():
+    first = '<tool_call>{"name": "get_weather", "arguments": {"city": "x</tool_call>y"}}</tool_call>\n'
+    text = first + '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n<tool_call>{"name": "get_ti'
+    text += 'me", "arguments": {"zone": "U'  # max_tokens ends it here
+    deltas = feed_in_pieces(ToolCallStream(plan([WEATHER, TIME], "auto", None)), text, 6)
+    assert "".join(d.get("content", "") for d in deltas) == "\n\n"
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        for call in d.get("tool_calls", []):
+            function = call["function"]
+            calls.setdefault(call["index"], [function.get("name")]).append(function["arguments"])
+    assert {i: (parts[0], "".join(parts[1:])) for i, parts in calls.items()} == {
+        0: ("get_weather", '{"city": "x</tool_call>y"}'),  # a closing tag inside a string is text
+        1: ("get_time", "{}"),
+        2: ("get_time", '{"zone": "U'),
+    }
 
 
 def test_required_streams_each_calls_arguments_as_they_come():

@@ -166,8 +166,10 @@ class ToolCallStream:
 
         [{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": ...
         |------- head: id, name -----------||-- arguments ---|
-    auto: text is content until a ``<tool_call>`` may begin (a possible tag prefix is held back); a call
-    is sent once its closing tag arrives; a reply that starts like a Llama-3 JSON call is held to the end.
+    auto: text is content until a ``<tool_call>`` may begin (a possible tag prefix is held back); a
+    tagged call of the form ``{"name": ..., "arguments": {...}}`` streams as a required one does, any
+    other body (a list of calls, arguments written as a string) goes whole once its closing tag arrives,
+    and a reply that starts like a Llama-3 JSON call is held to the end.
     """
 
     def __init__(self, tool_plan: ToolPlan):
@@ -175,8 +177,9 @@ class ToolCallStream:
         self.buffer = ""
         self.num_calls = 0
         self._sent = 0  # buffer characters already turned into deltas
-        self._element: int | None = None  # required: where the call being sent begins ...
-        self._arguments: int | None = None  # ... and its arguments
+        self._element: int | None = None  # required: where the call being sent begins
+        self._arguments: int | None = None  # where the arguments of the call being streamed begin
+        self._name = ""  # ... and its function's name
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         self.buffer += text
@@ -235,21 +238,29 @@ class ToolCallStream:
                     deltas += self._emit([whole] if whole is not None else [])
                     self._sent = end
                     continue
-                call = new_call(json.loads(f'"{head.group(1)}"'), "")
-                deltas.append({"tool_calls": [{"index": self.num_calls, **call}]})
-                self.num_calls += 1
-                self._element, self._arguments = start, head.end()
-                self._sent = head.end()
-            value_end = _value_end(self.buffer, self._arguments)
-            upto = len(self.buffer) if value_end is None else value_end
-            if upto > self._sent:
-                arguments = {"arguments": self.buffer[self._sent : upto]}
-                deltas.append({"tool_calls": [{"index": self.num_calls - 1, "function": arguments}]})
-                self._sent = upto
+                self._start_call(head)
+                self._element = start
+                deltas.append({"tool_calls": [{"index": self.num_calls - 1, **new_call(self._name, "")}]})
+            deltas += self._arguments_delta()
             if end is None:
                 return deltas
             self._element = self._arguments = None
             self._sent = end
+
+    def _start_call(self, head: re.Match) -> None:
+        """A call whose head ``head`` matched: its name, and its arguments streamed from the head's end."""
+        self._name = json.loads(f'"{head.group(1)}"')
+        self.num_calls += 1
+        self._arguments = self._sent = head.end()
+
+    def _arguments_delta(self) -> list[dict[str, Any]]:
+        """The current call's argument text that arrived since the last delta (up to the value's end)."""
+        value_end = _value_end(self.buffer, self._arguments)
+        upto = len(self.buffer) if value_end is None else value_end
+        if upto <= self._sent:
+            return []
+        arguments, self._sent = self.buffer[self._sent : upto], upto
+        return [{"tool_calls": [{"index": self.num_calls - 1, "function": {"arguments": arguments}}]}]
 
     def _next_element(self) -> int | None:
         """Where the next array element begins (its ``{``) once it has, else None."""
@@ -278,6 +289,16 @@ class ToolCallStream:
                     return self._emit(calls)
         deltas = []
         while True:
+            if self._arguments is not None:  # inside a tagged call whose arguments are streaming
+                deltas += self._arguments_delta()
+                value_end = _value_end(self.buffer, self._arguments)
+                close = -1 if value_end is None else self.buffer.find(TAG_CLOSE, value_end)
+                if close < 0:
+                    if final:
+                        self._arguments, self._sent = None, len(self.buffer)
+                    return deltas
+                self._arguments, self._sent = None, close + len(TAG_CLOSE)
+                continue
             pending = self.buffer[self._sent :]
             start = pending.find(TAG_OPEN)
             if start < 0:
@@ -291,9 +312,14 @@ class ToolCallStream:
                 deltas.append({"content": pending[:start]})
                 self._sent += start
                 continue
+            head = _TAGGED_HEAD.match(self.buffer, self._sent)
+            if head is not None:  # {"name": ..., "arguments": {: its arguments stream from here
+                self._start_call(head)
+                deltas.append({"tool_calls": [{"index": self.num_calls - 1, **new_call(self._name, "")}]})
+                continue
             end = pending.find(TAG_CLOSE)
             if end < 0 and not final:
-                return deltas
+                return deltas  # perhaps a head still being written, or a body in another form
             body = pending[len(TAG_OPEN) : end if end >= 0 else len(pending)]
             calls = _calls_in(body)
             used = end + len(TAG_CLOSE) if end >= 0 else len(pending)
@@ -301,8 +327,13 @@ class ToolCallStream:
             self._sent += used
 
 
+_CALL_NAME = r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*'  # {"name": "<name>",
 # a required call's head as the grammar writes it, up to the first character of its parameters value
-_REQUIRED_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*(?=\S)')
+_REQUIRED_HEAD = re.compile(_CALL_NAME + r'"parameters"\s*:\s*(?=\S)')
+# a tagged (Hermes) call's head up to its arguments object (arguments written as a string go whole)
+_TAGGED_HEAD = re.compile(
+    re.escape(TAG_OPEN) + r"\s*" + _CALL_NAME + r'"(?:arguments|parameters)"\s*:\s*(?=\{)'
+)
 
 
 def _value_end(text: str, start: int) -> int | None:
