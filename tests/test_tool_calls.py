@@ -129,6 +129,10 @@ def test_auto_streams_several_tagged_calls_and_a_cut_one_as_far_as_it_got():
         1: ("get_time", "{}"),
         2: ("get_time", '{"zone": "U'),
     }
+    # unstreamed, the same reply (without its cut call) reads the same way
+    content, whole = parse_calls(text[: text.rindex("\n") + 1])
+    assert content is None
+    assert [json.loads(c["function"]["arguments"]) for c in whole] == [{"city": "x</tool_call>y"}, {}]
 
 
 def test_required_streams_each_calls_arguments_as_they_come():

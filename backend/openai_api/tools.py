@@ -116,7 +116,9 @@ def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         content, calls, rest = [], [], text
         while TAG_OPEN in rest:
             before, _, after = rest.partition(TAG_OPEN)
-            body, closed, rest = after.partition(TAG_CLOSE)
+            close = _close_tag(after, 0)
+            body, closed = (after, "") if close < 0 else (after[:close], TAG_CLOSE)
+            rest = "" if close < 0 else after[close + len(TAG_CLOSE) :]
             found = _calls_in(body)
             if not found:  # not a call after all: keep it as text
                 content.append(before + TAG_OPEN + body + (TAG_CLOSE if closed else ""))
@@ -317,7 +319,7 @@ class ToolCallStream:
                 self._start_call(head)
                 deltas.append({"tool_calls": [{"index": self.num_calls - 1, **new_call(self._name, "")}]})
                 continue
-            end = pending.find(TAG_CLOSE)
+            end = _close_tag(pending, len(TAG_OPEN))
             if end < 0 and not final:
                 return deltas  # perhaps a head still being written, or a body in another form
             body = pending[len(TAG_OPEN) : end if end >= 0 else len(pending)]
@@ -334,6 +336,16 @@ _REQUIRED_HEAD = re.compile(_CALL_NAME + r'"parameters"\s*:\s*(?=\S)')
 _TAGGED_HEAD = re.compile(
     re.escape(TAG_OPEN) + r"\s*" + _CALL_NAME + r'"(?:arguments|parameters)"\s*:\s*(?=\{)'
 )
+
+
+def _close_tag(text: str, start: int) -> int:
+    """Where the ``</tool_call>`` that closes a tag body beginning at ``start`` is (-1: not yet): after
+    the JSON value the body holds, so that one inside a string does not count."""
+    body = len(text) - len(text[start:].lstrip())
+    if text[body : body + 1] not in ("{", "["):
+        return text.find(TAG_CLOSE, start)
+    value_end = _value_end(text, body)
+    return -1 if value_end is None else text.find(TAG_CLOSE, value_end)
 
 
 def _value_end(text: str, start: int) -> int | None:
