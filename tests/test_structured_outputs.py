@@ -264,6 +264,26 @@ def test_async_and_sync_scheduling_agree_under_grammars(tiny_with_tokenizer):
     assert texts[0] == texts[1] and all(re.fullmatch("(x|yy|zzz){2,6}", t) for t in texts[0])
 
 
+def test_an_abort_while_masks_fill_on_a_thread_spares_the_other_request(tiny_with_tokenizer):
+    params = SamplingParams(max_tokens=16, temperature=0, structured_outputs={"regex": "(x|yy|zzz){8,12}"})
+    [reference] = LLM(tiny_with_tokenizer, num_kv_blocks=64).generate(["b"], params, use_tqdm=False)
+    llm = LLM(tiny_with_tokenizer, num_kv_blocks=64, async_scheduling=True)
+    engine = llm.engine
+    engine.fill_masks_on_thread = True
+    first, second = (engine.add_request(prompt, params) for prompt in (engine.tokenize("a")[1], "b"))
+    texts = {}
+    for _ in range(4):
+        assert not any(output.finished for output in engine.step())
+    assert engine.scheduler.mask_stats.on_thread > 0  # a fill may be running now
+    assert engine.abort_request(first).outputs[0].finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            assert output.request_id == second
+            texts[second] = output.outputs[0].text
+    assert texts == {second: reference.outputs[0].text}
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 # ---- compiling off the engine thread ---------------------------------------------------------------------
 def test_a_compiling_request_waits_while_others_run_and_a_late_one_is_refused(tiny_with_tokenizer):
     llm = LLM(tiny_with_tokenizer, num_kv_blocks=64, grammar_compile_timeout_s=0.5)
