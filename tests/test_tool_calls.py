@@ -100,17 +100,35 @@ def test_auto_streams_content_and_each_tagged_calls_arguments_as_they_come():
         deltas = feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), text, 5)
         calls = [d["tool_calls"][0] for d in deltas]
         assert [c["function"]["arguments"] for c in calls] == ["", json.dumps({"city": city})]
-    # a reply that starts like a Llama-3 call is held until the end, then sent as a call
-    llama = feed_in_pieces(
-        ToolCallStream(plan([WEATHER], "auto", None)),
-        '{"name": "get_weather", "parameters": {"city": "X"}}',
-        5,
-    )
-    assert [list(d) for d in llama] == [["tool_calls"], ["tool_calls"]]
-    # ... or as content if it was not one
+    # JSON that is no call is held to the end, then sent as content
     assert feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), '{"a": 1}', 3) == [
         {"content": '{"a": 1}'}
     ]
+
+
+@pytest.mark.parametrize("piece", [1, 4, 9])
+def test_auto_streams_llama3_calls_as_they_come(piece):
+    weather = '{"name": "get_weather", "parameters": {"city": "X;Y"}}'
+    time_call = '{"name": "get_time", "parameters": {}}'
+    text = f"<|python_tag|>{weather}; {time_call}"
+    deltas = feed_in_pieces(ToolCallStream(plan([WEATHER, TIME], "auto", None)), text, piece)
+    assert all(list(d) == ["tool_calls"] for d in deltas)  # no content
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        function = d["tool_calls"][0]["function"]
+        calls.setdefault(d["tool_calls"][0]["index"], [function.get("name")]).append(function["arguments"])
+    assert {i: (parts[0], "".join(parts[1:])) for i, parts in calls.items()} == {
+        0: ("get_weather", '{"city": "X;Y"}'),
+        1: ("get_time", "{}"),
+    }
+    if piece == 1:
+        assert len(calls[0]) > 3  # the arguments came in pieces
+    # arguments written as a string, or text after the call: decided at the end, as before
+    as_string = '{"name": "get_weather", "parameters": "{\\"city\\": \\"Z\\"}"}'
+    [_, arguments] = feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), as_string, piece)
+    assert arguments["tool_calls"][0]["function"]["arguments"] == '{"city": "Z"}'
+    trailing = feed_in_pieces(ToolCallStream(plan([WEATHER], "auto", None)), weather + " Done.", piece)
+    assert "".join(d.get("content", "") for d in trailing) == " Done."
 
 
 def test_auto_streams_several_tagged_calls_and_a_cut_one_as_far_as_it_got():

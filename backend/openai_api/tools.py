@@ -170,8 +170,9 @@ class ToolCallStream:
         |------- head: id, name -----------||-- arguments ---|
     auto: text is content until a ``<tool_call>`` may begin (a possible tag prefix is held back); a
     tagged call of the form ``{"name": ..., "arguments": {...}}`` streams as a required one does, any
-    other body (a list of calls, arguments written as a string) goes whole once its closing tag arrives,
-    and a reply that starts like a Llama-3 JSON call is held to the end.
+    other body (a list of calls, arguments written as a string) goes whole once its closing tag arrives.
+    A reply that starts like a Llama-3 JSON call streams its calls the same way once a head is complete;
+    JSON that never shows one is held to the end (then calls in another form, or content).
     """
 
     def __init__(self, tool_plan: ToolPlan):
@@ -182,6 +183,8 @@ class ToolCallStream:
         self._element: int | None = None  # required: where the call being sent begins
         self._arguments: int | None = None  # where the arguments of the call being streamed begin
         self._name = ""  # ... and its function's name
+        self._json_reply = False  # auto: the reply is Llama-3 JSON calls, streaming
+        self._separator = False  # ... and a ";" or the end comes next
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         self.buffer += text
@@ -249,6 +252,50 @@ class ToolCallStream:
             self._element = self._arguments = None
             self._sent = end
 
+    def _json_calls(self, final: bool) -> tuple[list[dict[str, Any]], bool]:
+        """A Llama-3 reply: calls ``{"name": ..., "parameters": {...}}`` joined by ``;``, each streamed
+        once its head is complete; (deltas, False) where the rest is content after all."""
+        deltas: list[dict[str, Any]] = []
+        while True:
+            if self._arguments is not None:
+                deltas += self._arguments_delta()
+                end = _value_end(self.buffer, self._element)
+                if end is None:
+                    if final:
+                        self._arguments, self._sent = None, len(self.buffer)
+                    return deltas, True
+                self._arguments, self._sent, self._separator = None, end, True
+            rest = self.buffer[self._sent :]
+            if self._separator:  # after a call: the end, or ";" and the next one
+                after = rest.lstrip()
+                if not after:
+                    return deltas, True
+                if not after.startswith(";"):
+                    self._json_reply = False
+                    return deltas, False  # text after the calls: content
+                self._sent, self._separator = len(self.buffer) - len(after) + 1, False
+                rest = self.buffer[self._sent :]
+            start = self._sent + len(rest) - len(rest.lstrip())
+            if self.num_calls == 0 and self.buffer.startswith(PYTHON_TAG, start):
+                start += len(PYTHON_TAG)
+                start += len(self.buffer[start:]) - len(self.buffer[start:].lstrip())
+            head = _JSON_HEAD.match(self.buffer, start)
+            if head is not None:
+                self._json_reply = True
+                self._start_call(head)
+                self._element = start
+                deltas.append({"tool_calls": [{"index": self.num_calls - 1, **new_call(self._name, "")}]})
+                continue
+            if not final:
+                return deltas, True  # the head may still come: held
+            if self.num_calls == 0:
+                content, calls = parse_calls(self.buffer)
+                if calls:  # calls in another form (arguments as a string)
+                    self._sent = len(self.buffer)
+                    return self._emit(calls), True
+            self._json_reply = False
+            return deltas, False
+
     def _start_call(self, head: re.Match) -> None:
         """A call whose head ``head`` matched: its name, and its arguments streamed from the head's end."""
         self._name = json.loads(f'"{head.group(1)}"')
@@ -275,21 +322,13 @@ class ToolCallStream:
         return len(self.buffer) - len(rest) if rest.startswith("{") else None
 
     def _auto(self, final: bool) -> list[dict[str, Any]]:
-        pending = self.buffer[self._sent :]
-        if (
-            not final
-            and self._sent == 0
-            and pending.lstrip().startswith(("{", PYTHON_TAG[: len(pending.lstrip())]))
-        ):
-            return []  # may be a Llama-3 call: decided at the end
-        if final and self._sent == 0 and self.num_calls == 0:
-            stripped = pending.strip().removeprefix(PYTHON_TAG).strip()
-            if stripped.startswith("{"):
-                content, calls = parse_calls(pending)
-                if calls:
-                    self._sent = len(self.buffer)
-                    return self._emit(calls)
-        deltas = []
+        deltas: list[dict[str, Any]] = []
+        stripped = self.buffer.lstrip()
+        may_be_json = self.num_calls == 0 and stripped.startswith(("{", PYTHON_TAG[: len(stripped)]))
+        if self._json_reply or may_be_json:
+            deltas, handled = self._json_calls(final)  # a reply that starts like a Llama-3 call
+            if handled:
+                return deltas
         while True:
             if self._arguments is not None:  # inside a tagged call whose arguments are streaming
                 deltas += self._arguments_delta()
@@ -332,6 +371,8 @@ class ToolCallStream:
 _CALL_NAME = r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*'  # {"name": "<name>",
 # a required call's head as the grammar writes it, up to the first character of its parameters value
 _REQUIRED_HEAD = re.compile(_CALL_NAME + r'"parameters"\s*:\s*(?=\S)')
+# a Llama-3 call's head up to its parameters object
+_JSON_HEAD = re.compile(_CALL_NAME + r'"(?:parameters|arguments)"\s*:\s*(?=\{)')
 # a tagged (Hermes) call's head up to its arguments object (arguments written as a string go whole)
 _TAGGED_HEAD = re.compile(
     re.escape(TAG_OPEN) + r"\s*" + _CALL_NAME + r'"(?:arguments|parameters)"\s*:\s*(?=\{)'
