@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.openai_api.tools import ToolCallStream, parse_calls, plan
@@ -198,3 +200,36 @@ def test_named_streams_the_arguments_as_they_come():
     head, *args = stream.feed('{"ci') + stream.feed('ty":"Rome"}') + stream.finish()
     assert head["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
     assert [a["tool_calls"][0]["function"]["arguments"] for a in args] == ['{"ci', 'ty":"Rome"}']
+
+
+AUTO_REPLIES = [
+    'Sure <tool_call>{"name": "get_weather", "arguments": {"city": "x</tool_call>y"}}</tool_call> ok',
+    '<tool_call>[{"name": "get_time", "arguments": {}}]</tool_call>\n<tool_call>{"name": "get_weather", '
+    '"arguments": {"city": "Q"}}</tool_call>',
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "X;Y"}}; '
+    '{"name": "get_time", "parameters": {}}',
+    '{"name": "get_weather", "parameters": "{\\"city\\": \\"Z\\"}"}',
+    '{"answer": 42} and <tool_call>not json</tool_call>',
+    "plain text with < and <tool",
+]
+
+
+@given(st.sampled_from(AUTO_REPLIES), st.lists(st.integers(1, 12), min_size=1, max_size=30))
+def test_auto_streaming_in_any_pieces_gives_what_the_whole_reply_parses_to(reply, sizes):
+    stream = ToolCallStream(plan([WEATHER, TIME], "auto", None))
+    deltas, start = [], 0
+    for size in sizes * (1 + len(reply) // max(1, sum(sizes))):
+        deltas += stream.feed(reply[start : start + size])
+        start += size
+    deltas += stream.feed(reply[start:]) + stream.finish()
+    content = "".join(d.get("content", "") for d in deltas)
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        for call in d.get("tool_calls", []):
+            entry = calls.setdefault(call["index"], {"name": call["function"].get("name"), "arguments": ""})
+            entry["arguments"] += call["function"]["arguments"]
+    whole_content, whole_calls = parse_calls(reply)
+    assert (content.strip() or None) == whole_content.strip() if whole_content else not content.strip()
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole_calls
+    ]

@@ -129,10 +129,20 @@ def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         joined = "".join(content).strip()
         return (joined or None), calls
     stripped = text.strip().removeprefix(PYTHON_TAG).strip()
-    if stripped.startswith("{"):
-        calls = [c for part in stripped.split(";") for c in _calls_in(part)]
-        if calls and len(calls) == len([p for p in stripped.split(";") if p.strip()]):
+    calls: list[dict[str, Any]] = []
+    start = 0
+    while stripped.startswith("{", start):  # Llama 3: {...}; {...} (a ";" inside a string is text)
+        end = _value_end(stripped, start)
+        found = [] if end is None else _calls_in(stripped[start:end])
+        if not found:
+            break
+        calls += found
+        rest = stripped[end:].lstrip()
+        if not rest.removeprefix(";").strip():
             return None, calls
+        if not rest.startswith(";"):
+            break
+        start = len(stripped) - len(rest[1:].lstrip())
     return text, []
 
 
