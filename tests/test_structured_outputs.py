@@ -284,6 +284,23 @@ def test_an_abort_while_masks_fill_on_a_thread_spares_the_other_request(tiny_wit
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_min_tokens_holds_beside_constrained_rows_whose_sampling_waits(tiny_with_tokenizer):
+    """An unconstrained row with min_tokens in a step whose sampling waits for the grammars (a constrained
+    row ran ahead) is counted as of its launch, not after the next step was scheduled."""
+    regex = {"regex": "(x|yy|zzz){20,30}"}
+    constrained = SamplingParams(max_tokens=40, temperature=0, structured_outputs=regex)
+    lengths = []
+    for async_scheduling, thread in ((False, False), (True, False), (True, True)):
+        llm = LLM(tiny_with_tokenizer, num_kv_blocks=128, async_scheduling=async_scheduling)
+        llm.engine.fill_masks_on_thread = thread
+        eos = min(llm.engine.eos_token_ids)
+        eager = SamplingParams(max_tokens=30, temperature=0, min_tokens=10, logit_bias={eos: 100.0})
+        outs = llm.generate(["a", "b"], [constrained, eager], use_tqdm=False)
+        lengths.append(len(outs[1].outputs[0].token_ids))
+        assert outs[1].outputs[0].token_ids[-1] == eos
+    assert lengths == [11, 11, 11]  # ten tokens, then the EOS the bias wants
+
+
 # ---- compiling off the engine thread ---------------------------------------------------------------------
 def test_a_compiling_request_waits_while_others_run_and_a_late_one_is_refused(tiny_with_tokenizer):
     llm = LLM(tiny_with_tokenizer, num_kv_blocks=64, grammar_compile_timeout_s=0.5)

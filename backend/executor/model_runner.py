@@ -69,14 +69,21 @@ class ModelRunner:
         seqs = out.sampled_seqs
         if out.grammar is not None and any(seqs[row].num_pending_tokens > 1 for row in out.grammar.rows):
             logits = self._logits(host, timer)
-            return StepResult(None, lambda: self._sample_later(logits, seqs, out.grammar, timer))
+            before = self.sampler.outputs_before(seqs)  # counted now, before the next step is scheduled
+            return StepResult(None, lambda: self._sample_later(logits, seqs, out.grammar, timer, before))
         return StepResult(self._remember(seqs, self.run(host, seqs, timer, out.grammar)))
 
     @torch.inference_mode()
     def _sample_later(
-        self, logits: torch.Tensor, seqs: list[Sequence], grammar: GrammarMask, timer: _Timer
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        grammar: GrammarMask,
+        timer: _Timer,
+        outputs_before: list[int] | None,
     ) -> SampledTokens:
-        sampled = timer.done(timer.phase("sample", self.sampler.sample, logits, seqs, grammar))
+        sample = self.sampler.sample
+        sampled = timer.done(timer.phase("sample", sample, logits, seqs, grammar, outputs_before))
         return self._remember(seqs, sampled)
 
     def _remember(self, seqs: list[Sequence], sampled: SampledTokens | None) -> SampledTokens | None:

@@ -38,10 +38,16 @@ class Sampler:
         return self.sample(logits, seqs, grammar).output()
 
     def sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], grammar: GrammarMask | None = None
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        grammar: GrammarMask | None = None,
+        outputs_before: list[int] | None = None,
     ) -> SampledTokens:
         """Samples without waiting for the device: the result's ``output()`` brings it to the host.
-        ``grammar``: the constrained rows' allowed tokens (logprobs stay those of the raw logits)."""
+        ``grammar``: the constrained rows' allowed tokens (logprobs stay those of the raw logits).
+        ``outputs_before``: each row's output tokens before the one it samples (``outputs_before(seqs)``
+        when the step was launched; counted now if None)."""
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         params = [seq.sampling_params for seq in seqs]
         logits = logits.to(torch.float32, copy=True)  # modified in place below
@@ -49,22 +55,31 @@ class Sampler:
         if grammar is not None:
             self._bitmasks.apply(logits, grammar)
         _apply_logit_bias(logits, params)
-        self._mask_stop_tokens_below_min_tokens(logits, seqs)
+        self._mask_stop_tokens_below_min_tokens(logits, seqs, outputs_before)
         _apply_penalties(logits, seqs)
         token_ids = self._sample(logits, seqs)
         sampled_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         return SampledTokens(raw_logprobs, token_ids, sampled_logprobs, params)
 
-    def _mask_stop_tokens_below_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    @staticmethod
+    def outputs_before(seqs: list[Sequence]) -> list[int] | None:
+        """Each row's output tokens before the one it samples: the known ones and any earlier step's still
+        pending (None when no row has min_tokens). A step whose sampling waits (constrained rows that ran
+        ahead) counts them at launch: by the time it samples, the next step may be scheduled."""
+        if not any(seq.sampling_params.min_tokens for seq in seqs):
+            return None
+        return [seq.num_output_tokens + max(seq.num_pending_tokens - 1, 0) for seq in seqs]
+
+    def _mask_stop_tokens_below_min_tokens(
+        self, logits: torch.Tensor, seqs: list[Sequence], outputs_before: list[int] | None
+    ) -> None:
         vocab_size = logits.shape[1]
         rows: list[int] = []
         cols: list[int] = []
+        before = outputs_before if outputs_before is not None else self.outputs_before(seqs)
         for i, seq in enumerate(seqs):
             p = seq.sampling_params
-            if not p.min_tokens:
-                continue
-            # outputs before this row's token: the known ones and any earlier step's still pending
-            if seq.num_output_tokens + max(seq.num_pending_tokens - 1, 0) >= p.min_tokens:
+            if not p.min_tokens or before is None or before[i] >= p.min_tokens:
                 continue
             if seq.grammar is not None:  # the grammar decides where it ends (it allows EOS only then)
                 continue
