@@ -155,6 +155,19 @@ def test_auto_streams_several_tagged_calls_and_a_cut_one_as_far_as_it_got():
     assert [json.loads(c["function"]["arguments"]) for c in whole] == [{"city": "x</tool_call>y"}, {}]
 
 
+def test_a_tagged_call_without_its_closing_tag_ends_at_the_next_tag_or_the_reply():
+    call = '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}'
+    for text, content, names in (
+        (call + "\nLet me know.", "\nLet me know.", ["get_time"]),
+        (call + "\n" + call + "</tool_call>", "", ["get_time", "get_time"]),
+        (call.replace("}}", "}") + "</tool_call> more", " more", ["get_time"]),  # its object never closed
+    ):
+        deltas = feed_in_pieces(ToolCallStream(plan([TIME], "auto", None)), text, 5)
+        assert "".join(d.get("content", "") for d in deltas) == content, text
+        calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+        assert [c["function"]["name"] for c in calls if "id" in c] == names, text
+
+
 def test_required_streams_each_calls_arguments_as_they_come():
     weather = '{"name": "get_weather", "parameters": {"city": "a]\\"}"}}'
     text = f'[{weather}, {{"name": "get_time", "parameters": {{}}}}]'
@@ -211,6 +224,11 @@ AUTO_REPLIES = [
     '{"name": "get_weather", "parameters": "{\\"city\\": \\"Z\\"}"}',
     '{"answer": 42} and <tool_call>not json</tool_call>',
     "plain text with < and <tool",
+    '{"answer": 42} <tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
+    '{"name": "get_weather", "parameters": {"city": "X"}} Done.',
+    '{"name": "get_weather", "parameters": {"city": "X"}}; {"answer": 1}',
+    '{"name": "get\\qtime", "parameters": {}}',  # not a JSON string: no call, and no crash
+    '<tool_call>{"name": "a\tb", "arguments": {}}</tool_call>',
 ]
 
 

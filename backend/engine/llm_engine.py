@@ -83,7 +83,7 @@ class LLMEngine:
         if config.async_scheduling and not self.async_scheduling:
             logger.warning("async_scheduling: this executor runs each step through; stepping synchronously")
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
-        self.fill_masks_on_thread = (os.cpu_count() or 1) >= FILL_THREAD_MIN_CPUS
+        self.fill_masks_on_thread = usable_cpus() >= FILL_THREAD_MIN_CPUS
         self._request_ids = itertools.count()
         self._grammar_service: GrammarService | None = None  # made when a request first needs it
         self._grammar_lock = threading.Lock()
@@ -378,6 +378,14 @@ class LLMEngine:
 # That is safe because the engine holds no reference cycles: dropped, it is freed by reference counts alone
 # (tests/test_engine.py pins this), not left frozen. shutdown() and the interpreter's exit unfreeze (frozen
 # objects are never finalized: extension modules would report them as leaked).
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def freeze_gc_heap() -> None:
     gc.collect()  # garbage frozen now could never be collected
     gc.freeze()

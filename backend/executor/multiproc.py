@@ -52,7 +52,7 @@ from pagetron.backend.model.parallel import TensorParallel
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # for every rank to join and load its shard (other hosts may start later)
-RANK_EXIT_GRACE_S = 2.0  # after a failed collective, how long a local rank gets to show it has exited
+RANK_EXIT_GRACE_S = 0.5  # after a failed collective, how long a local rank gets to show it has exited
 # NOTE: idle ranks wait in a broadcast for the next step for as long as the engine is idle, so the
 # groups' own timeout must not end them; a dead peer is noticed by its closed connection instead.
 IDLE_FOREVER = datetime.timedelta(days=365)

@@ -46,7 +46,8 @@ class LoRAError(ValueError):
     pass
 
 
-WORKSPACE_MAX_ROWS = 1024  # steps up to this many rows share one zeroed shrink workspace (decode)
+WORKSPACE_MAX_ROWS = 1024  # steps up to this many rows share one zeroed shrink workspace (decode) ...
+WORKSPACE_MAX_BYTES = 64 << 20  # ... when it fits in this (high ranks on deep models zero per layer)
 
 
 class LoRAContext:
@@ -56,10 +57,11 @@ class LoRAContext:
     a CUDA graph's capture, so replays regroup the rows they are given).
 
     NOTE: the shrink adds its K ranges' partial sums into a zeroed fp32 buffer. A step of at most
-    WORKSPACE_MAX_ROWS rows zeroes one workspace for every layer at once, each layer's shrink writing its
-    own columns (registered when LoRA is enabled), instead of one zero-fill launch per layer (128 for the
-    8B shape's 32 layers x 4 projections); longer steps, whose launches count for little beside their
-    GEMMs, zero each layer's buffer as they go, keeping the workspace small::
+    WORKSPACE_MAX_ROWS rows (and WORKSPACE_MAX_BYTES) zeroes one workspace for every layer at once, each
+    layer's shrink writing its own columns (registered when LoRA is enabled), instead of one zero-fill
+    launch per layer (128 for the 8B shape's 32 layers x 4 projections); longer steps, whose launches
+    count for little beside their GEMMs, zero each layer's buffer as they go, keeping the workspace
+    small::
 
         workspace [T, sum of P R]:  [ L0 qkv (3R) | L0 o (R) | L0 gate_up (2R) | L0 down (R) | L1 qkv ... ]
     """
@@ -105,7 +107,7 @@ class LoRAContext:
             slots = self._token_slots
             self._rows = self.group(slots, self.num_slots)
             num_rows, self._workspace = slots.shape[0], None
-            if num_rows <= WORKSPACE_MAX_ROWS:
+            if num_rows <= WORKSPACE_MAX_ROWS and 4 * num_rows * self._width <= WORKSPACE_MAX_BYTES:
                 self._workspace = torch.zeros(num_rows, self._width, dtype=torch.float32, device=slots.device)
         return self._rows
 

@@ -148,8 +148,9 @@ class BitmaskUpload:
 
     NOTE: on CUDA the masks go through one pinned staging buffer, kept from step to step (a fresh pinned
     buffer each step costs an allocation and a copy on the host). Before it is overwritten the host waits
-    for the last upload's event; that upload was queued before its step's sampling, whose samples the
-    engine read before filling the next masks, so the wait returns at once.
+    for the last upload's event. That upload was queued before its step's sampling, whose samples the
+    engine usually read already; where it did not (a constrained step launched right after one whose
+    sampling waited), the wait ends with that step, whose result the engine waits for next anyway.
     """
 
     def __init__(self) -> None:

@@ -131,18 +131,20 @@ def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     stripped = text.strip().removeprefix(PYTHON_TAG).strip()
     calls: list[dict[str, Any]] = []
     start = 0
-    while stripped.startswith("{", start):  # Llama 3: {...}; {...} (a ";" inside a string is text)
+    # Llama 3: {...}; {...} (a ";" inside a string is text); text after the calls is content, as the
+    # stream sends it
+    while stripped.startswith("{", start):
         end = _value_end(stripped, start)
         found = [] if end is None else _calls_in(stripped[start:end])
         if not found:
             break
         calls += found
         rest = stripped[end:].lstrip()
-        if not rest.removeprefix(";").strip():
-            return None, calls
         if not rest.startswith(";"):
-            break
+            return (rest or None), calls
         start = len(stripped) - len(rest[1:].lstrip())
+    if calls:
+        return (stripped[start:] or None), calls
     return text, []
 
 
@@ -179,10 +181,14 @@ class ToolCallStream:
         [{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": ...
         |------- head: id, name -----------||-- arguments ---|
     auto: text is content until a ``<tool_call>`` may begin (a possible tag prefix is held back); a
-    tagged call of the form ``{"name": ..., "arguments": {...}}`` streams as a required one does, any
-    other body (a list of calls, arguments written as a string) goes whole once its closing tag arrives.
-    A reply that starts like a Llama-3 JSON call streams its calls the same way once a head is complete;
-    JSON that never shows one is held to the end (then calls in another form, or content).
+    tagged call of the form ``{"name": ..., "arguments": {...}}`` streams as a required one does, and
+    what follows its object up to ``</tool_call>`` is the call's; any other body (a list of calls,
+    arguments written as a string) goes whole once its closing tag arrives. A reply that starts like a
+    Llama-3 JSON call streams its calls the same way once a head is complete; JSON that never shows one
+    is held to the end and read as ``parse_calls`` reads a whole reply.
+
+    Each character is scanned once (``_ValueScan``), however long the arguments and however small the
+    pieces they arrive in.
     """
 
     def __init__(self, tool_plan: ToolPlan):
@@ -190,11 +196,11 @@ class ToolCallStream:
         self.buffer = ""
         self.num_calls = 0
         self._sent = 0  # buffer characters already turned into deltas
-        self._element: int | None = None  # required: where the call being sent begins
-        self._arguments: int | None = None  # where the arguments of the call being streamed begin
-        self._name = ""  # ... and its function's name
+        self._call: _ValueScan | None = None  # the object of the call being streamed ...
+        self._arguments: _ValueScan | None = None  # ... and its arguments, once its head was sent
         self._json_reply = False  # auto: the reply is Llama-3 JSON calls, streaming
         self._separator = False  # ... and a ";" or the end comes next
+        self._body: _ValueScan | None = None  # auto: the body of a tag that goes whole
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         self.buffer += text
@@ -236,45 +242,81 @@ class ToolCallStream:
             self.num_calls += 1
         return deltas
 
+    def _start(self, head: re.Match | None, call_start: int) -> list[dict[str, Any]] | None:
+        """The head delta of a call whose head matched (its arguments stream from the head's end), or
+        None if there is no head or its name is not a JSON string."""
+        try:
+            name = json.loads(f'"{head.group(1)}"') if head is not None else None
+        except json.JSONDecodeError:
+            name = None
+        if name is None:
+            return None
+        self._call, self._arguments = _ValueScan(call_start), _ValueScan(head.end())
+        self._sent, self._body = head.end(), None
+        self.num_calls += 1
+        return [{"tool_calls": [{"index": self.num_calls - 1, **new_call(name, "")}]}]
+
+    def _arguments_delta(self) -> list[dict[str, Any]]:
+        """The current call's argument text that arrived since the last delta (up to the value's end)."""
+        value_end = self._arguments(self.buffer)
+        upto = len(self.buffer) if value_end is None else value_end
+        if upto <= self._sent:
+            return []
+        arguments, self._sent = self.buffer[self._sent : upto], upto
+        return [{"tool_calls": [{"index": self.num_calls - 1, "function": {"arguments": arguments}}]}]
+
     def _required(self) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
         while True:
-            start = self._element if self._arguments is not None else self._next_element()
-            if start is None:
-                return deltas
-            end = _value_end(self.buffer, start)
+            if self._call is None:
+                start = self._next_element()
+                if start is None:
+                    return deltas
+                self._call = _ValueScan(start)
+            end = self._call(self.buffer)
             if self._arguments is None:
-                head = _REQUIRED_HEAD.match(self.buffer, start)
+                start = self._call.start
+                head = self._start(_REQUIRED_HEAD.match(self.buffer, start), start)
                 if head is None:
                     if end is None:
                         return deltas  # the head is still being written
                     # a complete element in another form (not what the grammar writes): sent whole
                     whole = _call(_loads(self.buffer[start:end]))
                     deltas += self._emit([whole] if whole is not None else [])
-                    self._sent = end
+                    self._call, self._sent = None, end
                     continue
-                self._start_call(head)
-                self._element = start
-                deltas.append({"tool_calls": [{"index": self.num_calls - 1, **new_call(self._name, "")}]})
+                deltas += head
             deltas += self._arguments_delta()
             if end is None:
                 return deltas
-            self._element = self._arguments = None
+            self._call = self._arguments = None
             self._sent = end
+
+    def _next_element(self) -> int | None:
+        """Where the next array element begins (its ``{``) once it has, else None."""
+        if self._sent == 0:
+            opening = self.buffer.find("[")
+            if opening < 0:
+                return None
+            self._sent = opening + 1
+        rest = self.buffer[self._sent :].lstrip(" \n\r\t,")
+        return len(self.buffer) - len(rest) if rest.startswith("{") else None
 
     def _json_calls(self, final: bool) -> tuple[list[dict[str, Any]], bool]:
         """A Llama-3 reply: calls ``{"name": ..., "parameters": {...}}`` joined by ``;``, each streamed
         once its head is complete; (deltas, False) where the rest is content after all."""
         deltas: list[dict[str, Any]] = []
         while True:
-            if self._arguments is not None:
+            if self._call is not None:
                 deltas += self._arguments_delta()
-                end = _value_end(self.buffer, self._element)
+                end = self._call(self.buffer)
                 if end is None:
                     if final:
-                        self._arguments, self._sent = None, len(self.buffer)
+                        self._call = self._arguments = None
+                        self._sent = len(self.buffer)
                     return deltas, True
-                self._arguments, self._sent, self._separator = None, end, True
+                self._call = self._arguments = None
+                self._sent, self._separator = end, True
             rest = self.buffer[self._sent :]
             if self._separator:  # after a call: the end, or ";" and the next one
                 after = rest.lstrip()
@@ -289,66 +331,33 @@ class ToolCallStream:
             if self.num_calls == 0 and self.buffer.startswith(PYTHON_TAG, start):
                 start += len(PYTHON_TAG)
                 start += len(self.buffer[start:]) - len(self.buffer[start:].lstrip())
-            head = _JSON_HEAD.match(self.buffer, start)
+            head = self._start(_JSON_HEAD.match(self.buffer, start), start)
             if head is not None:
                 self._json_reply = True
-                self._start_call(head)
-                self._element = start
-                deltas.append({"tool_calls": [{"index": self.num_calls - 1, **new_call(self._name, "")}]})
+                deltas += head
                 continue
             if not final:
                 return deltas, True  # the head may still come: held
-            if self.num_calls == 0:
-                content, calls = parse_calls(self.buffer)
-                if calls:  # calls in another form (arguments as a string)
-                    self._sent = len(self.buffer)
-                    return self._emit(calls), True
-            self._json_reply = False
-            return deltas, False
-
-    def _start_call(self, head: re.Match) -> None:
-        """A call whose head ``head`` matched: its name, and its arguments streamed from the head's end."""
-        self._name = json.loads(f'"{head.group(1)}"')
-        self.num_calls += 1
-        self._arguments = self._sent = head.end()
-
-    def _arguments_delta(self) -> list[dict[str, Any]]:
-        """The current call's argument text that arrived since the last delta (up to the value's end)."""
-        value_end = _value_end(self.buffer, self._arguments)
-        upto = len(self.buffer) if value_end is None else value_end
-        if upto <= self._sent:
-            return []
-        arguments, self._sent = self.buffer[self._sent : upto], upto
-        return [{"tool_calls": [{"index": self.num_calls - 1, "function": {"arguments": arguments}}]}]
-
-    def _next_element(self) -> int | None:
-        """Where the next array element begins (its ``{``) once it has, else None."""
-        if self._sent == 0:
-            opening = self.buffer.find("[")
-            if opening < 0:
-                return None
-            self._sent = opening + 1
-        rest = self.buffer[self._sent :].lstrip(" \n\r\t,")
-        return len(self.buffer) - len(rest) if rest.startswith("{") else None
+            # the end, and no call head: read the rest as a whole reply is read
+            content, calls = parse_calls(self.buffer[self._sent :])
+            self._sent = len(self.buffer)
+            return deltas + ([{"content": content}] if content else []) + self._emit(calls), True
 
     def _auto(self, final: bool) -> list[dict[str, Any]]:
         deltas: list[dict[str, Any]] = []
-        stripped = self.buffer.lstrip()
-        may_be_json = self.num_calls == 0 and stripped.startswith(("{", PYTHON_TAG[: len(stripped)]))
+        may_be_json = False
+        if self._sent == 0 and self.num_calls == 0 and not self._json_reply:
+            stripped = self.buffer.lstrip()
+            may_be_json = stripped.startswith(("{", PYTHON_TAG[: len(stripped)]))
         if self._json_reply or may_be_json:
             deltas, handled = self._json_calls(final)  # a reply that starts like a Llama-3 call
             if handled:
                 return deltas
         while True:
-            if self._arguments is not None:  # inside a tagged call whose arguments are streaming
+            if self._call is not None:  # a tagged call being streamed
                 deltas += self._arguments_delta()
-                value_end = _value_end(self.buffer, self._arguments)
-                close = -1 if value_end is None else self.buffer.find(TAG_CLOSE, value_end)
-                if close < 0:
-                    if final:
-                        self._arguments, self._sent = None, len(self.buffer)
+                if not self._end_tagged_call(final):
                     return deltas
-                self._arguments, self._sent = None, close + len(TAG_CLOSE)
                 continue
             pending = self.buffer[self._sent :]
             start = pending.find(TAG_OPEN)
@@ -363,19 +372,59 @@ class ToolCallStream:
                 deltas.append({"content": pending[:start]})
                 self._sent += start
                 continue
-            head = _TAGGED_HEAD.match(self.buffer, self._sent)
-            if head is not None:  # {"name": ..., "arguments": {: its arguments stream from here
-                self._start_call(head)
-                deltas.append({"tool_calls": [{"index": self.num_calls - 1, **new_call(self._name, "")}]})
+            body = self.buffer.find("{", self._sent + len(TAG_OPEN))
+            head = self._start(_TAGGED_HEAD.match(self.buffer, self._sent), body)
+            if head is not None:  # <tool_call>{"name": ..., "arguments": {: its arguments stream from here
+                deltas += head
                 continue
-            end = _close_tag(pending, len(TAG_OPEN))
-            if end < 0 and not final:
+            close = self._whole_body_close()
+            if close < 0 and not final:
                 return deltas  # perhaps a head still being written, or a body in another form
-            body = pending[len(TAG_OPEN) : end if end >= 0 else len(pending)]
-            calls = _calls_in(body)
-            used = end + len(TAG_CLOSE) if end >= 0 else len(pending)
-            deltas += self._emit(calls) if calls else [{"content": pending[:used]}]
-            self._sent += used
+            end = close if close >= 0 else len(self.buffer)
+            calls = _calls_in(self.buffer[self._sent + len(TAG_OPEN) : end])
+            used = end + len(TAG_CLOSE) if close >= 0 else end
+            deltas += self._emit(calls) if calls else [{"content": self.buffer[self._sent : used]}]
+            self._sent, self._body = used, None
+
+    def _whole_body_close(self) -> int:
+        """Where the ``</tool_call>`` of the tag at ``_sent`` is (-1: not yet), after the JSON value its
+        body holds (a closing tag inside one of its strings is text)."""
+        tag_end = self._sent + len(TAG_OPEN)
+        if self._body is None:
+            match = _NOT_SPACE.search(self.buffer, tag_end)
+            if match is None:
+                return -1
+            if match.group() not in "{[":
+                return self.buffer.find(TAG_CLOSE, tag_end)
+            self._body = _ValueScan(match.start())
+        value_end = self._body(self.buffer)
+        return -1 if value_end is None else self.buffer.find(TAG_CLOSE, value_end)
+
+    def _end_tagged_call(self, final: bool) -> bool:
+        """Whether the tagged call being streamed is over (``_sent`` then points past it): its object
+        closed and then its ``</tool_call>`` came (what lies between is the call's), or another
+        ``<tool_call>`` began, or the reply ended."""
+        end = self._call(self.buffer)
+        if end is None:  # its object is still open
+            if not final:
+                return False
+            # it never closed: up to a closing tag after its arguments is the call's, the rest content
+            after = self._arguments.end if self._arguments.end is not None else len(self.buffer)
+            close = self.buffer.find(TAG_CLOSE, after)
+            self._sent = len(self.buffer) if close < 0 else close + len(TAG_CLOSE)
+        else:
+            close = self.buffer.find(TAG_CLOSE, end)
+            opening = self.buffer.find(TAG_OPEN, end)
+            if close >= 0 and (opening < 0 or close < opening):
+                self._sent = close + len(TAG_CLOSE)
+            elif opening >= 0:
+                self._sent = opening  # no closing tag: the next call
+            elif final:
+                self._sent = end  # no closing tag: what follows is content
+            else:
+                return False
+        self._call = self._arguments = None
+        return True
 
 
 _CALL_NAME = r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*'  # {"name": "<name>",
@@ -387,6 +436,61 @@ _JSON_HEAD = re.compile(_CALL_NAME + r'"(?:parameters|arguments)"\s*:\s*(?=\{)')
 _TAGGED_HEAD = re.compile(
     re.escape(TAG_OPEN) + r"\s*" + _CALL_NAME + r'"(?:arguments|parameters)"\s*:\s*(?=\{)'
 )
+_JSON_SPECIAL = re.compile(r'[\\"{}\[\]]')
+_NOT_SPACE = re.compile(r"\S")
+_SCALAR_END = re.compile(r"[,}\]\s]")
+
+
+class _ValueScan:
+    """Where the JSON value that begins at ``start`` ends (an object, array, string or scalar), found by
+    scanning each character once however the text arrives: call it with the text so far, it returns the
+    end offset or None while the value is still being written. Strings (and escapes in them) are
+    respected; a ``}`` or ``]`` too many ends the value."""
+
+    def __init__(self, start: int):
+        self.start = self.pos = start
+        self.end: int | None = None
+        self._depth, self._in_string, self._escape, self._scalar = 0, False, False, None
+
+    def __call__(self, text: str) -> int | None:
+        if self.end is not None or self.pos >= len(text):
+            return self.end
+        if self._scalar is None:
+            self._scalar = text[self.pos] not in '{["'
+        if self._scalar:
+            found = _SCALAR_END.search(text, self.pos)
+            self.pos = len(text) if found is None else found.start()
+            self.end = None if found is None else found.start()
+            return self.end
+        i = self.pos
+        if self._escape:  # the character after a backslash that ended the last piece
+            i, self._escape = i + 1, False
+        while True:
+            found = _JSON_SPECIAL.search(text, i)
+            if found is None:
+                self.pos = len(text)
+                return None
+            ch, i = found.group(), found.end()
+            if self._in_string:
+                if ch == "\\":
+                    if i >= len(text):
+                        self.pos, self._escape = i, True
+                        return None
+                    i += 1
+                elif ch == '"':
+                    self._in_string = False
+                    if self._depth == 0:
+                        self.end = i
+                        return i
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth <= 0:
+                    self.end = i
+                    return i
 
 
 def _close_tag(text: str, start: int) -> int:
@@ -400,43 +504,8 @@ def _close_tag(text: str, start: int) -> int:
 
 
 def _value_end(text: str, start: int) -> int | None:
-    """The end offset of the JSON value that begins at ``text[start]`` (an object, array, string or
-    scalar), or None while it is still being written."""
-    first = text[start] if start < len(text) else ""
-    if first == '"':
-        escaped = False
-        for i in range(start + 1, len(text)):
-            if escaped:
-                escaped = False
-            elif text[i] == "\\":
-                escaped = True
-            elif text[i] == '"':
-                return i + 1
-        return None
-    if first in "{[":
-        depth, in_string, escaped = 0, False, False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    in_string = False
-            elif ch == '"':
-                in_string = True
-            elif ch in "{[":
-                depth += 1
-            elif ch in "}]":
-                depth -= 1
-                if depth == 0:
-                    return i + 1
-        return None
-    for i in range(start, len(text)):  # a number, true, false or null: ends where a delimiter comes
-        if text[i] in ",}] \n\r\t":
-            return i
-    return None
+    """The end offset of the JSON value that begins at ``text[start]``, or None while it is being written."""
+    return _ValueScan(start)(text)
 
 
 def _loads(text: str) -> Any:
