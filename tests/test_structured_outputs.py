@@ -302,6 +302,58 @@ def test_min_tokens_holds_beside_constrained_rows_whose_sampling_waits(tiny_with
 
 
 # ---- compiling off the engine thread ---------------------------------------------------------------------
+def test_compiles_past_their_limit_leave_room_for_new_ones_up_to_a_bound(tiny_with_tokenizer, monkeypatch):
+    """xgrammar's compile cannot be interrupted. A pool whose every thread holds a compile past its time
+    limit is set aside for a new one, and past MAX_OVERDUE_COMPILES such compiles new constraints are
+    refused as the server being at capacity (the gate below holds the 'held' grammar's compile)."""
+    import threading
+
+    from pagetron.backend.core.errors import AT_CAPACITY, AtCapacityError
+    from pagetron.backend.engine import grammar as grammar_module
+
+    engine = LLM(tiny_with_tokenizer, num_kv_blocks=64).engine
+    service = grammar_module.GrammarService(
+        engine.tokenizer, engine.model_config.vocab_size, sorted(engine.eos_token_ids), 0.0, max_threads=1
+    )
+    gate, compiler = threading.Event(), service._compiler
+
+    class Gated:
+        def compile_grammar(self, grammar):
+            if "held" in str(grammar):
+                gate.wait(60)
+            return compiler.compile_grammar(grammar)
+
+    service._compiler = Gated()
+
+    def running(n: int) -> bool:
+        deadline = time.monotonic() + 30
+        while len(service._running) != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(service._running) == n
+
+    def choice(word: str) -> StructuredOutputsParams:
+        return StructuredOutputsParams(choice=[word])
+
+    try:
+        [held] = service.grammars(choice("held"), 1)
+        assert running(1)  # the pool's one thread is held, past the (zero) time limit at once
+        [quick] = service.grammars(choice("quick"), 1)  # a new pool takes it
+        assert quick.compiled.result(timeout=30) is not None and not held.compiled.done()
+        assert service._generation == 1
+        [again] = service.grammars(choice("held"), 1)  # the held one left the cache: compiled afresh
+        assert again.compiled is not held.compiled and running(2)
+        monkeypatch.setattr(grammar_module, "MAX_OVERDUE_COMPILES", 2)
+        with pytest.raises(AtCapacityError, match=f"{AT_CAPACITY}: 2 grammars are still compiling"):
+            service.grammars(choice("refused"), 1)
+    finally:
+        gate.set()
+    assert held.compiled.result(timeout=30) is not None and again.compiled.result(timeout=30) is not None
+    assert running(0)
+    [later] = service.grammars(choice("refused"), 1)  # room again
+    assert later.compiled.result(timeout=30) is not None
+    service.shutdown()
+
+
 def test_a_compiling_request_waits_while_others_run_and_a_late_one_is_refused(tiny_with_tokenizer):
     llm = LLM(tiny_with_tokenizer, num_kv_blocks=64, grammar_compile_timeout_s=0.5)
     engine = llm.engine

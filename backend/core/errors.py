@@ -12,3 +12,10 @@ class InvalidRequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+
+class AtCapacityError(RuntimeError):
+    """A request refused for lack of room, not for what it asks: retry later (UNAVAILABLE, HTTP 429)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{AT_CAPACITY}: {reason}")

@@ -14,6 +14,7 @@ mask fill costs microseconds a row (measured here: 64 rows of SmolLM2's 49,152-t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.core.errors import AtCapacityError, InvalidRequestError
 from pagetron.backend.core.structured_outputs import StructuredOutputsParams
 
 CACHE_SIZE = 256  # distinct constraints whose compiled grammar stays in memory
@@ -32,6 +33,9 @@ CACHE_SIZE = 256  # distinct constraints whose compiled grammar stays in memory
 # still fits JSON pretty-printed several levels deep.
 JSON_MAX_WHITESPACE = 32
 BATCH_FILL_ROWS = 8  # from this many constrained rows on, masks are filled by xgrammar's threads
+# compiles still running past their time limit (their threads cannot be taken back); at this many, a new
+# constraint is refused until some finish
+MAX_OVERDUE_COMPILES = 8
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -46,12 +50,15 @@ class SequenceGrammar:
 
     @property
     def ready(self) -> bool:
-        return self.compiled.done() and self.compiled.exception() is None
+        done = self.compiled.done() and not self.compiled.cancelled()
+        return done and self.compiled.exception() is None
 
     def failure(self, now: float) -> str | None:
         """Why this sequence can never run (the compile failed or took too long), or None."""
         if not self.compiled.done():
             return "the grammar did not compile in time" if now > self.deadline else None
+        if self.compiled.cancelled():
+            return "the grammar's compile was cancelled (the engine is shutting down)"
         error = self.compiled.exception()
         return None if error is None else f"the grammar failed to compile: {error_text(error)}"
 
@@ -108,7 +115,11 @@ class GrammarService:
         self._compiler = xgrammar.GrammarCompiler(
             _tokenizer_info(xgrammar, tokenizer, vocab_size, stop_token_ids), max_threads=max_threads
         )
+        self._max_threads = max_threads
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="pagetron-grammar")
+        self._generation = 0  # which pool is current (see _make_room)
+        self._running: dict[int, tuple[int, float]] = {}  # compile -> (its pool's generation, start time)
+        self._tasks = itertools.count()
         self._batch = xgrammar.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Future] = OrderedDict()  # constraint key -> compiled grammar
@@ -126,7 +137,10 @@ class GrammarService:
             with self._lock:
                 compiled = self._cache.get(key)
                 if compiled is None:
-                    compiled = self._cache[key] = self._pool.submit(self._compiler.compile_grammar, grammar)
+                    self._make_room()
+                    compiled = self._cache[key] = self._pool.submit(
+                        self._compile, grammar, next(self._tasks), self._generation
+                    )
                     while len(self._cache) > CACHE_SIZE:
                         self._cache.popitem(last=False)
         deadline = time.monotonic() + self.compile_timeout_s
@@ -156,6 +170,37 @@ class GrammarService:
             raise
         except Exception as e:  # noqa: BLE001 (xgrammar raises RuntimeError / ValueError with the reason)
             raise InvalidRequestError(f"structured_outputs.{kind}", error_text(e)) from None
+
+    # NOTE: xgrammar's compile cannot be interrupted, so one past its time limit keeps its pool thread
+    # until it returns (its requests were refused at the limit). Once every thread of the pool is held
+    # so, the pool is set aside (its threads end when their compiles do) and a new one takes new
+    # constraints; those that were queued behind the held threads leave the cache, so asking again
+    # compiles them afresh. At MAX_OVERDUE_COMPILES held threads in all, new constraints are refused as
+    # the server being at capacity.
+    def _make_room(self) -> None:
+        """Called with the lock held, before a compile is submitted."""
+        now = time.monotonic()
+        overdue = [gen for gen, started in self._running.values() if now - started > self.compile_timeout_s]
+        if len(overdue) >= MAX_OVERDUE_COMPILES:
+            raise AtCapacityError(
+                f"{len(overdue)} grammars are still compiling past grammar_compile_timeout_s "
+                f"({self.compile_timeout_s:g} s); retry later"
+            )
+        if overdue.count(self._generation) >= self._max_threads:
+            self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(self._max_threads, thread_name_prefix="pagetron-grammar")
+            self._generation += 1
+            for key in [k for k, future in self._cache.items() if not future.done()]:
+                del self._cache[key]
+
+    def _compile(self, grammar: Any, task: int, generation: int) -> Any:
+        with self._lock:
+            self._running[task] = (generation, time.monotonic())
+        try:
+            return self._compiler.compile_grammar(grammar)
+        finally:
+            with self._lock:
+                del self._running[task]
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

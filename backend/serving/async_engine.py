@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pagetron.backend.core.errors import AT_CAPACITY, InvalidRequestError
+from pagetron.backend.core.errors import AT_CAPACITY, AtCapacityError, InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParamsError
 from pagetron.backend.engine.llm_engine import LLMEngine
 from pagetron.backend.engine.output_processor import OutputKind
@@ -252,6 +252,9 @@ class AsyncEngine:
                 )
             except (InvalidRequestError, SamplingParamsError) as e:
                 self._finish_with_error(live.request_id, str(e), ErrorCode.INVALID_ARG)
+                continue
+            except AtCapacityError as e:
+                self._finish_with_error(live.request_id, str(e), ErrorCode.UNAVAILABLE)
                 continue
             except Exception as e:  # noqa: BLE001 (the tokenizer or chat template refused the input)
                 # NOTE: one request's input must never take a thread down with it (a lone surrogate in a
