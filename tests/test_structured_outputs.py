@@ -303,9 +303,10 @@ def test_min_tokens_holds_beside_constrained_rows_whose_sampling_waits(tiny_with
 
 # ---- compiling off the engine thread ---------------------------------------------------------------------
 def test_compiles_past_their_limit_leave_room_for_new_ones_up_to_a_bound(tiny_with_tokenizer, monkeypatch):
-    """xgrammar's compile cannot be interrupted. A pool whose every thread holds a compile past its time
-    limit is set aside for a new one, and past MAX_OVERDUE_COMPILES such compiles new constraints are
-    refused as the server being at capacity (the gate below holds the 'held' grammar's compile)."""
+    """xgrammar's compile cannot be interrupted. When every thread of the compile pool holds a compile
+    past its time limit, a new pool takes over and what was queued moves to it; a request for a held
+    constraint waits on the same compile; past MAX_OVERDUE_COMPILES such compiles new constraints are
+    refused as the server being at capacity. (The gate holds compiles of grammars naming 'held'.)"""
     import threading
 
     from pagetron.backend.core.errors import AT_CAPACITY, AtCapacityError
@@ -313,7 +314,7 @@ def test_compiles_past_their_limit_leave_room_for_new_ones_up_to_a_bound(tiny_wi
 
     engine = LLM(tiny_with_tokenizer, num_kv_blocks=64).engine
     service = grammar_module.GrammarService(
-        engine.tokenizer, engine.model_config.vocab_size, sorted(engine.eos_token_ids), 0.0, max_threads=1
+        engine.tokenizer, engine.model_config.vocab_size, sorted(engine.eos_token_ids), 60.0, max_threads=1
     )
     gate, compiler = threading.Event(), service._compiler
 
@@ -336,22 +337,29 @@ def test_compiles_past_their_limit_leave_room_for_new_ones_up_to_a_bound(tiny_wi
 
     try:
         [held] = service.grammars(choice("held"), 1)
-        assert running(1)  # the pool's one thread is held, past the (zero) time limit at once
-        [quick] = service.grammars(choice("quick"), 1)  # a new pool takes it
+        assert running(1)
+        [quick] = service.grammars(choice("quick"), 1)  # queued behind it, within its time limit
+        assert service._queued and len(service._pools) == 1
+        service.compile_timeout_s = 0.0  # now the held compile is past its limit
+        [quick_again] = service.grammars(choice("quick"), 1)  # the same compile, moved to a new pool
+        assert quick_again.compiled is quick.compiled and len(service._pools) == 2
         assert quick.compiled.result(timeout=30) is not None and not held.compiled.done()
-        assert service._generation == 1
-        [again] = service.grammars(choice("held"), 1)  # the held one left the cache: compiled afresh
-        assert again.compiled is not held.compiled and running(2)
+        [again] = service.grammars(choice("held"), 1)  # the held compile itself: no second one
+        assert again.compiled is held.compiled and running(1)
+        [held_too] = service.grammars(choice("held too"), 1)
+        assert running(2)
         monkeypatch.setattr(grammar_module, "MAX_OVERDUE_COMPILES", 2)
         with pytest.raises(AtCapacityError, match=f"{AT_CAPACITY}: 2 grammars are still compiling"):
             service.grammars(choice("refused"), 1)
     finally:
         gate.set()
-    assert held.compiled.result(timeout=30) is not None and again.compiled.result(timeout=30) is not None
+    assert held.compiled.result(timeout=30) is not None and held_too.compiled.result(timeout=30) is not None
     assert running(0)
     [later] = service.grammars(choice("refused"), 1)  # room again
     assert later.compiled.result(timeout=30) is not None
     service.shutdown()
+    with pytest.raises(InvalidRequestError, match="shutting down"):
+        service.grammars(choice("after"), 1)
 
 
 def test_a_compiling_request_waits_while_others_run_and_a_late_one_is_refused(tiny_with_tokenizer):

@@ -14,7 +14,6 @@ mask fill costs microseconds a row (measured here: 64 rows of SmolLM2's 49,152-t
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from pagetron.backend.core.errors import AtCapacityError, InvalidRequestError
@@ -96,6 +96,16 @@ def fill_bitmasks(states: list[SequenceGrammar], bitmask: Any) -> None:
             state.fill_bitmask(bitmask, row)
 
 
+@dataclass
+class _Compile:
+    """One grammar to compile; ``future`` is what the cache and the sequences hold."""
+
+    grammar: Any
+    future: Future = field(default_factory=Future)
+    started: float | None = None  # when a pool thread took it
+    pool: int = -1  # which pool's thread
+
+
 class GrammarService:
     """Parses and compiles constraints for one tokenizer; thread-safe (requests are parsed on the serving
     threads, compiled on ``max_threads`` pool threads)."""
@@ -116,19 +126,21 @@ class GrammarService:
             _tokenizer_info(xgrammar, tokenizer, vocab_size, stop_token_ids), max_threads=max_threads
         )
         self._max_threads = max_threads
-        self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="pagetron-grammar")
-        self._generation = 0  # which pool is current (see _make_room)
-        self._running: dict[int, tuple[int, float]] = {}  # compile -> (its pool's generation, start time)
-        self._tasks = itertools.count()
+        self._pools = [ThreadPoolExecutor(max_threads, thread_name_prefix="pagetron-grammar")]
+        self._queued: list[_Compile] = []  # submitted, not taken by a thread yet
+        self._running: list[_Compile] = []  # on a thread now
+        self._closed = False
         self._batch = xgrammar.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Future] = OrderedDict()  # constraint key -> compiled grammar
 
     def grammars(self, params: StructuredOutputsParams, n: int) -> list[SequenceGrammar]:
         """Grammar states for the ``n`` sequences of one request. Raises InvalidRequestError naming the
-        problem if the constraint cannot be parsed; compiling goes on in the background."""
+        problem if the constraint cannot be parsed, AtCapacityError if too many compiles are stuck past
+        their time limit; compiling goes on in the background."""
         key = params.key()
         with self._lock:
+            self._make_room()
             compiled = self._cache.get(key)
             if compiled is not None:
                 self._cache.move_to_end(key)
@@ -137,14 +149,60 @@ class GrammarService:
             with self._lock:
                 compiled = self._cache.get(key)
                 if compiled is None:
-                    self._make_room()
-                    compiled = self._cache[key] = self._pool.submit(
-                        self._compile, grammar, next(self._tasks), self._generation
-                    )
+                    self._refuse_if_stuck()
+                    job = _Compile(grammar)
+                    self._queued.append(job)
+                    self._pools[-1].submit(self._run, job, len(self._pools) - 1)
+                    compiled = self._cache[key] = job.future
                     while len(self._cache) > CACHE_SIZE:
                         self._cache.popitem(last=False)
         deadline = time.monotonic() + self.compile_timeout_s
         return [SequenceGrammar(compiled, deadline, self._batch) for _ in range(n)]
+
+    # NOTE: xgrammar's compile cannot be interrupted, so one past its time limit keeps its pool thread
+    # until it returns (its requests were refused at the limit; a request for the same constraint waits
+    # on the same compile). Once every thread of the newest pool is held so, a new pool takes over: the
+    # compiles queued behind the held threads move to it, and the old pool's threads end with their
+    # compiles. At MAX_OVERDUE_COMPILES held threads in all, new constraints are refused as the server
+    # being at capacity.
+    def _overdue(self) -> list[_Compile]:
+        now = time.monotonic()
+        return [job for job in self._running if now - (job.started or now) > self.compile_timeout_s]
+
+    def _make_room(self) -> None:
+        """Called with the lock held: a new pool if the newest one's threads are all held."""
+        newest = len(self._pools) - 1
+        if self._closed or sum(job.pool == newest for job in self._overdue()) < self._max_threads:
+            return
+        self._pools[-1].shutdown(wait=False)  # its threads end when their compiles do
+        self._pools.append(ThreadPoolExecutor(self._max_threads, thread_name_prefix="pagetron-grammar"))
+        for job in self._queued:  # the old pool's work item finds the job taken and skips it
+            self._pools[-1].submit(self._run, job, newest + 1)
+
+    def _refuse_if_stuck(self) -> None:
+        if self._closed:
+            raise InvalidRequestError("structured_outputs", "the engine is shutting down")
+        overdue = len(self._overdue())
+        if overdue >= MAX_OVERDUE_COMPILES:
+            raise AtCapacityError(
+                f"{overdue} grammars are still compiling past grammar_compile_timeout_s "
+                f"({self.compile_timeout_s:g} s); retry later"
+            )
+
+    def _run(self, job: _Compile, pool: int) -> None:
+        with self._lock:
+            if job.started is not None or job.future.done():  # taken by a newer pool, or shut down
+                return
+            job.started, job.pool = time.monotonic(), pool
+            self._queued.remove(job)
+            self._running.append(job)
+        try:
+            job.future.set_result(self._compiler.compile_grammar(job.grammar))
+        except Exception as e:  # noqa: BLE001 (the grammar's error, read where its requests are checked)
+            job.future.set_exception(e)
+        finally:
+            with self._lock:
+                self._running.remove(job)
 
     def _parse(self, params: StructuredOutputsParams) -> Any:
         xgr, kind = self._xgr, params.kind
@@ -171,39 +229,14 @@ class GrammarService:
         except Exception as e:  # noqa: BLE001 (xgrammar raises RuntimeError / ValueError with the reason)
             raise InvalidRequestError(f"structured_outputs.{kind}", error_text(e)) from None
 
-    # NOTE: xgrammar's compile cannot be interrupted, so one past its time limit keeps its pool thread
-    # until it returns (its requests were refused at the limit). Once every thread of the pool is held
-    # so, the pool is set aside (its threads end when their compiles do) and a new one takes new
-    # constraints; those that were queued behind the held threads leave the cache, so asking again
-    # compiles them afresh. At MAX_OVERDUE_COMPILES held threads in all, new constraints are refused as
-    # the server being at capacity.
-    def _make_room(self) -> None:
-        """Called with the lock held, before a compile is submitted."""
-        now = time.monotonic()
-        overdue = [gen for gen, started in self._running.values() if now - started > self.compile_timeout_s]
-        if len(overdue) >= MAX_OVERDUE_COMPILES:
-            raise AtCapacityError(
-                f"{len(overdue)} grammars are still compiling past grammar_compile_timeout_s "
-                f"({self.compile_timeout_s:g} s); retry later"
-            )
-        if overdue.count(self._generation) >= self._max_threads:
-            self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(self._max_threads, thread_name_prefix="pagetron-grammar")
-            self._generation += 1
-            for key in [k for k, future in self._cache.items() if not future.done()]:
-                del self._cache[key]
-
-    def _compile(self, grammar: Any, task: int, generation: int) -> Any:
-        with self._lock:
-            self._running[task] = (generation, time.monotonic())
-        try:
-            return self._compiler.compile_grammar(grammar)
-        finally:
-            with self._lock:
-                del self._running[task]
-
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            for pool in self._pools:
+                pool.shutdown(wait=False, cancel_futures=True)
+            for job in self._queued:
+                job.future.set_exception(RuntimeError("the engine is shutting down"))
+            self._queued.clear()
 
 
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
