@@ -229,6 +229,11 @@ AUTO_REPLIES = [
     '{"name": "get_weather", "parameters": {"city": "X"}}; {"answer": 1}',
     '{"name": "get\\qtime", "parameters": {}}',  # not a JSON string: no call, and no crash
     '<tool_call>{"name": "a\tb", "arguments": {}}</tool_call>',
+    '{"name": "get_weather", "parameters": {"city": "<tool_call>"}}',  # a tag inside a string is text
+    '<tool_call>{"name": "get_time", "arguments": {}}\n<tool_call>{"name": "get_weather", "arguments": '
+    '{"city": "Oslo"}}</tool_call>',  # no closing tag: the call ends at the next one
+    '<tool_call>x;"name"{"name": "get_time", "parameters": {}}</tool_call>',  # a body of text
+    "<tool_call>" + '{"name": "' + "n" * 600 + '", "arguments": {}}</tool_call>',  # a head too long to stream
 ]
 
 

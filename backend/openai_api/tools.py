@@ -25,6 +25,7 @@ from pagetron.backend.core.chat_messages import validate_tools
 from pagetron.backend.core.errors import InvalidRequestError
 
 TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
+MAX_HEAD_CHARS = 512  # a call's head (its name) is looked for this far; past it the call goes whole
 PYTHON_TAG = "<|python_tag|>"
 
 
@@ -111,28 +112,23 @@ def calls_from_required(text: str) -> list[dict[str, Any]]:
 
 
 def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, calls) of an ``auto`` reply in any format above; text that is no call stays content."""
-    if TAG_OPEN in text:
-        content, calls, rest = [], [], text
-        while TAG_OPEN in rest:
-            before, _, after = rest.partition(TAG_OPEN)
-            close = _close_tag(after, 0)
-            body, closed = (after, "") if close < 0 else (after[:close], TAG_CLOSE)
-            rest = "" if close < 0 else after[close + len(TAG_CLOSE) :]
-            found = _calls_in(body)
-            if not found:  # not a call after all: keep it as text
-                content.append(before + TAG_OPEN + body + (TAG_CLOSE if closed else ""))
-                continue
-            content.append(before)
-            calls += found
-        content.append(rest)
-        joined = "".join(content).strip()
-        return (joined or None), calls
+    """(content, calls) of an ``auto`` reply in any format above; text that is no call stays content.
+    A reply that starts with a JSON call is read as Llama 3's (a ``<tool_call>`` inside one of its
+    strings is text); otherwise tags are looked for."""
+    content, calls = _json_reply_calls(text)
+    if calls:
+        return content, calls
+    if TAG_OPEN not in text:
+        return text, []
+    return _tagged_calls(text)
+
+
+def _json_reply_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Llama 3: {...}; {...} (a ";" inside a string is text); text after the calls is content, as the
+    stream sends it. No calls: ``(text, [])``."""
     stripped = text.strip().removeprefix(PYTHON_TAG).strip()
     calls: list[dict[str, Any]] = []
     start = 0
-    # Llama 3: {...}; {...} (a ";" inside a string is text); text after the calls is content, as the
-    # stream sends it
     while stripped.startswith("{", start):
         end = _value_end(stripped, start)
         found = [] if end is None else _calls_in(stripped[start:end])
@@ -146,6 +142,47 @@ def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     if calls:
         return (stripped[start:] or None), calls
     return text, []
+
+
+def _tagged_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Hermes / Qwen / SmolLM2 tags. A tag's call ends at its ``</tool_call>``, or at the next tag, or
+    at the reply's end (as the stream ends it); a tag that holds no call stays text."""
+    content, calls, i = [], [], 0
+    while (opening := text.find(TAG_OPEN, i)) >= 0:
+        content.append(text[i:opening])
+        body = opening + len(TAG_OPEN)
+        value_end = _json_value_end(text, body)
+        found = [] if value_end is None else _calls_in(text[body:value_end])
+        if found:
+            calls += found
+            i = _tagged_call_end(text, value_end, final=True)
+            continue
+        close = _close_tag(text, body)
+        i = close + len(TAG_CLOSE) if close >= 0 else len(text)
+        content.append(text[opening:i])  # not a call after all: keep it as text
+    content.append(text[i:])
+    joined = "".join(content).strip()
+    return (joined or None), calls
+
+
+def _json_value_end(text: str, start: int) -> int | None:
+    """The end of the JSON object or array that begins at the first non-space character from ``start``
+    (None if none begins there, or it is not complete)."""
+    found = _NOT_SPACE.search(text, start)
+    return _value_end(text, found.start()) if found is not None and found.group() in "{[" else None
+
+
+def _tagged_call_end(text: str, call_end: int, final: bool) -> int:
+    """Where a tagged call whose JSON ended at ``call_end`` is over: past its ``</tool_call>``, or at the
+    next ``<tool_call>`` when that comes first, or (at the reply's end) where its JSON ended; -1 while
+    neither has come. What lies between its JSON and its end is the call's."""
+    close = text.find(TAG_CLOSE, call_end)
+    opening = text.find(TAG_OPEN, call_end)
+    if close >= 0 and (opening < 0 or close < opening):
+        return close + len(TAG_CLOSE)
+    if opening >= 0:
+        return opening
+    return call_end if final else -1
 
 
 def _calls_in(body: str) -> list[dict[str, Any]]:
@@ -200,7 +237,9 @@ class ToolCallStream:
         self._arguments: _ValueScan | None = None  # ... and its arguments, once its head was sent
         self._json_reply = False  # auto: the reply is Llama-3 JSON calls, streaming
         self._separator = False  # ... and a ";" or the end comes next
-        self._body: _ValueScan | None = None  # auto: the body of a tag that goes whole
+        self._body: _ValueScan | None = None  # auto: the JSON body of a tag that goes whole ...
+        self._body_from = 0  # ... or where to look on for its start (-1: the body is text)
+        self._no_head = -1  # where a call head was looked for in vain for MAX_HEAD_CHARS characters
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         self.buffer += text
@@ -242,15 +281,10 @@ class ToolCallStream:
             self.num_calls += 1
         return deltas
 
-    def _start(self, head: re.Match | None, call_start: int) -> list[dict[str, Any]] | None:
-        """The head delta of a call whose head matched (its arguments stream from the head's end), or
-        None if there is no head or its name is not a JSON string."""
-        try:
-            name = json.loads(f'"{head.group(1)}"') if head is not None else None
-        except json.JSONDecodeError:
-            name = None
-        if name is None:
-            return None
+    def _start(self, head: re.Match, call_start: int) -> list[dict[str, Any]]:
+        """The head delta of a call whose head matched (``_head``); its arguments stream from the head's
+        end."""
+        name = json.loads(f'"{head.group(1)}"')
         self._call, self._arguments = _ValueScan(call_start), _ValueScan(head.end())
         self._sent, self._body = head.end(), None
         self.num_calls += 1
@@ -276,7 +310,7 @@ class ToolCallStream:
             end = self._call(self.buffer)
             if self._arguments is None:
                 start = self._call.start
-                head = self._start(_REQUIRED_HEAD.match(self.buffer, start), start)
+                head = self._head(_REQUIRED_HEAD, start)
                 if head is None:
                     if end is None:
                         return deltas  # the head is still being written
@@ -285,7 +319,7 @@ class ToolCallStream:
                     deltas += self._emit([whole] if whole is not None else [])
                     self._call, self._sent = None, end
                     continue
-                deltas += head
+                deltas += self._start(head, start)
             deltas += self._arguments_delta()
             if end is None:
                 return deltas
@@ -299,8 +333,9 @@ class ToolCallStream:
             if opening < 0:
                 return None
             self._sent = opening + 1
-        rest = self.buffer[self._sent :].lstrip(" \n\r\t,")
-        return len(self.buffer) - len(rest) if rest.startswith("{") else None
+        found = _ELEMENT_START.search(self.buffer, self._sent)
+        self._sent = len(self.buffer) if found is None else found.start()  # separators are no content
+        return self._sent if found is not None and found.group() == "{" else None
 
     def _json_calls(self, final: bool) -> tuple[list[dict[str, Any]], bool]:
         """A Llama-3 reply: calls ``{"name": ..., "parameters": {...}}`` joined by ``;``, each streamed
@@ -317,24 +352,23 @@ class ToolCallStream:
                     return deltas, True
                 self._call = self._arguments = None
                 self._sent, self._separator = end, True
-            rest = self.buffer[self._sent :]
             if self._separator:  # after a call: the end, or ";" and the next one
-                after = rest.lstrip()
-                if not after:
+                after = _NOT_SPACE.search(self.buffer, self._sent)
+                if after is None:
                     return deltas, True
-                if not after.startswith(";"):
+                if after.group() != ";":
                     self._json_reply = False
                     return deltas, False  # text after the calls: content
-                self._sent, self._separator = len(self.buffer) - len(after) + 1, False
-                rest = self.buffer[self._sent :]
-            start = self._sent + len(rest) - len(rest.lstrip())
+                self._sent, self._separator = after.end(), False
+            found = _NOT_SPACE.search(self.buffer, self._sent)
+            start = len(self.buffer) if found is None else found.start()
             if self.num_calls == 0 and self.buffer.startswith(PYTHON_TAG, start):
-                start += len(PYTHON_TAG)
-                start += len(self.buffer[start:]) - len(self.buffer[start:].lstrip())
-            head = self._start(_JSON_HEAD.match(self.buffer, start), start)
+                found = _NOT_SPACE.search(self.buffer, start + len(PYTHON_TAG))
+                start = len(self.buffer) if found is None else found.start()
+            head = self._head(_JSON_HEAD, start)
             if head is not None:
                 self._json_reply = True
-                deltas += head
+                deltas += self._start(head, start)
                 continue
             if not final:
                 return deltas, True  # the head may still come: held
@@ -347,8 +381,10 @@ class ToolCallStream:
         deltas: list[dict[str, Any]] = []
         may_be_json = False
         if self._sent == 0 and self.num_calls == 0 and not self._json_reply:
-            stripped = self.buffer.lstrip()
-            may_be_json = stripped.startswith(("{", PYTHON_TAG[: len(stripped)]))
+            first = _NOT_SPACE.search(self.buffer)
+            may_be_json = first is None or self.buffer[first.start() :].startswith(
+                ("{", PYTHON_TAG[: len(self.buffer) - first.start()])
+            )
         if self._json_reply or may_be_json:
             deltas, handled = self._json_calls(final)  # a reply that starts like a Llama-3 call
             if handled:
@@ -359,46 +395,70 @@ class ToolCallStream:
                 if not self._end_tagged_call(final):
                     return deltas
                 continue
-            pending = self.buffer[self._sent :]
-            start = pending.find(TAG_OPEN)
+            start = self.buffer.find(TAG_OPEN, self._sent)
             if start < 0:
+                pending = self.buffer[self._sent :]
                 keep = 0 if final else _tag_prefix_len(pending)
                 text = pending[: len(pending) - keep]
                 if text:
                     deltas.append({"content": text})
                     self._sent += len(text)
                 return deltas
-            if start:
-                deltas.append({"content": pending[:start]})
-                self._sent += start
+            if start > self._sent:
+                deltas.append({"content": self.buffer[self._sent : start]})
+                self._sent = start
                 continue
-            body = self.buffer.find("{", self._sent + len(TAG_OPEN))
-            head = self._start(_TAGGED_HEAD.match(self.buffer, self._sent), body)
+            head = self._head(_TAGGED_HEAD, self._sent)
             if head is not None:  # <tool_call>{"name": ..., "arguments": {: its arguments stream from here
-                deltas += head
+                deltas += self._start(head, self.buffer.index("{", self._sent, head.end()))
                 continue
-            close = self._whole_body_close()
-            if close < 0 and not final:
+            used = self._whole_tag_end(final)
+            if used < 0:
                 return deltas  # perhaps a head still being written, or a body in another form
-            end = close if close >= 0 else len(self.buffer)
-            calls = _calls_in(self.buffer[self._sent + len(TAG_OPEN) : end])
-            used = end + len(TAG_CLOSE) if close >= 0 else end
+            calls = [] if self._body is None else _calls_in(self.buffer[self._body.start : self._body.end])
             deltas += self._emit(calls) if calls else [{"content": self.buffer[self._sent : used]}]
-            self._sent, self._body = used, None
+            self._sent, self._body, self._body_from = used, None, 0
 
-    def _whole_body_close(self) -> int:
-        """Where the ``</tool_call>`` of the tag at ``_sent`` is (-1: not yet), after the JSON value its
-        body holds (a closing tag inside one of its strings is text)."""
+    def _head(self, pattern: re.Pattern, start: int) -> re.Match | None:
+        """``pattern`` matched at ``start`` if it does there and names its function with a JSON string.
+        A head is looked for in the first MAX_HEAD_CHARS characters only, so a name that never ends is
+        not scanned again with every piece."""
+        if len(self.buffer) - start > MAX_HEAD_CHARS and start == self._no_head:
+            return None
+        head = pattern.match(self.buffer, start, start + MAX_HEAD_CHARS)
+        try:
+            if head is not None and isinstance(json.loads(f'"{head.group(1)}"'), str):
+                return head
+        except json.JSONDecodeError:
+            pass
+        if len(self.buffer) - start > MAX_HEAD_CHARS:
+            self._no_head = start
+        return None
+
+    def _whole_tag_end(self, final: bool) -> int:
+        """Where the tag at ``_sent`` that is not streamed ends (-1: not yet). A JSON body holding calls
+        ends as a streamed call does; any other body at its ``</tool_call>`` (one inside a JSON string
+        is text), or at the reply's end."""
         tag_end = self._sent + len(TAG_OPEN)
+        if self._body is None and self._body_from >= 0:
+            found = _NOT_SPACE.search(self.buffer, max(tag_end, self._body_from))
+            if found is None:  # only spaces so far: look on from here next time
+                self._body_from = len(self.buffer)
+                return len(self.buffer) if final else -1
+            if found.group() in "{[":
+                self._body = _ValueScan(found.start())
+            else:
+                self._body_from = -1  # a body of text
         if self._body is None:
-            match = _NOT_SPACE.search(self.buffer, tag_end)
-            if match is None:
-                return -1
-            if match.group() not in "{[":
-                return self.buffer.find(TAG_CLOSE, tag_end)
-            self._body = _ValueScan(match.start())
+            close = self.buffer.find(TAG_CLOSE, tag_end)
+            return close + len(TAG_CLOSE) if close >= 0 else (len(self.buffer) if final else -1)
         value_end = self._body(self.buffer)
-        return -1 if value_end is None else self.buffer.find(TAG_CLOSE, value_end)
+        if value_end is None:
+            return len(self.buffer) if final else -1
+        if _calls_in(self.buffer[self._body.start : value_end]):
+            return _tagged_call_end(self.buffer, value_end, final)
+        close = self.buffer.find(TAG_CLOSE, value_end)
+        return close + len(TAG_CLOSE) if close >= 0 else (len(self.buffer) if final else -1)
 
     def _end_tagged_call(self, final: bool) -> bool:
         """Whether the tagged call being streamed is over (``_sent`` then points past it): its object
@@ -413,16 +473,10 @@ class ToolCallStream:
             close = self.buffer.find(TAG_CLOSE, after)
             self._sent = len(self.buffer) if close < 0 else close + len(TAG_CLOSE)
         else:
-            close = self.buffer.find(TAG_CLOSE, end)
-            opening = self.buffer.find(TAG_OPEN, end)
-            if close >= 0 and (opening < 0 or close < opening):
-                self._sent = close + len(TAG_CLOSE)
-            elif opening >= 0:
-                self._sent = opening  # no closing tag: the next call
-            elif final:
-                self._sent = end  # no closing tag: what follows is content
-            else:
+            over = _tagged_call_end(self.buffer, end, final)
+            if over < 0:
                 return False
+            self._sent = over
         self._call = self._arguments = None
         return True
 
@@ -438,6 +492,7 @@ _TAGGED_HEAD = re.compile(
 )
 _JSON_SPECIAL = re.compile(r'[\\"{}\[\]]')
 _NOT_SPACE = re.compile(r"\S")
+_ELEMENT_START = re.compile(r"[^\s,]")
 _SCALAR_END = re.compile(r"[,}\]\s]")
 
 
