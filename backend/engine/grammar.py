@@ -50,15 +50,12 @@ class SequenceGrammar:
 
     @property
     def ready(self) -> bool:
-        done = self.compiled.done() and not self.compiled.cancelled()
-        return done and self.compiled.exception() is None
+        return self.compiled.done() and self.compiled.exception() is None
 
     def failure(self, now: float) -> str | None:
         """Why this sequence can never run (the compile failed or took too long), or None."""
         if not self.compiled.done():
             return "the grammar did not compile in time" if now > self.deadline else None
-        if self.compiled.cancelled():
-            return "the grammar's compile was cancelled (the engine is shutting down)"
         error = self.compiled.exception()
         return None if error is None else f"the grammar failed to compile: {error_text(error)}"
 

@@ -326,7 +326,7 @@ class MultiprocExecutor(Executor):
 
     def _dead_rank(self) -> str | None:
         """What became of the first rank process of this host that has exited, or None."""
-        return next((proc.describe() for proc in self.procs if proc.exitcode is not None), None)
+        return next(iter(exited_ranks(self.procs, grace_s=0)), None)
 
     def _watch_ranks(self) -> None:
         while not self._closed:

@@ -67,7 +67,7 @@ class Worker:
                 self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks, self.device, lora_context
             )
             graphs.capture()
-        sampler = Sampler(self.spec.eos_token_ids, seed=config.seed)
+        sampler = Sampler(self.spec.eos_token_ids, seed=config.seed, kernels=self.kernels)
         self.runner = ModelRunner(self.model, sampler, config.block_size, self.device, graphs, self.lora)
 
     def _load_model(self, spec: ModelSpec) -> LlamaForCausalLM:

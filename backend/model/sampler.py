@@ -20,12 +20,13 @@ from pagetron.kernels.token_bitmask_ref import apply_token_bitmask_ref
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int] | list[int], seed: int = 0):
+    def __init__(self, eos_token_ids: set[int] | list[int], seed: int = 0, kernels: str = "torch"):
+        """``kernels``: the model's kernel set (model.kernel_ops), which the grammar masks follow too."""
         self.eos_token_ids = sorted(set(eos_token_ids))
         self.seed = seed
         self._generators: dict[tuple[torch.device, bool], torch.Generator] = {}
         self._seeded: dict[int, torch.Generator] = {}  # seq id -> its own CPU generator
-        self._bitmasks = BitmaskUpload()
+        self._bitmasks = BitmaskUpload(kernels)
 
     def forget(self, seq_ids: list[int]) -> None:
         """Drops the generators of sequences that ended."""
@@ -144,7 +145,7 @@ class Sampler:
 
 class BitmaskUpload:
     """Applies a step's grammar bitmasks on the logits' device: one copy to the device and one kernel (the
-    OpenAI-Triton one on CUDA, its torch reference elsewhere), no host sync.
+    OpenAI-Triton one with the triton kernel set, its torch reference with torch's), no host sync.
 
     NOTE: on CUDA the masks go through one pinned staging buffer, kept from step to step (a fresh pinned
     buffer each step costs an allocation and a copy on the host). Before it is overwritten the host waits
@@ -153,7 +154,12 @@ class BitmaskUpload:
     sampling waited), the wait ends with that step, whose result the engine waits for next anyway.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kernels: str = "torch") -> None:
+        self._apply = apply_token_bitmask_ref
+        if kernels == "triton":
+            from pagetron.kernels.token_bitmask import apply_token_bitmask
+
+            self._apply = apply_token_bitmask
         self._staging: torch.Tensor | None = None  # pinned int32 [rows, width]
         self._words: torch.Tensor | None = None  # the device copy
         self._uploaded: torch.cuda.Event | None = None
@@ -161,14 +167,9 @@ class BitmaskUpload:
     def apply(self, logits: torch.Tensor, grammar: GrammarMask) -> None:
         device = logits.device
         words = torch.from_numpy(grammar.bitmask)
+        words = self._upload(words, device) if device.type == "cuda" else words.to(device)
         every_row = len(grammar.rows) == logits.shape[0]  # rows are sorted: then they are 0..n-1
-        rows = None if every_row else to_device(grammar.rows, device, torch.int32)
-        if device.type != "cuda":
-            apply_token_bitmask_ref(logits, words.to(device), rows)
-            return
-        from pagetron.kernels.token_bitmask import apply_token_bitmask
-
-        apply_token_bitmask(logits, self._upload(words, device), rows)
+        self._apply(logits, words, None if every_row else to_device(grammar.rows, device, torch.int32))
 
     def _upload(self, words: torch.Tensor, device: torch.device) -> torch.Tensor:
         n, width = words.shape

@@ -87,8 +87,8 @@ def test_cuda_llama3_vocab_64_rows():
 
 
 def test_the_samplers_path_matches_reference():
-    """Through Sampler's BitmaskUpload: on CUDA the pinned staging buffer (which grows once) and the
-    kernel, elsewhere the reference; some rows or every row constrained."""
+    """Through Sampler's BitmaskUpload with the triton kernel set (interpreted on the CPU): on CUDA the
+    pinned staging buffer (which grows once); some rows or every row constrained."""
     from pagetron.backend.core.step import GrammarMask
     from pagetron.backend.model.sampler import BitmaskUpload
 
@@ -98,7 +98,7 @@ def test_the_samplers_path_matches_reference():
 
         return fill
 
-    upload = BitmaskUpload()
+    upload = BitmaskUpload("triton")
     for seed, (num_rows, rows) in enumerate([(4, [0, 1, 2, 3]), (200, list(range(0, 200, 2))), (3, [1])]):
         _, words = random_case(len(rows), 1000, seed=seed)
         logits = torch.randn(num_rows, 1000, generator=torch.Generator().manual_seed(seed))
