@@ -120,6 +120,11 @@ def test_invalid_constraints_are_refused_before_anything_runs(smollm):
         ({"json": {"type": "integer", "minimum": "ten"}}, "structured_outputs.json", "at minimum"),
         ({"regex": "(ab"}, "structured_outputs.regex", "parenthesis is not closed"),
         ({"grammar": "root ::= missing"}, "structured_outputs.grammar", 'Rule "missing" is not defined'),
+        (
+            {"json": {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}}},
+            "structured_outputs.json",
+            "not supported at /properties/n: multipleOf is enforced only",
+        ),
     ]
     for kind, field, words in cases:
         with pytest.raises(InvalidRequestError) as e:
@@ -407,6 +412,11 @@ _leaf = st.one_of(
             {"type": "nope"},
             {"pattern": "(("},
             {"type": "string", "pattern": "^[0-9]{2}$"},
+            {"type": "number", "multipleOf": 0.5},  # refused: the grammar would not enforce these
+            {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+            {"not": {"type": "integer"}},
+            {"type": "integer", "multipleOf": 3, "maximum": 9},
+            {"type": "string", "minLength": 1, "maxLength": 20},
         ]
     ),
 )

@@ -58,6 +58,22 @@ def test_bad_tools_name_the_field(tools, choice, field):
     assert e.value.field == field
 
 
+def test_a_parameter_keyword_the_grammar_drops_is_refused_only_where_a_grammar_is_built():
+    tags = {"type": "function", "function": {"name": "tag", "parameters": {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}}  # fmt: skip
+    for choice in ("required", {"type": "function", "function": {"name": "tag"}}):
+        with pytest.raises(InvalidRequestError) as e:
+            plan([WEATHER, tags], choice, None)
+        assert e.value.field == "tools[1].function.parameters"
+        assert (
+            e.value.message
+            == "not supported at /properties/tags: uniqueItems is not enforced by the grammar engine"
+        )
+    assert plan([WEATHER, tags], "auto", None).mode == "auto"  # the model's own format: no grammar
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert plan([WEATHER, tags], named, None).name == "get_weather"  # only the named tool's schema counts
+
+
 def test_the_formats_models_write():
     hermes = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     content, calls = parse_calls(hermes)

@@ -23,6 +23,7 @@ from typing import Any
 
 from pagetron.backend.core.chat_messages import validate_tools
 from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.core.json_schema import UnsupportedSchemaError, check_enforceable
 
 TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"
 MAX_HEAD_CHARS = 512  # a call's head (its name) is looked for this far; past it the call goes whole
@@ -79,6 +80,8 @@ def plan(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None) -> Tool
     parallel = parallel_tool_calls is not False
     choice = "auto" if tool_choice is None else tool_choice
     if choice in ("none", "auto", "required"):
+        if choice == "required":
+            _check_enforceable(clean)
         return ToolPlan(choice, clean, parallel=parallel)
     if (
         isinstance(choice, dict)
@@ -88,10 +91,22 @@ def plan(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None) -> Tool
         name = choice["function"].get("name")
         if name not in {t["function"]["name"] for t in clean}:
             raise InvalidRequestError("tool_choice", f"names function {name!r}, which is not among the tools")
+        _check_enforceable(clean, name)
         return ToolPlan("named", clean, name=name, parallel=parallel)
     raise InvalidRequestError(
         "tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
     )
+
+
+def _check_enforceable(tools: list[dict[str, Any]], name: str | None = None) -> None:
+    """The parameter schemas a required or named choice turns into a grammar use only keywords it
+    enforces (``core.json_schema``); an auto choice uses none."""
+    for i, tool in enumerate(tools):
+        if name is None or tool["function"]["name"] == name:
+            try:
+                check_enforceable(tool["function"]["parameters"])
+            except UnsupportedSchemaError as e:
+                raise InvalidRequestError(f"tools[{i}].function.parameters", str(e)) from None
 
 
 def new_call(name: str, arguments: str) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""Which JSON-schema keywords a constrained request may use (core.json_schema), checked against the real
+grammar engine: every keyword refused is one xgrammar lets a violating instance through, every schema
+accepted refuses its violating instance. And the short-string rewrite (engine.grammar) allows exactly
+the strings xgrammar's maxLength allows, less raw control characters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import xgrammar
+from xgrammar.testing import _is_grammar_accept_string
+
+from pagetron.backend.core.json_schema import UnsupportedSchemaError, check_enforceable, subschemas
+from pagetron.backend.engine.grammar import short_strings_as_patterns
+
+
+def accepts(schema: dict, instance) -> bool:
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema))
+    return _is_grammar_accept_string(grammar, json.dumps(instance, separators=(",", ":")))
+
+
+INT_OR_STR = {"type": ["integer", "string"]}
+# (schema, an instance that breaks it, where and why it is refused)
+REFUSED = [
+    ({"type": "number", "multipleOf": 0.5}, 0.3, "/", "multipleOf is enforced only"),
+    ({"type": "integer", "multipleOf": 0.5}, 3, "/", "multipleOf is enforced only"),
+    ({"type": "integer", "multipleOf": 3, "maximum": 9}, 1, "/", "multipleOf together with maximum"),
+    ({"type": "integer", "multipleOf": 3, "minimum": 0, "maximum": 10**6}, 1, "/", "together with minimum"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 1], "/", "uniqueItems"),
+    ({"type": "array", "items": INT_OR_STR, "contains": {"type": "integer"}}, ["a"], "/", "contains"),
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "dependentRequired": {"a": ["b"]},
+        },
+        {"a": 1},
+        "/",
+        "dependentRequired",
+    ),  # fmt: skip
+    ({"not": {"type": "string"}}, "x", "/", "not is not enforced"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, 2, "/", "allOf with more than one schema"),
+    ({"if": {"type": "integer"}, "then": {"minimum": 3}}, 2, "/", "if/then/else"),
+    ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "abcdef", "/", "together with pattern"),
+    ({"type": "string", "enum": ["abc"], "maxLength": 2}, "abc", "/", "maxLength beside enum"),
+    ({"const": "abc", "maxLength": 2}, "abc", "/", "maxLength beside const"),
+    ({"anyOf": [INT_OR_STR], "minimum": 3}, 2, "/", "minimum beside anyOf"),
+    ({"type": "integer", "anyOf": [{"minimum": 3}, {"maximum": -3}]}, 0, "/", "type beside anyOf"),
+    (
+        {"$ref": "#/$defs/s", "maxLength": 2, "$defs": {"s": {"type": "string"}}},
+        "abc",
+        "/",
+        "maxLength beside $ref",
+    ),  # fmt: skip
+    ({"maxLength": 2}, "abc", "/", 'maxLength needs a "type"'),
+    ({"minimum": 3}, 2, "/", 'minimum needs a "type"'),
+    (
+        {
+            "type": "object",
+            "properties": {"tags": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}},
+            "required": ["tags"],
+        },
+        {"tags": [1, 1]},
+        "/properties/tags",
+        "uniqueItems",
+    ),  # fmt: skip
+    (
+        {
+            "$ref": "#/$defs/pair",
+            "$defs": {"pair": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}},
+        },
+        [2, 2],
+        "/$defs/pair",
+        "uniqueItems",
+    ),  # fmt: skip
+    ({"type": "object", "properties": {"a/b~": {"not": {}}}}, {"a/b~": 1}, "/properties/a~1b~0", "not"),
+]
+# (schema, an instance that breaks it): enforced, so accepted
+ENFORCED = [
+    ({"type": "integer", "multipleOf": 3}, 4),
+    ({"type": ["integer", "null"], "multipleOf": 3}, 4),
+    ({"type": "number", "exclusiveMinimum": 0}, 0),
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 2}, [1, 2, 3]),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [1, "a"]),
+    ({"type": "object", "additionalProperties": True, "minProperties": 2}, {"a": 1}),
+    ({"type": "object", "propertyNames": {"pattern": "^a"}}, {"b": 1}),
+    ({"type": "object", "properties": {"not": {"type": "integer"}}, "required": ["not"]}, {"not": "x"}),
+    ({"type": "string", "minLength": 2, "maxLength": 3}, "abcd"),
+    ({"type": "string", "format": "date"}, "2020-01-0x"),
+    ({"enum": [1, "a", None]}, 2),
+    ({"type": "string", "enum": ["a", "b"]}, "c"),
+    ({"allOf": [{"type": "integer"}]}, "x"),
+    ({"oneOf": [{"type": "string", "maxLength": 2}, {"type": "null"}]}, "abc"),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}], "title": "Note", "default": None}, 1),
+    ({"$ref": "#/$defs/x", "description": "an x", "$defs": {"x": {"type": "integer"}}}, "a"),
+    ({"properties": {"a": {"type": "integer"}}, "required": ["a"]}, {"a": "x"}),
+]
+
+
+@pytest.mark.parametrize(("schema", "bad", "pointer", "words"), REFUSED)
+def test_a_keyword_the_grammar_drops_is_refused_where_it_is(schema, bad, pointer, words):
+    assert accepts(schema, bad), "xgrammar enforces this now: take it off the refused list"
+    with pytest.raises(UnsupportedSchemaError) as e:
+        check_enforceable(schema)
+    assert e.value.pointer == pointer and words in e.value.message, str(e.value)
+    assert str(e.value).startswith(f"not supported at {pointer}: ")
+
+
+@pytest.mark.parametrize(("schema", "bad"), ENFORCED)
+def test_a_schema_accepted_is_one_the_grammar_enforces(schema, bad):
+    check_enforceable(schema)
+    assert not accepts(schema, bad)
+
+
+def test_subschemas_enter_schemas_only():
+    schema = {
+        "type": "object",
+        "properties": {"not": {"type": "integer"}, "x": {"anyOf": [{"type": "string"}, True]}},
+        "default": {"not": {"minimum": 1}},
+        "enum": [{"allOf": []}],
+        "$defs": {"d": {"items": {"type": "null"}}},
+    }
+    pointers = ["", "/properties/not", "/properties/x", "/properties/x/anyOf/0", "/$defs/d", "/$defs/d/items"]
+    assert [pointer for _, pointer in subschemas(schema)] == pointers
+
+
+def test_a_pydantic_schema_is_accepted():
+    pydantic = pytest.importorskip("pydantic")
+    from typing import Literal
+
+    class Line(pydantic.BaseModel):
+        sku: str = pydantic.Field(max_length=12, description="stock unit")
+        quantity: int = pydantic.Field(ge=1, le=99)
+
+    class Cat(pydantic.BaseModel):
+        kind: Literal["cat"]
+        lives: int
+
+    class Dog(pydantic.BaseModel):
+        kind: Literal["dog"]
+
+    class Order(pydantic.BaseModel):
+        id: str = pydantic.Field(pattern=r"^ORD-\d{6}$")
+        lines: list[Line]
+        note: str | None = None
+        pet: Cat | Dog = pydantic.Field(discriminator="kind")
+
+    check_enforceable(Order.model_json_schema())
+
+
+# ---- short strings as patterns ----------------------------------------------------------------------------
+def test_short_strings_become_patterns_and_the_rest_stays():
+    schema = {
+        "type": "object",
+        "properties": {
+            "sku": {"type": "string", "maxLength": 12},
+            "code": {"type": "string", "minLength": 2, "maxLength": 4, "description": "d"},
+            "long": {"type": "string", "maxLength": 17},
+            "open": {"type": "string", "minLength": 3},
+            "typed": {"type": "string", "maxLength": 4, "pattern": "^a+$"},
+            "choice": {"type": "string", "maxLength": 4, "enum": ["ab"]},
+            "empty": {"type": "string", "minLength": 5, "maxLength": 2},
+            "nullable": {"type": ["string", "null"], "maxLength": 4},
+        },
+    }
+    original = json.loads(json.dumps(schema))
+    out = short_strings_as_patterns(schema)
+    assert schema == original
+    char = '[^"\\\\\\x00-\\x1f]'
+    assert out["properties"]["sku"] == {"type": "string", "pattern": f"^{char}{{0,12}}$"}
+    assert out["properties"]["code"] == {"type": "string", "description": "d", "pattern": f"^{char}{{2,4}}$"}
+    for unchanged in ("long", "open", "typed", "choice", "empty", "nullable"):
+        assert out["properties"][unchanged] == schema["properties"][unchanged]
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 1), (0, 4), (2, 4), (4, 4)])
+def test_a_short_string_pattern_allows_what_max_length_allows_less_control_characters(low, high):
+    """Both spellings, compiled by xgrammar, over strings of every length around the bounds made of plain
+    and multi-byte characters, quotes, escapes and control characters."""
+    spelled = {"type": "string", "minLength": low, "maxLength": high}
+    rewritten = short_strings_as_patterns(spelled)
+    assert "pattern" in rewritten
+    grammars = [xgrammar.Grammar.from_json_schema(json.dumps(s)) for s in (spelled, rewritten)]
+    checked = 0
+    for piece in ["a", "é", "😀", "-", " ", '\\"', "\\n", "\\u00e9", '"', "\\", "\t", "\x01", "\x7f"]:
+        for n in range(max(0, low - 1), high + 2):
+            text = f'"{"x" * max(0, n - 1)}{piece if n else ""}"'
+            by_length, by_pattern = (_is_grammar_accept_string(g, text) for g in grammars)
+            raw_control = n > 0 and piece in ("\t", "\x01")
+            assert by_pattern == (by_length and not raw_control), (piece, n, by_length, by_pattern)
+            checked += by_pattern
+    assert checked > 0
