@@ -4,10 +4,13 @@
 # `client` of an older commit (default .base_e13: `git archive e13b888 backend kernels client | tar -x -C
 # .base_e13`); carry it with .whl (xgrammar and jsonschema wheels, smollm2-tokenizer/). The kernel tests of
 # this tree run compiled first. Results and logs in $OUT; a short table last.
-# Usage: bash perf_analyzer_configs/h200/ab_structured_lora.sh [parts: kernels,structured,lora]
+# Usage: [SIDES=head] [LEVELS=64] bash perf_analyzer_configs/h200/ab_structured_lora.sh [parts: kernels,structured,lora]
+# (SIDES=head: this tree alone, the ratios being within one run; LEVELS: the structured concurrencies)
 source perf_analyzer_configs/h200/env.sh
 PARTS=${1:-kernels,structured,lora}
 BASE=${BASE:-.base_e13}
+SIDES=${SIDES:-base head}
+LEVELS=${LEVELS:-64 1}
 TOKENIZER=.whl/smollm2-tokenizer
 summary=()
 use() { for part in backend kernels client; do ln -sfn "$PWD/$1/$part" "$SITE/pagetron/$part"; done; }
@@ -25,13 +28,15 @@ if [[ $PARTS == *kernels* ]]; then
   run kernels python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_token_bitmask.py \
     tests/kernels/test_kernel_lora.py
 fi
-for side in base head; do
+for side in $SIDES; do
   if [[ $side == base ]]; then use "$BASE"; else use .; fi
   if [[ $PARTS == *structured* ]]; then
-    run "structured-c64-$side" python3 -m pagetron.backend.cli bench structured --shape llama3-8b \
-      --tokenizer "$TOKENIZER" --concurrency 64 --requests 384 --max-tokens 128 --json "$OUT/structured-c64-$side.json"
-    run "structured-c1-$side" python3 -m pagetron.backend.cli bench structured --shape llama3-8b \
-      --tokenizer "$TOKENIZER" --concurrency 1 --requests 6 --max-tokens 128 --json "$OUT/structured-c1-$side.json"
+    for level in $LEVELS; do
+      requests=$(( level == 1 ? 6 : 6 * level ))
+      run "structured-c$level-$side" python3 -m pagetron.backend.cli bench structured --shape llama3-8b \
+        --tokenizer "$TOKENIZER" --concurrency "$level" --requests "$requests" --max-tokens 128 \
+        --json "$OUT/structured-c$level-$side.json"
+    done
   fi
   if [[ $PARTS == *lora* ]]; then
     run "lora-$side" python3 -m pagetron.backend.cli bench lora --shape llama3-8b --adapters 1,8,32 \
