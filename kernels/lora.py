@@ -11,6 +11,7 @@ slot is read from device tensors that ``group_rows`` computes once per step; -1 
     rows grouped:  token_slots [ -1  0  2  0 -1  1  2  2 ]
                    order       [  0  4 | 1  3 | 5 | 2  6  7 ]   rows sorted by slot (stable)
                    blocks      (slot 0, order[2:4]) (slot 1, order[4:5]) (slot 2, order[5:8])  <- programs
+                               (up to BLOCK_M rows of one slot each; LARGE_BLOCK_M in long steps)
 
 The shrink accumulates in fp32, split over K (partial sums added atomically, so the last bits may vary
 between runs); the expand multiplies t rounded to B's dtype (as PEFT rounds the
@@ -25,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 16  # rows of one slot per program (tl.dot's smallest M)
+BLOCK_M = 16  # rows of one slot per program (tl.dot's smallest M) ...
+# ... and in steps of more rows than this (prefill chunks), 64 rows and 128 expand columns a program: the
+# expand of such a step is bound by reading and writing its output, which 16 x 64 tiles (hundreds of
+# thousands of programs for a gate_up projection of 8,192 rows) move at a fraction of the bandwidth.
+# Decode steps (CUDA graphs) stay at 16 rows, where each slot has a few rows.
+LARGE_STEP_ROWS = 1024
+LARGE_BLOCK_M, LARGE_BLOCK_N = 64, 128
 
 
 @dataclass
@@ -36,29 +43,34 @@ class LoRARows:
     block_slot: torch.Tensor  # [B] int32 slot of each program's block of rows, -1: no block
     block_start: torch.Tensor  # [B] int32 its first position in ``order``
     slot_end: torch.Tensor  # [S] int32 one past each slot's last position in ``order``
+    block_m: int = BLOCK_M  # rows a block holds at most
 
 
-def group_rows(token_slots: torch.Tensor, num_slots: int) -> LoRARows:
-    """Groups rows by slot with device ops only (no host sync: capturable in a CUDA graph). A step of T
-    rows over k distinct slots has at most ceil(T / BLOCK_M) + k blocks, and k <= min(S, T)."""
+def group_rows(token_slots: torch.Tensor, num_slots: int, block_m: int | None = None) -> LoRARows:
+    """Groups rows by slot with device ops only (no host sync: capturable in a CUDA graph), in blocks of
+    ``block_m`` rows (default: by the number of rows, above). A step of T rows over k distinct slots has
+    at most ceil(T / block_m) + k blocks, and k <= min(S, T)."""
     device, num_rows = token_slots.device, token_slots.shape[0]
+    if block_m is None:
+        block_m = BLOCK_M if num_rows <= LARGE_STEP_ROWS else LARGE_BLOCK_M
     slots = token_slots.to(torch.int64)
     sorted_slots, order = torch.sort(slots, stable=True)
     bounds = torch.searchsorted(sorted_slots, torch.arange(num_slots + 1, device=device))
     counts = bounds[1:] - bounds[:-1]
-    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    blocks = (counts + block_m - 1) // block_m
     ends = torch.cumsum(blocks, 0)
-    num_blocks = triton.cdiv(num_rows, BLOCK_M) + min(num_slots, num_rows)
+    num_blocks = triton.cdiv(num_rows, block_m) + min(num_slots, num_rows)
     program = torch.arange(num_blocks, device=device)
     slot = torch.searchsorted(ends, program, right=True)
     valid = slot < num_slots
     slot = slot.clamp(max=num_slots - 1)
-    start = bounds[slot] + (program - (ends[slot] - blocks[slot])) * BLOCK_M
+    start = bounds[slot] + (program - (ends[slot] - blocks[slot])) * block_m
     return LoRARows(
         order=order.to(torch.int32),
         block_slot=torch.where(valid, slot, -1).to(torch.int32),
         block_start=start.to(torch.int32),
         slot_end=bounds[1:].to(torch.int32),
+        block_m=block_m,
     )
 
 
@@ -169,7 +181,7 @@ def lora_shrink(
     _shrink_kernel[grid](
         x, a, out, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
         x.stride(0), a.stride(0), a.stride(1), out.stride(0), k, rp, k_per_split,
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rp), BLOCK_K=block_k, SPLIT_K=grid[1],
+        BLOCK_M=rows.block_m, BLOCK_R=_block_r(rp), BLOCK_K=block_k, SPLIT_K=grid[1],
         IEEE=x.dtype == torch.float32,
     )  # fmt: skip
     return out
@@ -186,12 +198,12 @@ def lora_expand(
     if num_rows == 0:
         return y
     starts = [*part_starts[1:], n, n][:2]
-    block_n = 64
+    block_n = 64 if rows.block_m == BLOCK_M else LARGE_BLOCK_N
     grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
         t, b, y, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
         t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_block_r(rank), PARTS=len(part_starts),
+        BLOCK_M=rows.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank), PARTS=len(part_starts),
         IEEE=b.dtype == torch.float32,
     )  # fmt: skip
     return y

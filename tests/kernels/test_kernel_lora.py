@@ -43,15 +43,25 @@ def test_rows_are_grouped_into_blocks_of_one_slot():
     rows = lora.group_rows(many, 2)
     assert rows.block_slot.tolist() == [0, 1, 1, 1, -1] and rows.block_start.tolist()[:4] == [1, 4, 20, 36]
     assert rows.slot_end.tolist() == [4, 44] and rows.order.tolist()[:4] == [43, 20, 21, 22]
+    # in blocks of 32 rows: slot 1 takes two (32, 8)
+    rows = lora.group_rows(many, 2, block_m=32)
+    assert rows.block_slot.tolist() == [0, 1, 1, -1] and rows.block_start.tolist()[:3] == [1, 4, 36]
+    assert rows.block_m == 32
 
 
-def check_against_reference(dtype, token_slots, in_features, seed):
+def test_long_steps_take_larger_blocks():
+    for num_rows, block_m in [(kernel_module.LARGE_STEP_ROWS, 16), (kernel_module.LARGE_STEP_ROWS + 1, 64)]:
+        slots = torch.full((num_rows,), -1, dtype=torch.int32, device=DEVICE)
+        assert lora.group_rows(slots, SLOTS).block_m == block_m
+
+
+def check_against_reference(dtype, token_slots, in_features, seed, block_m=None):
     gen = torch.Generator().manual_seed(seed)
     parts = len(PART_WIDTHS)
     a = (torch.randn(SLOTS, parts * RANK, in_features, generator=gen) * 0.1).to(DEVICE, dtype)
     b = (torch.randn(SLOTS, sum(PART_WIDTHS), RANK, generator=gen) * 0.1).to(DEVICE, dtype)
     slots = torch.tensor(token_slots, dtype=torch.int32, device=DEVICE)
-    rows = lora.group_rows(slots, SLOTS)
+    rows = lora.group_rows(slots, SLOTS, block_m)
     x = torch.randn(len(token_slots), in_features + 8, generator=gen).to(DEVICE, dtype)[:, :in_features]
     t = lora.lora_shrink(x, a, rows)  # strided rows above
     t_ref = lora_shrink_ref(x, a, slots)
@@ -86,6 +96,12 @@ def test_shrink_and_expand_match_the_reference(dtype):
 def test_many_rows_per_slot_and_a_wide_input_split_over_k():
     # slot 2 spans three blocks; 1,100 input features split in three K ranges (added atomically)
     check_against_reference(torch.float32, [2] * 35 + [0, -1, 1] * 3, 1100, seed=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_blocks_of_long_steps(dtype):
+    # 64-row blocks and 128-column expand tiles: slot 2 spans two blocks, slot 0 fills one partly
+    check_against_reference(dtype, [2] * 70 + [0, -1, 1] * 5, IN, seed=5, block_m=kernel_module.LARGE_BLOCK_M)
 
 
 def test_the_reference_is_the_per_adapter_product():
