@@ -46,6 +46,7 @@ ALLOWED = {
     "openai_api": (
         "pagetron.backend.core.chat_messages",
         "pagetron.backend.core.errors",
+        "pagetron.backend.core.json_schema",
         "pagetron.backend.core.sampling_params",
         "pagetron.backend.serving.constants",
         "pagetron.backend.serving.schema",
@@ -62,6 +63,7 @@ FORBIDDEN = {
 TORCH_FREE_MODULES = (
     "pagetron.backend.core.chat_messages",
     "pagetron.backend.core.errors",
+    "pagetron.backend.core.json_schema",
     "pagetron.backend.core.sampling_params",
     "pagetron.backend.serving.constants",
     "pagetron.backend.serving.schema",
