@@ -72,8 +72,10 @@ class LoRAContext:
         expand: Callable[..., torch.Tensor],
         group: Callable[[torch.Tensor, int], Any],
         num_slots: int,
+        side_stream: Any = None,
     ):
         self.shrink, self.expand, self.group, self.num_slots = shrink, expand, group, num_slots
+        self.side_stream = side_stream  # a torch.cuda.Stream for the shrinks, or None (see start_shrink)
         self._token_slots: torch.Tensor | None = None
         self._rows: Any = None
         self._width = 0  # columns of the workspace, over every registered layer
@@ -101,6 +103,42 @@ class LoRAContext:
     def regroup(self) -> None:
         """The next pass groups the rows again (a graph capture after its warm-up pass)."""
         self._rows = None
+
+    # NOTE: a layer's shrink reads only its input, so it can run while the base GEMM does: while a decode
+    # CUDA graph is captured, each shrink goes to a side stream that first waits for the main one (the
+    # input is ready), and the expand, on the main stream, waits for the side stream (t is ready). The
+    # two streams become two branches of the graph, so the shrink's launch and latency hide behind the
+    # base GEMM, leaving one LoRA kernel a projection on the step's critical path (eager steps, prefill
+    # among them, keep the shrink in line: there the two event calls per layer would cost host time)::
+    #
+    #     main:  rows, zero ─┬─ base GEMM ──────────┬─ expand (y += t B) ── next layer ...
+    #     side:              └─ shrink (t = x A) ───┘
+    #
+    # Every buffer the side stream touches is allocated on the main stream before it forks and read there
+    # after it joins, so the caching allocator never hands one to another kernel too early.
+    def start_shrink(self, x: torch.Tensor, a: torch.Tensor, offset: int) -> torch.Tensor:
+        """t = x A^T for the current rows (fp32), into the layer's workspace columns at ``offset`` (or a
+        zeroed buffer of its own); on the side stream while a graph is captured (``expand_into`` joins
+        it)."""
+        rows = self.rows()
+        out = self.shrink_out(offset, a.shape[1])
+        if out is None:
+            out = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+        if not self._beside():
+            return self.shrink(x, a, rows, out)
+        self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.side_stream):
+            self.shrink(x, a, rows, out)
+        return out
+
+    def expand_into(self, t: torch.Tensor, b: torch.Tensor, y: torch.Tensor, part_starts: list[int]):
+        """y += t B^T per part for the current rows (``start_shrink`` made t); returns y."""
+        if self._beside():
+            torch.cuda.current_stream(y.device).wait_stream(self.side_stream)
+        return self.expand(t, b, self.rows(), y, part_starts)
+
+    def _beside(self) -> bool:
+        return self.side_stream is not None and torch.cuda.is_current_stream_capturing()
 
     def rows(self) -> Any:
         if self._rows is None:
@@ -214,7 +252,8 @@ class LoRAManager:
         if kernels == "triton":
             from pagetron.kernels.lora import group_rows, lora_expand, lora_shrink
 
-            self.context = LoRAContext(lora_shrink, lora_expand, group_rows, max_loras)
+            side = torch.cuda.Stream(device) if device.type == "cuda" else None
+            self.context = LoRAContext(lora_shrink, lora_expand, group_rows, max_loras, side)
         else:
             from pagetron.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
@@ -292,9 +331,7 @@ class LoRAManager:
         """A tensor-parallel rank's step: the driver's slot loads, then its rows' slots."""
         for slot, request in loads:
             self._load_slot(slot, self.add(request))
-        self.context.token_slots = (
-            to_device(token_slots, self.device, torch.int32) if token_slots else None
-        )
+        self.context.token_slots = to_device(token_slots, self.device, torch.int32) if token_slots else None
 
     def _load_slot(self, slot: int, adapter: Adapter) -> None:
         for index, layer in enumerate(self.layers):

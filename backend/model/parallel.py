@@ -108,13 +108,18 @@ class _LoRASlots:
     lora_b: torch.Tensor
     lora_part_starts: list[int]  # first output column of each part in lora_b (and in the layer's output)
 
-    def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _lora_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Starts this layer's shrink (beside the base GEMM, where the context has a side stream); None:
+        no row uses an adapter."""
         context = self.lora_context
         if context is None or context.token_slots is None:
+            return None
+        return context.start_shrink(x, self.lora_a, self.lora_offset)
+
+    def _lora_expand(self, t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        if t is None:
             return y
-        rows = context.rows()
-        t = context.shrink(x, self.lora_a, rows, context.shrink_out(self.lora_offset, self.lora_a.shape[1]))
-        return context.expand(t, self.lora_b, rows, y, self.lora_part_starts)
+        return self.lora_context.expand_into(t, self.lora_b, y, self.lora_part_starts)
 
     def _lora_buffers(
         self, context: Any, slots: int, rank: int, in_features: int, outs: list[int], device, dtype
@@ -196,7 +201,8 @@ class ColumnParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
         raise ValueError(f"no parameter {name!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_lora(x, self._linear(x, self.bias))
+        t = self._lora_shrink(x)
+        return self._lora_expand(t, self._linear(x, self.bias))
 
     def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
         self._lora_buffers(context, slots, rank, self.weight.shape[1], self.local_parts, device, dtype)
@@ -230,7 +236,8 @@ class RowParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
         self.weight.data.copy_(narrow(weight, 1, self.tp.rank * length, length))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self._add_lora(x, self._linear(x, None)))
+        t = self._lora_shrink(x)
+        return self.tp.all_reduce(self._lora_expand(t, self._linear(x, None)))
 
     def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
         self._lora_buffers(context, slots, rank, self.weight.shape[1], [self.weight.shape[0]], device, dtype)
