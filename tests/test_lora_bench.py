@@ -13,9 +13,14 @@ def test_the_lora_benchmark_reports_every_setting(tmp_path):
     out = tmp_path / "lora.json"
     code = main(["bench", "lora", "--model", str(model), "--adapters", "2", "--requests", "6",
                  "--prompt-len", "8", "--max-tokens", "4", "--rank", "4", "--max-num-seqs", "6",
-                 "--kv-cache-memory-gb", "0.01", "--json", str(out)])  # fmt: skip
+                 "--kv-cache-memory-gb", "0.01", "--profile", "--json", str(out)])  # fmt: skip
     assert code == 0
     runs = json.loads(out.read_text())["runs"]
     assert [r["adapters"] for r in runs] == [0, 2] and runs[0]["of_base"] == 1.0
     assert all(r["output_tok_s"] > 0 and r["concurrency_1_ms_per_token"] > 0 for r in runs)
     assert runs[0]["concurrency_1_added_ms_per_token"] == 0.0
+    base, lora = (r["profile"] for r in runs)
+    assert base["requests"] == lora["requests"] == 6 and base["tokens"] == 8
+    assert base["lora_ms"] == 0 and base["lora_launches"] == 0 and base["total_ms"] > 0
+    # on the CPU the torch reference runs: no LoRA kernels, but its ops are in the table
+    assert lora["lora_launches"] == 0 and any("matmul" in name or "mm" in name for name, _, _ in lora["top"])

@@ -5,7 +5,9 @@ one run on one engine per setting.
   pagetron bench lora [--model PATH | --shape llama3-8b] [--adapters 1,8,32] [--requests 64]
       [--prompt-len 128] [--max-tokens 64] [--rank 16] [--max-num-seqs 32] [--json out.json]
 
-``--shape`` runs a GPU benchmark shape with random weights (load_format dummy).
+``--shape`` runs a GPU benchmark shape with random weights (load_format dummy). ``--profile`` adds, per
+setting, a kernel table (torch.profiler: device time on a GPU, CPU time otherwise) of one batch of
+``--max-num-seqs`` requests for 8 tokens, and the share of the LoRA kernels in it.
 
 Every request is greedy and runs to max_tokens (ignore_eos); the requests of a setting use its adapters
 round-robin and every adapter fits a device slot (max_loras = the number of adapters), so the figure is the
@@ -93,6 +95,10 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
             "output_tok_s": round(tokens / seconds, 1),
             "concurrency_1_ms_per_token": round(alone_ms, 3),
         }
+        if ns.profile:
+            batch = min(ns.requests, ns.max_num_seqs)
+            run["profile"] = kernel_profile(llm, prompts[:batch], per_request[:batch] if count else None)
+            print(_profile_text(count, run["profile"]), flush=True)
         result["runs"].append(run)
         print(
             f"{count:3d} adapters: {run['output_tok_s']} output tok/s ({run['seconds']} s); alone "
@@ -114,6 +120,50 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+LORA_KERNELS = ("_shrink_kernel", "_expand_kernel")
+
+
+def kernel_profile(llm, prompts: list, loras: list | None, tokens: int = 8) -> dict:
+    """Kernel (or op) times of one generate call: the total, the LoRA kernels' part and the top rows."""
+    import torch
+
+    from pagetron.backend import SamplingParams
+
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    with torch.profiler.profile(activities=activities) as prof:
+        llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = event.device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            rows.append((event.key, us / 1e3, event.count))
+    rows.sort(key=lambda row: -row[1])
+    lora = [row for row in rows if any(name in row[0] for name in LORA_KERNELS)]
+    return {
+        "clock": "device" if cuda else "cpu",
+        "requests": len(prompts),
+        "tokens": tokens,
+        "total_ms": round(sum(row[1] for row in rows), 3),
+        "lora_ms": round(sum(row[1] for row in lora), 3),
+        "lora_launches": sum(row[2] for row in lora),
+        "top": [[name[:100], round(ms, 3), n] for name, ms, n in rows[:15]],
+    }
+
+
+def _profile_text(count: int, profile: dict) -> str:
+    lines = [
+        f"    {count} adapters, {profile['requests']} requests x {profile['tokens']} tokens: "
+        f"{profile['total_ms']} ms of {profile['clock']} time, LoRA kernels {profile['lora_ms']} ms "
+        f"({profile['lora_launches']} launches)"
+    ]
+    lines += [f"    {ms:10.3f} ms {n:7d}  {name[:70]}" for name, ms, n in profile["top"][:10]]
+    return "\n".join(lines)
+
+
 def _empty_device_cache() -> None:
     import torch
 
@@ -131,4 +181,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
+    parser.add_argument("--profile", action="store_true", help="a kernel table per setting (torch.profiler)")
     parser.add_argument("--json", dest="json_path")
