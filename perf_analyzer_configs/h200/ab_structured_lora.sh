@@ -41,7 +41,7 @@ for side in $SIDES; do
   if [[ $PARTS == *lora* ]]; then
     run "lora-$side" python3 -m pagetron.backend.cli bench lora --shape llama3-8b --adapters 1,8,32 \
       --requests 256 --prompt-len 512 --max-tokens 128 --max-num-seqs 128 --kv-cache-memory-gb 16 \
-      --profile --json "$OUT/lora-$side.json"
+      $([[ $side == head ]] && echo --profile) --json "$OUT/lora-$side.json"  # the base tree has no --profile
   fi
 done
 use .
