@@ -25,8 +25,8 @@ INT_OR_STR = {"type": ["integer", "string"]}
 REFUSED = [
     ({"type": "number", "multipleOf": 0.5}, 0.3, "/", "multipleOf is enforced only"),
     ({"type": "integer", "multipleOf": 0.5}, 3, "/", "multipleOf is enforced only"),
-    ({"type": "integer", "multipleOf": 3, "maximum": 9}, 1, "/", "multipleOf together with maximum"),
-    ({"type": "integer", "multipleOf": 3, "minimum": 0, "maximum": 10**6}, 1, "/", "together with minimum"),
+    ({"type": "integer", "multipleOf": 3, "maximum": 9}, 1, "/", "multipleOf with only one bound"),
+    ({"type": "integer", "multipleOf": 3, "minimum": 0, "maximum": 10**4}, 1, "/", "wider than 9,999"),
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 1], "/", "uniqueItems"),
     ({"type": "array", "items": INT_OR_STR, "contains": {"type": "integer"}}, ["a"], "/", "contains"),
     (
@@ -54,6 +54,48 @@ REFUSED = [
         "maxLength beside $ref",
     ),  # fmt: skip
     ({"maxLength": 2}, "abc", "/", 'maxLength needs a "type"'),
+    ({"minItems": 2}, [1], "/", 'minItems needs a "type"'),
+    ({"required": ["a"]}, {}, "/", 'required needs a "type"'),
+    (
+        {"type": "object", "properties": {"cc": {"type": "string"}}, "propertyNames": {"maxLength": 1}},
+        {"cc": "x"},
+        "/",
+        "propertyNames together with properties",
+    ),  # fmt: skip
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}},
+            "patternProperties": {"^a": {"type": "integer", "minimum": 5}},
+        },
+        {"a": 1},
+        "/",
+        "patternProperties together with properties",
+    ),  # fmt: skip
+    (
+        {"type": "string", "format": "date", "pattern": "^2020"},
+        "2021-01-01",
+        "/",
+        "pattern together with format",
+    ),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, 1, "/", "oneOf branches 0 and 1 may both match"),
+    (
+        {
+            "type": "object",
+            "required": ["p"],
+            "properties": {
+                "p": {
+                    "oneOf": [
+                        {"type": "object", "properties": {"a": {"type": "integer"}}},
+                        {"type": "object", "properties": {"b": {"type": "integer"}}},
+                    ]
+                }
+            },
+        },
+        {"p": {}},
+        "/properties/p",
+        "oneOf branches 0 and 1 may both match",
+    ),  # fmt: skip
     ({"minimum": 3}, 2, "/", 'minimum needs a "type"'),
     (
         {
@@ -80,6 +122,33 @@ REFUSED = [
 ENFORCED = [
     ({"type": "integer", "multipleOf": 3}, 4),
     ({"type": ["integer", "null"], "multipleOf": 3}, 4),
+    ({"type": "integer", "multipleOf": 7, "minimum": 0, "maximum": 9_999}, 9_998),
+    ({"type": "integer", "multipleOf": 2, "exclusiveMinimum": 0, "exclusiveMaximum": 10}, 0),
+    ({"minProperties": 1, "additionalProperties": True}, {}),
+    ({"minItems": 2, "items": {"type": "integer"}}, [1]),
+    (
+        {"type": "object", "patternProperties": {"^x": {"type": "integer"}}, "additionalProperties": True},
+        {"x": "s"},
+    ),  # fmt: skip
+    ({"oneOf": [{"type": "string"}, {"type": "null"}]}, 1),
+    (
+        {
+            "oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"}],
+            "$defs": {
+                "cat": {
+                    "type": "object",
+                    "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+                    "required": ["kind", "lives"],
+                },
+                "dog": {
+                    "type": "object",
+                    "properties": {"kind": {"enum": ["dog", "wolf"]}},
+                    "required": ["kind"],
+                },
+            },
+        },
+        {"kind": "cat"},
+    ),  # fmt: skip
     ({"type": "number", "exclusiveMinimum": 0}, 0),
     ({"type": "array", "items": {"type": "integer"}, "maxItems": 2}, [1, 2, 3]),
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [1, "a"]),
@@ -132,6 +201,7 @@ def test_a_pydantic_schema_is_accepted():
     class Line(pydantic.BaseModel):
         sku: str = pydantic.Field(max_length=12, description="stock unit")
         quantity: int = pydantic.Field(ge=1, le=99)
+        pack: int = pydantic.Field(multiple_of=6, ge=6, le=600)
 
     class Cat(pydantic.BaseModel):
         kind: Literal["cat"]

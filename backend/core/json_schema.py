@@ -9,18 +9,24 @@ NOTE: the table below was found by compiling each keyword with a violating and a
     dropped whatever surrounds it      not, if/then/else, uniqueItems, contains (min/maxContains),
                                        dependentRequired, dependentSchemas, dependencies, allOf of 2+
     dropped on some types              multipleOf unless the type is integer, the divisor whole and
-                                       no minimum or maximum is given (xgrammar enforces it with some
-                                       ranges, not all)
-    dropped beside another keyword     minLength/maxLength beside pattern or format; everything beside
-                                       $ref, anyOf, oneOf or allOf; all but type beside const or enum
-    dropped without a type             string and number keywords (object and array ones imply theirs)
+                                       either no bound or both, at most 9,999 apart (wider ranges leak)
+    dropped beside another keyword     minLength/maxLength beside pattern or format; pattern beside
+                                       format; propertyNames or patternProperties beside properties;
+                                       everything beside $ref, anyOf, oneOf or allOf; all but type
+                                       beside const or enum
+    dropped without a type             string and number keywords; object and array keywords unless
+                                       properties, items, prefixItems or additionalProperties is there
+    enforced as anyOf                  oneOf: accepted only where its branches cannot overlap (their
+                                       types differ, or a required property holds different constants,
+                                       as in pydantic's discriminated unions)
 
-``oneOf`` is enforced as ``anyOf`` (an output may match several branches): accepted, as vLLM does,
-because pydantic's discriminated unions use it with branches that cannot overlap.
+Formats are enforced as xgrammar knows them (a date's syntax, not its calendar; idn-email, iri and regex
+not at all); JSON Schema 2020-12 makes formats annotations, so they are accepted.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -50,6 +56,12 @@ ASSERTIONS = frozenset(
      "required", "minProperties", "maxProperties", "allOf", "anyOf", "oneOf", "then", "else", "$ref")
 )  # fmt: skip
 _LEADERS = ("$ref", "const", "enum", "anyOf", "oneOf", "allOf")  # xgrammar reads these alone
+# without a type, xgrammar reads a node as an object or array only when one of these is there ...
+_IMPLY_TYPE = ("properties", "items", "prefixItems", "additionalProperties")
+# ... and otherwise drops these
+_OBJECT_OR_ARRAY = ("required", "minProperties", "maxProperties", "propertyNames", "patternProperties",
+                    "minItems", "maxItems")  # fmt: skip
+MULTIPLE_OF_MAX_RANGE = 9_999
 
 
 class UnsupportedSchemaError(ValueError):
@@ -80,6 +92,8 @@ def check_enforceable(schema: Any) -> None:
     """Raises UnsupportedSchemaError for the first keyword the grammar would not enforce."""
     for node, pointer in subschemas(schema):
         problem = _problem(node, names=pointer.endswith("/propertyNames"))
+        if problem is None and isinstance(node.get("oneOf"), list):
+            problem = _overlap(node["oneOf"], schema)
         if problem is not None:
             raise UnsupportedSchemaError(pointer, problem)
 
@@ -96,12 +110,20 @@ def _problem(node: Mapping, names: bool) -> str | None:
     if "multipleOf" in node:
         if not (_types(node) - {"null"} == {"integer"} and _whole(node["multipleOf"])):
             return 'multipleOf is enforced only with a whole divisor on "type": "integer"'
-        bound = next((k for k in NUMBER_KEYWORDS if k != "multipleOf" and k in node), None)
-        if bound is not None:
-            return f"multipleOf together with {bound} is not enforced; list the values in an enum"
+        low = _first(node, "minimum", "exclusiveMinimum")
+        high = _first(node, "maximum", "exclusiveMaximum")
+        if (low is None) != (high is None):
+            return "multipleOf with only one bound is not enforced; give both or list the values in an enum"
+        if low is not None and high - low > MULTIPLE_OF_MAX_RANGE:
+            return f"multipleOf over a range wider than {MULTIPLE_OF_MAX_RANGE:,} is not enforced"
     if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
         other = "pattern" if "pattern" in node else "format"
         return f"minLength/maxLength together with {other} is not enforced; put the length in a pattern"
+    if "pattern" in node and "format" in node:
+        return "pattern together with format is not enforced (the format wins); keep one"
+    for key in ("propertyNames", "patternProperties"):
+        if key in node and "properties" in node:
+            return f"{key} together with properties is not enforced for the listed properties"
     leaders = [key for key in _LEADERS if key in node]
     if leaders:
         allowed = {leaders[0], "$defs", "definitions"}
@@ -116,9 +138,110 @@ def _problem(node: Mapping, names: bool) -> str | None:
             return f"{beside[0]} beside {leaders[0]} is not enforced; move it into its schemas"
     elif "type" not in node and not names:
         loose = [k for k in (*STRING_KEYWORDS, *NUMBER_KEYWORDS) if k in node]
+        if not any(k in node for k in _IMPLY_TYPE):
+            loose += [k for k in _OBJECT_OR_ARRAY if k in node]
         if loose:
             return f'{loose[0]} needs a "type" here (without one it is not enforced)'
     return None
+
+
+def _overlap(branches: list, root: Any) -> str | None:
+    """Why two branches of a oneOf may both match (xgrammar enforces oneOf as anyOf), or None."""
+    for i, first in enumerate(branches):
+        for j in range(i + 1, len(branches)):
+            if not _disjoint(_resolve(first, root), _resolve(branches[j], root), root):
+                return (
+                    f"oneOf branches {i} and {j} may both match, and the grammar enforces oneOf as anyOf; "
+                    "use anyOf, or tell them apart by type or by a required property's const"
+                )
+    return None
+
+
+def _disjoint(a: Any, b: Any, root: Any) -> bool:
+    kinds_a, kinds_b = _kinds(a, root), _kinds(b, root)
+    if kinds_a is not None and kinds_b is not None and not _types_meet(kinds_a, kinds_b):
+        return True
+    if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
+        return False
+    required = set(a.get("required") or []) & set(b.get("required") or [])
+    for name in sorted(required):
+        values_a = _constants(_resolve((a.get("properties") or {}).get(name), root))
+        values_b = _constants(_resolve((b.get("properties") or {}).get(name), root))
+        if values_a is not None and values_b is not None and not values_a & values_b:
+            return True
+    return False
+
+
+def _kinds(node: Any, root: Any, depth: int = 0) -> set[str] | None:
+    """The JSON types ``node`` allows, or None where that is not plain from the node."""
+    node = _resolve(node, root)
+    if node is False:
+        return set()
+    if not isinstance(node, Mapping) or depth > 8:
+        return None
+    if "const" in node:
+        return {_json_type(node["const"])}
+    if isinstance(node.get("enum"), list):
+        return {_json_type(value) for value in node["enum"]}
+    if _types(node):
+        return _types(node)
+    for key in ("anyOf", "oneOf"):
+        if isinstance(node.get(key), list):
+            parts = [_kinds(part, root, depth + 1) for part in node[key]]
+            return None if any(p is None for p in parts) else set().union(*parts)
+    if any(k in node for k in ("properties", "additionalProperties")):
+        return {"object"}
+    if any(k in node for k in ("items", "prefixItems")):
+        return {"array"}
+    return None
+
+
+def _types_meet(a: set[str], b: set[str]) -> bool:
+    return bool(_widen(a) & _widen(b))
+
+
+def _widen(kinds: set[str]) -> set[str]:
+    return kinds | {"integer"} if "number" in kinds else kinds
+
+
+def _constants(node: Any) -> set[str] | None:
+    """The values a node allows, as canonical JSON text, where it is a const or an enum; else None."""
+    if not isinstance(node, Mapping):
+        return None
+    if "const" in node:
+        return {_dumps(node["const"])}
+    if isinstance(node.get("enum"), list):
+        return {_dumps(value) for value in node["enum"]}
+    return None
+
+
+def _resolve(node: Any, root: Any, depth: int = 0) -> Any:
+    """Follows a local ``$ref`` (#, #/$defs/..., any JSON pointer into the root); other nodes as they are."""
+    while isinstance(node, Mapping) and isinstance(node.get("$ref"), str) and depth < 8:
+        ref, depth = node["$ref"], depth + 1
+        if not ref.startswith("#"):
+            return node
+        node = root
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+    return node
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _first(node: Mapping, *keys: str) -> float | None:
+    numbers = (
+        node[k] for k in keys if isinstance(node.get(k), (int, float)) and not isinstance(node[k], bool)
+    )
+    return next(numbers, None)
 
 
 def _types(node: Mapping) -> set[str]:
