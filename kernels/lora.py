@@ -12,6 +12,7 @@ slot is read from device tensors that ``group_rows`` computes once per step; -1 
                    order       [  0  4 | 1  3 | 5 | 2  6  7 ]   rows sorted by slot (stable)
                    blocks      (slot 0, order[2:4]) (slot 1, order[4:5]) (slot 2, order[5:8])  <- programs
                                (up to BLOCK_M rows of one slot each; LARGE_BLOCK_M in long steps)
+                   block_rows  [[1 3 -1 ..] [5 -1 ..] [2 6 7 -1 ..] [-1 ..]]   what each program reads
 
 The shrink accumulates in fp32, split over K (partial sums added atomically, so the last bits may vary
 between runs); the expand multiplies t rounded to B's dtype (as PEFT rounds the
@@ -43,6 +44,7 @@ class LoRARows:
     block_slot: torch.Tensor  # [B] int32 slot of each program's block of rows, -1: no block
     block_start: torch.Tensor  # [B] int32 its first position in ``order``
     slot_end: torch.Tensor  # [S] int32 one past each slot's last position in ``order``
+    block_rows: torch.Tensor  # [B, block_m] int32 each block's row indices, -1 past its last row
     block_m: int = BLOCK_M  # rows a block holds at most
 
 
@@ -65,36 +67,40 @@ def group_rows(token_slots: torch.Tensor, num_slots: int, block_m: int | None = 
     valid = slot < num_slots
     slot = slot.clamp(max=num_slots - 1)
     start = bounds[slot] + (program - (ends[slot] - blocks[slot])) * block_m
+    # NOTE: each block's rows are spelled out here, once a step, so that a kernel's program finds its rows
+    # with one load instead of three dependent ones (its start, its slot's end, then the order): every LoRA
+    # kernel of a decode step is a few microseconds of such latency
+    pos = start[:, None] + torch.arange(block_m, device=device)[None, :]
+    real = valid[:, None] & (pos < bounds[1:][slot][:, None])
+    block_rows = torch.where(real, order[pos.clamp(max=max(num_rows - 1, 0))], -1)
     return LoRARows(
         order=order.to(torch.int32),
         block_slot=torch.where(valid, slot, -1).to(torch.int32),
         block_start=start.to(torch.int32),
         slot_end=bounds[1:].to(torch.int32),
+        block_rows=block_rows.to(torch.int32),
         block_m=block_m,
     )
 
 
 @triton.jit
-def _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_M: tl.constexpr):
+def _block_rows(block_slot_ptr, block_rows_ptr, BLOCK_M: tl.constexpr):
     """This program's slot (-1: none) and its rows (row indices, and which of the BLOCK_M are real)."""
     block = tl.program_id(0)
     slot = tl.load(block_slot_ptr + block)
-    start = tl.load(block_start_ptr + block)
-    end = tl.load(slot_end_ptr + tl.maximum(slot, 0))
-    pos = start + tl.arange(0, BLOCK_M)
-    real = pos < end
-    rows = tl.load(order_ptr + pos, mask=real, other=0).to(tl.int64)
-    return slot.to(tl.int64), rows, real
+    rows = tl.load(block_rows_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    real = rows >= 0
+    return slot.to(tl.int64), tl.maximum(rows, 0).to(tl.int64), real
 
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, t_ptr, block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr,
+    x_ptr, a_ptr, t_ptr, block_slot_ptr, block_rows_ptr,
     stride_x, stride_as, stride_ar, stride_t, K, RP, K_PER_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):  # fmt: skip
-    slot, rows, real = _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_M)
+    slot, rows, real = _block_rows(block_slot_ptr, block_rows_ptr, BLOCK_M)
     if slot >= 0:
         rs = tl.arange(0, BLOCK_R)
         k_begin = tl.program_id(1) * K_PER_SPLIT
@@ -119,12 +125,12 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    t_ptr, b_ptr, y_ptr, block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr,
+    t_ptr, b_ptr, y_ptr, block_slot_ptr, block_rows_ptr,
     stride_t, stride_bs, stride_bn, stride_y, N, R, start1, start2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS: tl.constexpr,
     IEEE: tl.constexpr,
 ):  # fmt: skip
-    slot, rows, real = _block_rows(block_slot_ptr, block_start_ptr, slot_end_ptr, order_ptr, BLOCK_M)
+    slot, rows, real = _block_rows(block_slot_ptr, block_rows_ptr, BLOCK_M)
     if slot >= 0:
         n0 = tl.program_id(1) * BLOCK_N
         ns = n0 + tl.arange(0, BLOCK_N)
@@ -179,7 +185,7 @@ def lora_shrink(
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     grid = (rows.block_slot.shape[0], triton.cdiv(k, k_per_split))
     _shrink_kernel[grid](
-        x, a, out, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
+        x, a, out, rows.block_slot, rows.block_rows,
         x.stride(0), a.stride(0), a.stride(1), out.stride(0), k, rp, k_per_split,
         BLOCK_M=rows.block_m, BLOCK_R=_block_r(rp), BLOCK_K=block_k, SPLIT_K=grid[1],
         IEEE=x.dtype == torch.float32,
@@ -201,7 +207,7 @@ def lora_expand(
     block_n = 64 if rows.block_m == BLOCK_M else LARGE_BLOCK_N
     grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
-        t, b, y, rows.block_slot, rows.block_start, rows.slot_end, rows.order,
+        t, b, y, rows.block_slot, rows.block_rows,
         t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
         BLOCK_M=rows.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank), PARTS=len(part_starts),
         IEEE=b.dtype == torch.float32,

@@ -38,6 +38,8 @@ def test_rows_are_grouped_into_blocks_of_one_slot():
     # at most ceil(8 / 16) + min(3, 8) = 4 blocks: slot 0 from order[2], slot 1 from [4], slot 2 from [5]
     assert rows.block_slot.tolist() == [0, 1, 2, -1] and rows.block_start.tolist()[:3] == [2, 4, 5]
     assert rows.slot_end.tolist() == [4, 5, 8]
+    pad = [-1] * 13
+    assert rows.block_rows.tolist() == [[1, 3, -1, *pad], [5, -1, -1, *pad], [2, 6, 7, *pad], [-1] * 16]
     # 40 rows of slot 1 and 3 of slot 0: slot 1 takes three blocks (16, 16, 8 rows)
     many = torch.tensor([1] * 20 + [0, 0, 0] + [1] * 20 + [-1], dtype=torch.int32, device=DEVICE)
     rows = lora.group_rows(many, 2)
@@ -46,7 +48,8 @@ def test_rows_are_grouped_into_blocks_of_one_slot():
     # in blocks of 32 rows: slot 1 takes two (32, 8)
     rows = lora.group_rows(many, 2, block_m=32)
     assert rows.block_slot.tolist() == [0, 1, 1, -1] and rows.block_start.tolist()[:3] == [1, 4, 36]
-    assert rows.block_m == 32
+    assert rows.block_m == 32 and rows.block_rows.shape == (4, 32)
+    assert rows.block_rows[2].tolist() == [*range(35, 43), *[-1] * 24]  # slot 1's last 8 rows
 
 
 def test_long_steps_take_larger_blocks():
