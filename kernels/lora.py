@@ -164,6 +164,18 @@ def _block_r(width: int) -> int:
     return max(16, triton.next_power_of_2(width))  # tl.dot's smallest N and K
 
 
+SHRINK_STAGE_BYTES = 64 << 10  # shared memory for one pipeline stage's x and A tiles (3 stages < 227 KB)
+
+
+def _shrink_block_k(block_m: int, block_r: int, itemsize: int) -> int:
+    """64, or less where a stage's x [block_m, K] and A [K, block_r] tiles would not fit (high ranks of a
+    fused projection with 64-row blocks, or fp32): at least 16, tl.dot's smallest K."""
+    block_k = 64
+    while block_k > 16 and block_k * (block_m + block_r) * itemsize > SHRINK_STAGE_BYTES:
+        block_k //= 2
+    return block_k
+
+
 def lora_shrink(
     x: torch.Tensor, a: torch.Tensor, rows: LoRARows, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -177,7 +189,8 @@ def lora_shrink(
     assert out.shape == (num_rows, rp) and out.dtype == torch.float32 and out.stride(1) == 1
     if num_rows == 0:
         return out
-    block_k = 64
+    block_r = _block_r(rp)
+    block_k = _shrink_block_k(rows.block_m, block_r, x.element_size())
     # NOTE: the product is memory- and latency-bound, and a program walks its K range serially: split K so
     # that each program loads at most about 8 tiles (partial sums added atomically), however many rows.
     # Unsplit, a decode step's down projection (K = 14,336) was 224 dependent loads per program.
@@ -187,7 +200,7 @@ def lora_shrink(
     _shrink_kernel[grid](
         x, a, out, rows.block_slot, rows.block_rows,
         x.stride(0), a.stride(0), a.stride(1), out.stride(0), k, rp, k_per_split,
-        BLOCK_M=rows.block_m, BLOCK_R=_block_r(rp), BLOCK_K=block_k, SPLIT_K=grid[1],
+        BLOCK_M=rows.block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=grid[1],
         IEEE=x.dtype == torch.float32,
     )  # fmt: skip
     return out

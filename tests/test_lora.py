@@ -265,12 +265,19 @@ def test_decode_graphs_give_each_request_its_adapters_tokens(base, adapters, ref
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_shrinks_on_the_side_stream_give_the_same_tokens(base, adapters):
     """On a GPU: shrinks beside the base GEMMs (a side stream in the decode graphs) and shrinks in line
-    give the same tokens, after prefill steps long enough for 64-row blocks. The graphs are captured
-    again without the side stream for the second run."""
-    llm = LLM(str(base), enable_lora=True, max_loras=3, max_lora_rank=8, dtype="float32")
+    give the same tokens, after prefill steps long enough for 64-row blocks (no prefix cache, so both
+    runs prefill alike). The graphs are captured again without the side stream for the second run."""
+    llm = LLM(
+        str(base),
+        enable_lora=True,
+        max_loras=3,
+        max_lora_rank=8,
+        dtype="float32",
+        enable_prefix_caching=False,
+    )
     context = llm.engine.executor.worker.runner.lora.context
     assert context.side_stream is not None
-    prompts = [list(range(3 + i, 3 + i + 300)) for i in range(8)] + PROMPTS
+    prompts = [[(3 + i + j) % 256 for j in range(300)] for i in range(8)] + PROMPTS
     names = [None, "qv-r4", "all-r8", "mlp-r2-rslora"]
     requests = [None if (name := names[i % 4]) is None else adapters[name] for i in range(len(prompts))]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

@@ -62,6 +62,10 @@ class DecodeGraphs:
     def capture(self) -> None:
         started = time.perf_counter()
         pool = None
+        # the warm-up passes run eagerly on these buffers: rows that write nowhere, whatever ran before
+        self.slot_mapping.fill_(-1)
+        self.context_lens.fill_(1)
+        self.lora_slots.fill_(-1)
         for batch in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(batch)
             if self.lora_context is not None:

@@ -52,6 +52,13 @@ def test_rows_are_grouped_into_blocks_of_one_slot():
     assert rows.block_rows[2].tolist() == [*range(35, 43), *[-1] * 24]  # slot 1's last 8 rows
 
 
+def test_the_shrink_tiles_fit_shared_memory():
+    assert kernel_module._shrink_block_k(16, 64, 2) == 64  # rank 16 q|k|v, decode
+    assert kernel_module._shrink_block_k(64, 512, 2) == 32  # rank 128 q|k|v, 64-row blocks
+    assert kernel_module._shrink_block_k(16, 512, 4) == 16  # the same in fp32
+    assert kernel_module._shrink_block_k(64, 2048, 4) == 16  # never below tl.dot's smallest K
+
+
 def test_long_steps_take_larger_blocks():
     for num_rows, block_m in [(kernel_module.LARGE_STEP_ROWS, 16), (kernel_module.LARGE_STEP_ROWS + 1, 64)]:
         slots = torch.full((num_rows,), -1, dtype=torch.int32, device=DEVICE)
