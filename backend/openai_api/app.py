@@ -128,10 +128,10 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         _refuse_unsupported(body)
         if body.stream:
             return await _stream(
-                request, completions.stream_completion(gateway(request), body), completions.RENAMED
+                request, completions.stream_completion(gateway(request), body), completions.rename_for(body)
             )
         work = completions.create_completion(gateway(request), body)
-        return await _respond(request, work, completions.RENAMED)
+        return await _respond(request, work, completions.rename_for(body))
 
     @v1.post("/chat/completions")
     async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:

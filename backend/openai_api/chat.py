@@ -12,7 +12,7 @@ from pagetron.backend.core.errors import InvalidRequestError
 from pagetron.backend.openai_api.errors import bad_request
 from pagetron.backend.openai_api.logprobs import chat_logprobs
 from pagetron.backend.openai_api.protocol import ChatCompletionRequest
-from pagetron.backend.openai_api.sampling import sampling_parameters
+from pagetron.backend.openai_api.sampling import constraint_names, sampling_parameters
 from pagetron.backend.openai_api.streams import DONE, event, new_id, now, usage
 from pagetron.backend.openai_api.tools import (
     ToolCallStream,
@@ -33,7 +33,7 @@ def rename_for(body: ChatCompletionRequest) -> dict[str, str]:
     names = {"logprobs": "top_logprobs", "text_input": "messages", "prompt": "messages"}
     if body.max_completion_tokens is not None:
         names["max_tokens"] = "max_completion_tokens"
-    return names
+    return names | constraint_names(body, tools=bool(body.tools))
 
 
 def triton_request(

@@ -9,7 +9,7 @@ from typing import Any
 from pagetron.backend.openai_api.errors import bad_request
 from pagetron.backend.openai_api.logprobs import completion_logprobs
 from pagetron.backend.openai_api.protocol import CompletionRequest
-from pagetron.backend.openai_api.sampling import sampling_parameters
+from pagetron.backend.openai_api.sampling import constraint_names, sampling_parameters
 from pagetron.backend.openai_api.streams import (
     DONE,
     event,
@@ -25,6 +25,11 @@ from pagetron.client.response import GenerationResult
 
 # the engine's names for what the request calls otherwise
 RENAMED = {"text_input": "prompt", "input_ids": "prompt", "prompt_token_ids": "prompt"}
+
+
+def rename_for(body: CompletionRequest) -> dict[str, str]:
+    """The engine's names for fields -> this request's."""
+    return RENAMED | constraint_names(body)
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:

@@ -62,6 +62,20 @@ def sampling_parameters(
     return params
 
 
+def constraint_names(request: SamplingFields, tools: bool = False) -> dict[str, str]:
+    """The engine's names for the constraint's fields -> the request's (for error params): a schema the
+    engine refuses is ``structured_outputs.json`` there, ``response_format.json_schema.schema`` here."""
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema":
+        return {"structured_outputs.json": "response_format.json_schema.schema"}
+    for key in ("json", "regex", "choice", "grammar"):
+        if getattr(request, f"guided_{key}") is not None:
+            return {f"structured_outputs.{key}": f"guided_{key}"}
+    if tools and request.structured_outputs is None:  # the grammar of a required or named tool choice
+        return {"structured_outputs.json": "tools"}
+    return {}
+
+
 def structured_outputs(request: SamplingFields) -> dict[str, Any] | None:
     """The one constraint the request asks for (the engine validates its content), or None."""
     asked: dict[str, dict[str, Any]] = {}

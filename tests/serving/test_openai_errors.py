@@ -119,6 +119,48 @@ def assert_error(response: httpx.Response, status: int, param: str | None, *word
         ),
         ("/chat/completions", {"model": "llm", "messages": CHAT, "modalities": ["audio"]}, "modalities", []),
         ("/embeddings", {"model": "embed", "input": ["ok", "bad \udfff"]}, "input", ["not valid Unicode"]),
+        (
+            "/chat/completions",
+            {
+                "model": "llm",
+                "messages": CHAT,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "tags",
+                        "schema": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                    },
+                },
+            },
+            "response_format.json_schema.schema",
+            ["not supported at /: uniqueItems"],
+        ),  # fmt: skip
+        (
+            "/completions",
+            {
+                "model": "llm",
+                "prompt": "x",
+                "guided_json": {"type": "object", "properties": {"n": {"not": {}}}},
+            },
+            "guided_json",
+            ["not supported at /properties/n: not"],
+        ),
+        (
+            "/chat/completions",
+            {
+                "model": "llm",
+                "messages": CHAT,
+                "tool_choice": "required",
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "object", "if": {}}},
+                    }
+                ],
+            },
+            "tools[0].function.parameters",
+            ["if/then/else"],
+        ),  # fmt: skip
     ],
 )
 def test_bad_requests_are_400_naming_the_field(openai_stack, path, body, param, words):
