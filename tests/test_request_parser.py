@@ -71,6 +71,15 @@ def test_bad_inputs_name_the_field():
         parse_request({"text_input": text(b"Hi"), "stream": np.array([1], dtype=np.int32)})
     with pytest.raises(SamplingParamsError, match="sampling_parameters"):
         parse_request({"text_input": text(b"Hi"), "sampling_parameters": text(b"{no")})
+    deep = b"[" * 100_000  # past the JSON parser's recursion: still the field's error
+    with pytest.raises(SamplingParamsError, match="sampling_parameters"):
+        parse_request({"text_input": text(b"Hi"), "sampling_parameters": text(deep)})
+    with pytest.raises(SamplingParamsError, match="parameters"):
+        parse_request({"text_input": text(b"Hi")}, deep.decode())
+    with pytest.raises(InvalidRequestError, match="^messages: "):
+        parse_request({"messages": text(deep)})
+    with pytest.raises(InvalidRequestError, match="^tools: "):
+        parse_request({"messages": text(b'[{"role": "user", "content": "a"}]'), "tools": text(deep)})
 
 
 def test_messages_input_is_a_validated_conversation():

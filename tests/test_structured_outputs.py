@@ -62,6 +62,8 @@ def constrained(max_tokens: int = 96, **kind) -> SamplingParams:
         ({"grammar": 5}, "structured_outputs.grammar"),
         ({"regex": "a", "whitespace_pattern": " "}, "structured_outputs.whitespace_pattern"),
         ({"regex": "a", "backend": "outlines"}, "structured_outputs.backend"),
+        ({"json": "[" * 100_000}, "structured_outputs.json"),  # nested too deep to parse
+        ({"json": json.loads('{"items": ' * 64 + "{}" + "}" * 64)}, "structured_outputs.json"),
     ],
 )
 def test_malformed_constraints_name_their_key(given, field):

@@ -15,6 +15,9 @@ from pagetron.backend.openai_api.tools import ToolCallStream, parse_calls, plan
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
 TIME = {"type": "function", "function": {"name": "get_time"}}
+DEEP: dict = {"type": "integer"}
+for _ in range(5000):
+    DEEP = {"type": "array", "items": DEEP}
 
 
 def names_and_args(calls) -> list[tuple[str, dict]]:
@@ -47,6 +50,11 @@ def test_the_grammar_of_each_tool_choice():
         ([{"type": "retrieval"}], "auto", "tools[0].type"),
         (
             [{"type": "function", "function": {"name": "f", "parameters": []}}],
+            "auto",
+            "tools[0].function.parameters",
+        ),
+        (  # nested past MAX_SCHEMA_DEPTH: refused before anything recurses through it
+            [{"type": "function", "function": {"name": "f", "parameters": DEEP}}],
             "auto",
             "tools[0].function.parameters",
         ),

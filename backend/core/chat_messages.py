@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pagetron.backend.core.errors import InvalidRequestError
+from pagetron.backend.core.json_schema import MAX_SCHEMA_DEPTH, deeper_than
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _MESSAGE_KEYS = {"role", "content", "name", "tool_call_id"}
@@ -110,6 +111,10 @@ def validate_tools(tools: Any) -> list[dict[str, Any]]:
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, Mapping):
             raise InvalidRequestError(f"{where}.function.parameters", "must be a JSON schema object")
+        if deeper_than(parameters, MAX_SCHEMA_DEPTH):
+            raise InvalidRequestError(
+                f"{where}.function.parameters", f"is nested more than {MAX_SCHEMA_DEPTH} levels deep"
+            )
         entry = {"name": name, "parameters": dict(parameters)}
         if function.get("description") is not None:
             entry["description"] = _text(function["description"], f"{where}.function.description")

@@ -62,6 +62,9 @@ _IMPLY_TYPE = ("properties", "items", "prefixItems", "additionalProperties")
 _OBJECT_OR_ARRAY = ("required", "minProperties", "maxProperties", "propertyNames", "patternProperties",
                     "minItems", "maxItems")  # fmt: skip
 MULTIPLE_OF_MAX_RANGE = 9_999
+# objects and lists inside a schema, counted from its root: deeper ones are refused before the recursive
+# checks (jsonschema's, these, the grammar compiler's) would run out of stack on them
+MAX_SCHEMA_DEPTH = 64
 
 
 class UnsupportedSchemaError(ValueError):
@@ -90,12 +93,31 @@ def subschemas(schema: Any, pointer: str = "") -> Iterator[tuple[dict, str]]:
 
 def check_enforceable(schema: Any) -> None:
     """Raises UnsupportedSchemaError for the first keyword the grammar would not enforce."""
+    if deeper_than(schema, MAX_SCHEMA_DEPTH):
+        raise UnsupportedSchemaError("", f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
     for node, pointer in subschemas(schema):
         problem = _problem(node, names=pointer.endswith("/propertyNames"))
         if problem is None and isinstance(node.get("oneOf"), list):
             problem = _overlap(node["oneOf"], schema)
         if problem is not None:
             raise UnsupportedSchemaError(pointer, problem)
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and lists nest more than ``limit`` levels in ``value`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _problem(node: Mapping, names: bool) -> str | None:

@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from pagetron.backend.core.json_schema import MAX_SCHEMA_DEPTH, deeper_than
+
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
 # accepted with these values only (older clients send them; each names what Pagetron always does)
 _NEUTRAL = {"backend": (None, "auto", "xgrammar"), "disable_fallback": (None, False, True)}
 
@@ -54,12 +57,18 @@ class StructuredOutputsParams:
             if isinstance(self.json, str):
                 try:
                     schema = json.loads(self.json)
+                except RecursionError:
+                    raise StructuredOutputsError(
+                        "json", f"is nested more than {MAX_SCHEMA_DEPTH} levels deep"
+                    ) from None
                 except ValueError as e:
                     raise StructuredOutputsError("json", f"is not valid JSON: {e}") from None
             else:
                 schema = self.json
             if not isinstance(schema, (Mapping, bool)):
                 raise StructuredOutputsError("json", "must be a JSON schema (an object)")
+            if deeper_than(schema, MAX_SCHEMA_DEPTH):
+                raise StructuredOutputsError("json", f"is nested more than {MAX_SCHEMA_DEPTH} levels deep")
         for key in ("regex", "grammar"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):

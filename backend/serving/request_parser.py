@@ -64,13 +64,13 @@ def _prompt(inputs: dict[str, np.ndarray]) -> str | list[int] | dict:
     if "messages" in inputs:
         try:
             messages = json.loads(_one_string(inputs, "messages"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise InvalidRequestError("messages", f"is not valid JSON: {e}") from None
         chat: dict[str, Any] = {"messages": validate_messages(messages)}
         if "tools" in inputs:
             try:
                 chat["tools"] = validate_tools(json.loads(_one_string(inputs, "tools")))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise InvalidRequestError("tools", f"is not valid JSON: {e}") from None
         return chat
     if "tools" in inputs:
@@ -109,7 +109,7 @@ def _sampling_params(inputs: dict[str, np.ndarray], parameters: str | dict | Non
     if parameters:
         try:
             http = json.loads(parameters) if isinstance(parameters, str) else dict(parameters)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise SamplingParamsError("parameters", f"are not valid JSON: {e}") from None
         merged.update({k: v for k, v in http.items() if k not in _NON_SAMPLING_PARAMETERS})
     if "sampling_parameters" in inputs:
@@ -120,7 +120,7 @@ def _sampling_params(inputs: dict[str, np.ndarray], parameters: str | dict | Non
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
             tensor_params = json.loads(text) if text else {}
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError, TypeError) as e:
             raise SamplingParamsError("sampling_parameters", f"is not valid JSON: {e}") from None
         if not isinstance(tensor_params, dict):
             raise SamplingParamsError("sampling_parameters", "must be a JSON object")

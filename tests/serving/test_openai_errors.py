@@ -170,6 +170,16 @@ def test_bad_requests_are_400_naming_the_field(openai_stack, path, body, param, 
     assert_error(post(openai_stack.frontend, path, raw), 400, param, *words)
 
 
+def test_json_nested_past_the_parsers_limit_is_a_400(openai_stack):
+    for deep in ("[" * 100_000, '{"model": "llm", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        response = post(openai_stack.frontend, "/completions", deep)
+        assert response.status_code == 400, response.text[:300]
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert post(
+        openai_stack.frontend, "/completions", {"model": "llm", "prompt": "x", "max_tokens": 1}
+    ).is_success
+
+
 def test_a_lone_surrogate_in_a_chat_leaves_the_engine_serving(openai_stack):
     bad = {"model": "llm", "messages": [{"role": "user", "content": "hi \udfff there"}], "max_tokens": 2}
     assert post(openai_stack.frontend, "/chat/completions", json.dumps(bad)).status_code == 400
