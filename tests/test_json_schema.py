@@ -78,6 +78,12 @@ REFUSED = [
         "/",
         "pattern together with format",
     ),
+    (
+        {"type": "string", "format": "date-time", "maxLength": 20},
+        "2020-01-01T10:00:00.5Z",
+        "/",
+        "together with format 'date-time'",
+    ),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, 1, "/", "oneOf branches 0 and 1 may both match"),
     (
         {
@@ -157,6 +163,8 @@ ENFORCED = [
     ({"type": "object", "properties": {"not": {"type": "integer"}}, "required": ["not"]}, {"not": "x"}),
     ({"type": "string", "minLength": 2, "maxLength": 3}, "abcd"),
     ({"type": "string", "format": "date"}, "2020-01-0x"),
+    ({"type": "string", "format": "password", "maxLength": 3}, "aaaaaaa"),  # a format it leaves free-form
+    ({"type": "string", "format": "made-up", "pattern": "^a+$"}, "bbb"),
     ({"enum": [1, "a", None]}, 2),
     ({"type": "string", "enum": ["a", "b"]}, "c"),
     ({"allOf": [{"type": "integer"}]}, "x"),

@@ -10,8 +10,9 @@ NOTE: the table below was found by compiling each keyword with a violating and a
                                        dependentRequired, dependentSchemas, dependencies, allOf of 2+
     dropped on some types              multipleOf unless the type is integer, the divisor whole and
                                        either no bound or both, at most 9,999 apart (wider ranges leak)
-    dropped beside another keyword     minLength/maxLength beside pattern or format; pattern beside
-                                       format; propertyNames or patternProperties beside properties;
+    dropped beside another keyword     minLength/maxLength beside pattern or a format it knows; pattern
+                                       beside such a format; propertyNames or patternProperties beside
+                                       properties;
                                        everything beside $ref, anyOf, oneOf or allOf; all but type
                                        beside const or enum
     dropped without a type             string and number keywords; object and array keywords unless
@@ -62,6 +63,12 @@ _IMPLY_TYPE = ("properties", "items", "prefixItems", "additionalProperties")
 _OBJECT_OR_ARRAY = ("required", "minProperties", "maxProperties", "propertyNames", "patternProperties",
                     "minItems", "maxItems")  # fmt: skip
 MULTIPLE_OF_MAX_RANGE = 9_999
+# the formats xgrammar writes a grammar for; beside one of these it drops lengths and patterns (other
+# formats it leaves free-form, keeping them)
+GRAMMAR_FORMATS = frozenset(
+    ("email", "date", "time", "date-time", "duration", "uri", "uri-reference", "uri-template", "uuid",
+     "ipv4", "ipv6", "hostname", "json-pointer", "relative-json-pointer")
+)  # fmt: skip
 # objects and lists inside a schema, counted from its root: deeper ones are refused before the recursive
 # checks (jsonschema's, these, the grammar compiler's) would run out of stack on them
 MAX_SCHEMA_DEPTH = 64
@@ -138,11 +145,12 @@ def _problem(node: Mapping, names: bool) -> str | None:
             return "multipleOf with only one bound is not enforced; give both or list the values in an enum"
         if low is not None and high - low > MULTIPLE_OF_MAX_RANGE:
             return f"multipleOf over a range wider than {MULTIPLE_OF_MAX_RANGE:,} is not enforced"
-    if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
-        other = "pattern" if "pattern" in node else "format"
+    known_format = node.get("format") in GRAMMAR_FORMATS
+    if ("pattern" in node or known_format) and ("minLength" in node or "maxLength" in node):
+        other = "pattern" if "pattern" in node else f"format {node['format']!r}"
         return f"minLength/maxLength together with {other} is not enforced; put the length in a pattern"
-    if "pattern" in node and "format" in node:
-        return "pattern together with format is not enforced (the format wins); keep one"
+    if "pattern" in node and known_format:
+        return f"pattern together with format {node['format']!r} is not enforced (the format wins); keep one"
     for key in ("propertyNames", "patternProperties"):
         if key in node and "properties" in node:
             return f"{key} together with properties is not enforced for the listed properties"
