@@ -134,16 +134,23 @@ def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     if calls:
         return content, calls
     if TAG_OPEN not in text:
-        return text, []
+        return _content(text), []
     return _tagged_calls(text)
 
 
+def _content(text: str) -> str | None:
+    """The reply's text outside its calls, exactly as written (as the stream sends it); None when it is
+    only whitespace (the stream holds whitespace back until text follows)."""
+    return text if text.strip() else None
+
+
 def _json_reply_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Llama 3: {...}; {...} (a ";" inside a string is text); text after the calls is content, as the
-    stream sends it. No calls: ``(text, [])``."""
-    stripped = text.strip().removeprefix(PYTHON_TAG).strip()
+    """Llama 3: {...}; {...} (a ";" inside a string is text); the text after the calls (from the end of
+    the last one, or from the ";" after which no call follows) is content, as the stream sends it. No
+    calls: ``(text, [])``."""
+    stripped = text.lstrip().removeprefix(PYTHON_TAG).lstrip()
     calls: list[dict[str, Any]] = []
-    start = 0
+    start = after = 0
     while stripped.startswith("{", start):
         end = _value_end(stripped, start)
         found = [] if end is None else _calls_in(stripped[start:end])
@@ -152,10 +159,11 @@ def _json_reply_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         calls += found
         rest = stripped[end:].lstrip()
         if not rest.startswith(";"):
-            return (rest or None), calls
+            return _content(stripped[end:]), calls
+        after = len(stripped) - len(rest) + 1
         start = len(stripped) - len(rest[1:].lstrip())
     if calls:
-        return (stripped[start:] or None), calls
+        return _content(stripped[after:]), calls
     return text, []
 
 
@@ -176,8 +184,7 @@ def _tagged_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         i = close + len(TAG_CLOSE) if close >= 0 else len(text)
         content.append(text[opening:i])  # not a call after all: keep it as text
     content.append(text[i:])
-    joined = "".join(content).strip()
-    return (joined or None), calls
+    return _content("".join(content)), calls
 
 
 def _json_value_end(text: str, start: int) -> int | None:
@@ -255,6 +262,8 @@ class ToolCallStream:
         self._body: _ValueScan | None = None  # auto: the JSON body of a tag that goes whole ...
         self._body_from = 0  # ... or where to look on for its start (-1: the body is text)
         self._no_head = -1  # where a call head was looked for in vain for MAX_HEAD_CHARS characters
+        self._spaces = ""  # auto: whitespace content held until text follows it ...
+        self._text_sent = False  # ... or sent, once content other than whitespace was
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         self.buffer += text
@@ -264,15 +273,29 @@ class ToolCallStream:
         if mode == "required":
             return self._required()
         if mode == "auto":
-            return self._auto(final=False)
+            return self._held_back(self._auto(final=False))
         return [{"content": text}] if text else []
 
     def finish(self) -> list[dict[str, Any]]:
         if self.plan.mode == "required":
             return self._required()
         if self.plan.mode == "auto":
-            return self._auto(final=True)
+            return self._held_back(self._auto(final=True))
         return []
+
+    def _held_back(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Content that is only whitespace waits until text follows it (and is dropped if none does), as
+        ``parse_calls`` gives no content for a reply whose text outside its calls is only whitespace."""
+        out = []
+        for delta in deltas:
+            if "content" not in delta or self._text_sent:
+                out.append(delta)
+                continue
+            self._spaces += delta["content"]
+            if self._spaces.strip():
+                out.append({"content": self._spaces})
+                self._text_sent, self._spaces = True, ""
+        return out
 
     def _named(self, text: str) -> list[dict[str, Any]]:
         deltas = []
