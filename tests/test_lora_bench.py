@@ -24,3 +24,20 @@ def test_the_lora_benchmark_reports_every_setting(tmp_path):
     assert base["lora_ms"] == 0 and base["lora_launches"] == 0 and base["total_ms"] > 0
     # on the CPU the torch reference runs: no LoRA kernels, but its ops are in the table
     assert lora["lora_launches"] == 0 and any("matmul" in name or "mm" in name for name, _, _ in lora["top"])
+
+
+def test_workload_t_prompts_and_warm_up_prompts_of_their_own(tmp_path):
+    """--workload-t: workload T's prompt lengths (128-1024); the warm-up runs other prompts, so the timed
+    batch finds none of its own in the prefix cache (its prompt tokens are all computed)."""
+    model = make_hf_model(tmp_path / "m", "llama", num_kv_heads=2, tie_word_embeddings=False,
+                          max_position_embeddings=2048)  # fmt: skip
+    out = tmp_path / "t.json"
+    code = main(["bench", "lora", "--model", str(model), "--adapters", "1", "--workload-t", "--requests", "3",
+                 "--max-tokens", "2", "--rank", "4", "--max-num-seqs", "3", "--kv-cache-memory-gb", "0.05",
+                 "--json", str(out)])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["workload_t"] and result["config"]["requests"] == 3
+    assert [r["adapters"] for r in result["runs"]] == [0, 1]
+    for run in result["runs"]:
+        assert 3 * 128 <= run["prompt_tokens"] <= 3 * 1024 and run["prompt_tokens_cached"] == 0

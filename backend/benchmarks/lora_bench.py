@@ -2,17 +2,19 @@
 (rank 16 on every projection, random weights written as PEFT folders) against the base model alone, in
 one run on one engine per setting.
 
-  pagetron bench lora [--model PATH | --shape llama3-8b] [--adapters 1,8,32] [--requests 64]
+  pagetron bench lora [--model PATH | --shape llama3-8b] [--adapters 1,8,32] [--workload-t] [--requests 64]
       [--prompt-len 128] [--max-tokens 64] [--rank 16] [--max-num-seqs 32] [--json out.json]
 
-``--shape`` runs a GPU benchmark shape with random weights (load_format dummy). ``--profile`` adds, per
-setting, a kernel table (torch.profiler: device time on a GPU, CPU time otherwise) of one batch of
-``--max-num-seqs`` requests for 8 tokens, and the share of the LoRA kernels in it.
+``--shape`` runs a GPU benchmark shape with random weights (load_format dummy); ``--workload-t`` takes
+workload T's prompts (docs/benchmarks.md: lengths uniform in 128-1024) and its 512 requests of 256
+tokens. ``--profile`` adds, per setting, a kernel table (torch.profiler: device time on a GPU, CPU time
+otherwise) of one batch of ``--max-num-seqs`` requests for 8 tokens, and the LoRA kernels' share of it.
 
 Every request is greedy and runs to max_tokens (ignore_eos); the requests of a setting use its adapters
 round-robin and every adapter fits a device slot (max_loras = the number of adapters), so the figure is the
-batched LoRA products themselves, not adapter swapping. Each setting first runs the whole batch for two
-tokens (compiling the kernels for its shapes), then the timed batch, then one request alone (concurrency 1:
+batched LoRA products themselves, not adapter swapping. Each setting first runs as many other prompts of
+the same kind for two tokens (compiling the kernels for its shapes; other prompts, so that the timed batch
+finds none of its own in the prefix cache), then the timed batch, then one request alone (concurrency 1:
 milliseconds per output token, on an adapter where there are any).
 """
 
@@ -52,9 +54,18 @@ def write_adapter(
     return folder
 
 
+def _prompt(rng: random.Random, vocab: int, length: int) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
 def run_lora_bench(ns: argparse.Namespace) -> int:
     from pagetron.backend import LLM, LoRARequest, SamplingParams
+    from pagetron.backend.benchmarks.gpu_workloads import workload_t
     from pagetron.backend.model.llama import projection_shapes
+
+    if ns.workload_t:  # workload T: 512 requests, prompts of 128-1024 tokens, 256 out
+        ns.requests, ns.max_tokens = ns.requests or 512, ns.max_tokens or 256
+    ns.requests, ns.max_tokens = ns.requests or 64, ns.max_tokens or 64
 
     settings = [0, *(int(n) for n in ns.adapters.split(","))]
     rng = random.Random(0)
@@ -76,14 +87,24 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
         shapes = projection_shapes(cfg)
         folders = [write_adapter(root / f"a{j}", shapes, cfg.num_layers, ns.rank, j) for j in range(count)]
         loras = [LoRARequest(f"a{j}", j + 1, str(folder)) for j, folder in enumerate(folders)]
-        ids = [[rng.randrange(3, cfg.vocab_size) for _ in range(ns.prompt_len)] for _ in range(ns.requests)]
+        if ns.workload_t:
+            ids = workload_t(cfg.vocab_size, seed=0, requests=ns.requests)
+            warm_ids = workload_t(cfg.vocab_size, seed=1, requests=ns.requests)
+        else:
+            ids, warm_ids = (
+                [_prompt(rng, cfg.vocab_size, ns.prompt_len) for _ in range(ns.requests)] for _ in "ab"
+            )
         prompts = [{"prompt_token_ids": p} for p in ids]
         params = SamplingParams(temperature=0, max_tokens=ns.max_tokens, ignore_eos=True)
         per_request = [loras[k % count] for k in range(ns.requests)] if count else None
+        # the warm-up compiles the kernels for this setting's shapes on other prompts of the same kind, so
+        # that the timed batch finds none of its own in the prefix cache
         warm = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-        llm.generate(prompts, warm, use_tqdm=False, lora_request=per_request)
+        llm.generate(
+            [{"prompt_token_ids": p} for p in warm_ids], warm, use_tqdm=False, lora_request=per_request
+        )
         started = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False, lora_request=per_request)
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=per_request)
         seconds = time.perf_counter() - started
         started = time.perf_counter()
         llm.generate(prompts[:1], params, use_tqdm=False, lora_request=per_request[:1] if count else None)
@@ -94,6 +115,8 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
             "seconds": round(seconds, 2),
             "output_tok_s": round(tokens / seconds, 1),
             "concurrency_1_ms_per_token": round(alone_ms, 3),
+            "prompt_tokens": sum(len(p) for p in ids),
+            "prompt_tokens_cached": sum(out.num_cached_tokens for out in outs),  # 0: every prompt computed
         }
         if ns.profile:
             batch = min(ns.requests, ns.max_num_seqs)
@@ -175,9 +198,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2")
     parser.add_argument("--shape", default=None, help="a GPU benchmark shape (e.g. llama3-8b), dummy weights")
     parser.add_argument("--adapters", default="1,8,32", help="adapter counts to compare with the base model")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--workload-t",
+        action="store_true",
+        help="workload T's prompts; 512 requests x 256 tokens unless given",
+    )
+    parser.add_argument("--requests", type=int, default=None, help="default 64 (512 with --workload-t)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="without --workload-t")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default 64 (256 with --workload-t)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)

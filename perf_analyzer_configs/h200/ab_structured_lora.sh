@@ -39,9 +39,10 @@ for side in $SIDES; do
     done
   fi
   if [[ $PARTS == *lora* ]]; then
+    # this tree: workload T (the workload) and a kernel table; the base tree has neither option
+    if [[ $side == head ]]; then load="--workload-t --profile"; else load="--requests 256 --prompt-len 512 --max-tokens 128"; fi
     run "lora-$side" python3 -m pagetron.backend.cli bench lora --shape llama3-8b --adapters 1,8,32 \
-      --requests 256 --prompt-len 512 --max-tokens 128 --max-num-seqs 128 --kv-cache-memory-gb 16 \
-      $([[ $side == head ]] && echo --profile) --json "$OUT/lora-$side.json"  # the base tree has no --profile
+      $load --max-num-seqs 128 --kv-cache-memory-gb 16 --json "$OUT/lora-$side.json"
   fi
 done
 use .
