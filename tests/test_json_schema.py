@@ -54,6 +54,12 @@ REFUSED = [
         "maxLength beside $ref",
     ),  # fmt: skip
     ({"maxLength": 2}, "abc", "/", 'maxLength needs a "type"'),
+    (
+        {"type": "object", "properties": {"propertyNames": {"pattern": "^a"}}, "required": ["propertyNames"]},
+        {"propertyNames": 5},
+        "/properties/propertyNames",
+        'pattern needs a "type"',
+    ),  # a property, not names
     ({"minItems": 2}, [1], "/", 'minItems needs a "type"'),
     ({"required": ["a"]}, {}, "/", 'required needs a "type"'),
     (
@@ -160,6 +166,14 @@ ENFORCED = [
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [1, "a"]),
     ({"type": "object", "additionalProperties": True, "minProperties": 2}, {"a": 1}),
     ({"type": "object", "propertyNames": {"pattern": "^a"}}, {"b": 1}),
+    (
+        {
+            "type": "object",
+            "properties": {"propertyNames": {"type": "string", "pattern": "^a"}},
+            "required": ["propertyNames"],
+        },
+        {"propertyNames": "b"},
+    ),  # a property of that name: typed, fine
     ({"type": "object", "properties": {"not": {"type": "integer"}}, "required": ["not"]}, {"not": "x"}),
     ({"type": "string", "minLength": 2, "maxLength": 3}, "abcd"),
     ({"type": "string", "format": "date"}, "2020-01-0x"),

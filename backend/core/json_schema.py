@@ -83,27 +83,33 @@ class UnsupportedSchemaError(ValueError):
 def subschemas(schema: Any, pointer: str = "") -> Iterator[tuple[dict, str]]:
     """Every object (sub)schema of ``schema`` with its JSON pointer, parents first. Values of keywords
     that are not schemas (enum, const, default, examples, required) are not entered."""
+    for node, where, _ in _walk(schema, pointer, None):
+        yield node, where
+
+
+def _walk(schema: Any, pointer: str, via: str | None) -> Iterator[tuple[dict, str, str | None]]:
+    """``subschemas`` with the keyword each was reached by (``properties`` for a property's schema)."""
     if not isinstance(schema, Mapping):
         return
-    yield schema, pointer  # type: ignore[misc]
+    yield schema, pointer, via  # type: ignore[misc]
     for key, value in schema.items():
         where = f"{pointer}/{_escape(key)}"
         if key in _ONE and isinstance(value, Mapping):
-            yield from subschemas(value, where)
+            yield from _walk(value, where, key)
         elif key in _LIST and isinstance(value, list):
             for i, item in enumerate(value):
-                yield from subschemas(item, f"{where}/{i}")
+                yield from _walk(item, f"{where}/{i}", key)
         elif key in _MAP and isinstance(value, Mapping):
             for name, item in value.items():
-                yield from subschemas(item, f"{where}/{_escape(name)}")
+                yield from _walk(item, f"{where}/{_escape(name)}", key)
 
 
 def check_enforceable(schema: Any) -> None:
     """Raises UnsupportedSchemaError for the first keyword the grammar would not enforce."""
     if deeper_than(schema, MAX_SCHEMA_DEPTH):
         raise UnsupportedSchemaError("", f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
-    for node, pointer in subschemas(schema):
-        problem = _problem(node, names=pointer.endswith("/propertyNames"))
+    for node, pointer, via in _walk(schema, "", None):
+        problem = _problem(node, names=via == "propertyNames")
         if problem is None and isinstance(node.get("oneOf"), list):
             problem = _overlap(node["oneOf"], schema)
         if problem is not None:
