@@ -117,6 +117,7 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
             "concurrency_1_ms_per_token": round(alone_ms, 3),
             "prompt_tokens": sum(len(p) for p in ids),
             "prompt_tokens_cached": sum(out.num_cached_tokens for out in outs),  # 0: every prompt computed
+            "decode_bytes_bound": decode_bytes_bound(shapes, cfg, ns.rank, min(count, ns.max_num_seqs)),
         }
         if ns.profile:
             batch = min(ns.requests, ns.max_num_seqs)
@@ -137,10 +138,25 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
     for run in result["runs"]:
         run["of_base"] = round(run["output_tok_s"] / base, 3)
         run["concurrency_1_added_ms_per_token"] = round(run["concurrency_1_ms_per_token"] - base_ms, 3)
-    print("of base: " + ", ".join(f"{r['adapters']} adapters {r['of_base']}" for r in result["runs"][1:]))
+    print(
+        "of base: "
+        + ", ".join(
+            f"{r['adapters']} adapters {r['of_base']} (decode bytes bound {r['decode_bytes_bound']})"
+            for r in result["runs"][1:]
+        )
+    )
     if ns.json_path:
         Path(ns.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def decode_bytes_bound(shapes: dict[str, tuple[int, int]], cfg, rank: int, active: int) -> float:
+    """The most a decode step with ``active`` distinct adapters can run of the base model's speed when it
+    is bound by the bytes it reads: the base's projections and LM head, and each adapter's A and B (rank
+    x (in + out) a projection), whatever the kernels. 1.0 for the base alone."""
+    base = cfg.num_layers * sum(out * inp for out, inp in shapes.values()) + cfg.vocab_size * cfg.hidden_size
+    adapter = cfg.num_layers * sum(rank * (out + inp) for out, inp in shapes.values())
+    return round(base / (base + active * adapter), 3)
 
 
 LORA_KERNELS = ("_shrink_kernel", "_expand_kernel")
