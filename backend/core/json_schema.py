@@ -182,10 +182,12 @@ def _problem(node: Mapping, names: bool) -> str | None:
 
 
 def _overlap(branches: list, root: Any) -> str | None:
-    """Why two branches of a oneOf may both match (xgrammar enforces oneOf as anyOf), or None."""
-    for i, first in enumerate(branches):
-        for j in range(i + 1, len(branches)):
-            if not _disjoint(_resolve(first, root), _resolve(branches[j], root), root):
+    """Why two branches of a oneOf may both match (xgrammar enforces oneOf as anyOf), or None. Each
+    branch is read once (its types, its required properties' constants), then compared pairwise."""
+    facts = [_branch_facts(_resolve(branch, root), root) for branch in branches]
+    for i, first in enumerate(facts):
+        for j in range(i + 1, len(facts)):
+            if not _disjoint(first, facts[j]):
                 return (
                     f"oneOf branches {i} and {j} may both match, and the grammar enforces oneOf as anyOf; "
                     "use anyOf, or tell them apart by type or by a required property's const"
@@ -193,19 +195,23 @@ def _overlap(branches: list, root: Any) -> str | None:
     return None
 
 
-def _disjoint(a: Any, b: Any, root: Any) -> bool:
-    kinds_a, kinds_b = _kinds(a, root), _kinds(b, root)
+def _branch_facts(node: Any, root: Any) -> tuple[set[str] | None, dict[str, set[str]]]:
+    """A branch's JSON types (None: not plain) and, per required property held to constants, those."""
+    constants: dict[str, set[str]] = {}
+    if isinstance(node, Mapping):
+        properties = node.get("properties") or {}
+        for name in node.get("required") or []:
+            values = _constants(_resolve(properties.get(name), root)) if isinstance(name, str) else None
+            if values is not None:
+                constants[name] = values
+    return _kinds(node, root), constants
+
+
+def _disjoint(a: tuple[set[str] | None, dict], b: tuple[set[str] | None, dict]) -> bool:
+    (kinds_a, constants_a), (kinds_b, constants_b) = a, b
     if kinds_a is not None and kinds_b is not None and not _types_meet(kinds_a, kinds_b):
         return True
-    if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
-        return False
-    required = set(a.get("required") or []) & set(b.get("required") or [])
-    for name in sorted(required):
-        values_a = _constants(_resolve((a.get("properties") or {}).get(name), root))
-        values_b = _constants(_resolve((b.get("properties") or {}).get(name), root))
-        if values_a is not None and values_b is not None and not values_a & values_b:
-            return True
-    return False
+    return any(not values & constants_b[name] for name, values in constants_a.items() if name in constants_b)
 
 
 def _kinds(node: Any, root: Any, depth: int = 0) -> set[str] | None:
