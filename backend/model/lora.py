@@ -16,9 +16,11 @@ x_r A_r^T B^T is x A^T B^T). Adapters live on the host too (``max_cpu_loras``, L
 to the least recently used adapter that the step does not need.
 
 The product is pagetron.kernels.lora (OpenAI-Triton, Punica's SGMV: the rows grouped by slot once per
-step, then one launch per shrink and per expand of a layer, whatever the mix of adapters) or its torch
-reference, chosen once with the model's kernels. The slot of each row is a device tensor and the grouping
-runs on the device, so decode CUDA graphs capture the LoRA path too (their padding rows have slot -1).
+step, then one launch per shrink and per expand of a layer, whatever the mix of adapters) or, with the
+torch kernels (the CPU), pagetron.kernels.lora_torch (the same grouping on the host, one bmm for all
+slots), chosen once with the model's kernels. On a GPU the slot of each row is a device tensor and the
+grouping runs on the device, so decode CUDA graphs capture the LoRA path too (their padding rows have
+slot -1).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ WORKSPACE_MAX_BYTES = 64 << 20  # ... when it fits in this (high ranks on deep m
 
 class LoRAContext:
     """Shared by every LoRA-capable layer: the current step's slot per token row (None: no row uses an
-    adapter) and the shrink / expand implementations (kernels or references), which take the rows as
+    adapter) and the shrink / expand implementations (kernels or their torch form), which take the rows as
     ``group`` makes them from the slots: once per forward pass, by the first layer that needs them (inside
     a CUDA graph's capture, so replays regroup the rows they are given).
 
@@ -255,9 +257,9 @@ class LoRAManager:
             side = torch.cuda.Stream(device) if device.type == "cuda" else None
             self.context = LoRAContext(lora_shrink, lora_expand, group_rows, max_loras, side)
         else:
-            from pagetron.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+            from pagetron.kernels.lora_torch import group_slots, lora_expand_torch, lora_shrink_torch
 
-            self.context = LoRAContext(lora_shrink_ref, lora_expand_ref, _slots_as_they_are, max_loras)
+            self.context = LoRAContext(lora_shrink_torch, lora_expand_torch, group_slots, max_loras)
         self.layers = model.model.layers
         for layer in self.layers:
             for module_name in dict.fromkeys(m for m, _ in TARGETS.values()):  # in layer order
@@ -343,7 +345,3 @@ class LoRAManager:
         self.slots[slot] = adapter.request.lora_int_id
         if self.record_slot_loads:
             self._slot_loads.append((slot, adapter.request))
-
-
-def _slots_as_they_are(token_slots: torch.Tensor, num_slots: int) -> torch.Tensor:
-    return token_slots  # the torch reference takes each row's slot
