@@ -1,6 +1,6 @@
-"""Torch reference of the batched LoRA kernels (pagetron.kernels.lora), the CPU path: the rows of each
-adapter slot are gathered and multiplied together, in fp32, and the product rounded once into ``y``.
-Where the kernels take the rows grouped (``group_rows``), the reference takes the slot of each row."""
+"""Torch reference of the batched LoRA kernels (pagetron.kernels.lora and the CPU path's lora_torch): the
+rows of each adapter slot are gathered and multiplied together, slot after slot, in fp32, and the product
+rounded once into ``y``. Where those take the rows grouped, the reference takes the slot of each row."""
 
 from __future__ import annotations
 
