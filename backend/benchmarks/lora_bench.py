@@ -152,8 +152,9 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
 
 def decode_bytes_bound(shapes: dict[str, tuple[int, int]], cfg, rank: int, active: int) -> float:
     """The most a decode step with ``active`` distinct adapters can run of the base model's speed when it
-    is bound by the bytes it reads: the base's projections and LM head, and each adapter's A and B (rank
-    x (in + out) a projection), whatever the kernels. 1.0 for the base alone."""
+    is bound by the bytes it reads, as on a GPU: the base's projections and LM head, and each adapter's A
+    and B (rank x (in + out) a projection), whatever the kernels. 1.0 for the base alone. Steps bound by
+    something else (the CPU's) are not held to it."""
     base = cfg.num_layers * sum(out * inp for out, inp in shapes.values()) + cfg.vocab_size * cfg.hidden_size
     adapter = cfg.num_layers * sum(rank * (out + inp) for out, inp in shapes.values())
     return round(base / (base + active * adapter), 3)
