@@ -17,7 +17,9 @@ use() { for part in backend kernels client; do ln -sfn "$PWD/$1/$part" "$SITE/pa
 run() {  # name, command...
   local name=$1; shift
   local start=$SECONDS
-  timeout "${PART_TIMEOUT:-240}" "$@" > "$OUT/$name.log" 2>&1
+  local limit=${PART_TIMEOUT:-240}
+  [[ $name == lora-* ]] && limit=${LORA_TIMEOUT:-480}  # four engines on workload T, 32 adapters written
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-110)")")
 }
