@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 import xgrammar
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from xgrammar.testing import _is_grammar_accept_string
 
 from pagetron.backend.core.json_schema import UnsupportedSchemaError, check_enforceable, subschemas
@@ -61,7 +64,18 @@ REFUSED = [
         'pattern needs a "type"',
     ),  # a property, not names
     ({"minItems": 2}, [1], "/", 'minItems needs a "type"'),
-    ({"required": ["a"]}, {}, "/", 'required needs a "type"'),
+    ({"required": ["a"]}, {}, "/", "required names 'a', which properties does not list"),
+    (
+        {
+            "type": "object",
+            "properties": {"a": {"type": "string"}},
+            "required": ["a", "b"],
+            "additionalProperties": True,
+        },
+        {"a": "x"},
+        "/",
+        "required names 'b'",
+    ),  # fmt: skip
     (
         {"type": "object", "properties": {"cc": {"type": "string"}}, "propertyNames": {"maxLength": 1}},
         {"cc": "x"},
@@ -283,3 +297,70 @@ def test_a_short_string_pattern_allows_what_max_length_allows_less_control_chara
             assert by_pattern == (by_length and not raw_control), (piece, n, by_length, by_pattern)
             checked += by_pattern
     assert checked > 0
+
+
+# ---- the property: a schema accepted is enforced -----------------------------------------------------------
+CANDIDATES = [None, True, 0, 1, 2, 3, 6, 7, 12, -3, 0.5, 2.5, "", "a", "ab", "aaaa", "b", "2020-01-01",
+              [], [1], [1, 1], [1, 2, 3], ["a", 1], {}, {"a": 1}, {"a": "x"}, {"b": 1}, {"a": 1, "b": 2},
+              {"a": [1, 1]}, {"a": {"a": 1}}]  # fmt: skip
+_numbers = st.fixed_dictionaries(
+    {"type": st.sampled_from(["integer", "number"])},
+    optional={k: st.integers(-2, 8) for k in ("minimum", "maximum", "exclusiveMinimum", "multipleOf")},
+)
+_strings = st.fixed_dictionaries(
+    {"type": st.just("string")},
+    optional={
+        "minLength": st.integers(0, 3),
+        "maxLength": st.integers(0, 3),
+        "pattern": st.just("^a*$"),
+        "format": st.sampled_from(["date", "password"]),
+    },  # fmt: skip
+)
+_leaves = st.one_of(
+    _numbers, _strings, st.just({"type": "boolean"}), st.just({"type": "null"}),
+    st.builds(lambda v: {"enum": v}, st.lists(st.sampled_from([1, "a", None, 2]), min_size=1, max_size=3)),
+)  # fmt: skip
+
+
+def _containers(inner):
+    return st.one_of(
+        st.fixed_dictionaries(
+            {"type": st.just("array"), "items": inner},
+            optional={
+                "minItems": st.integers(0, 2),
+                "maxItems": st.integers(0, 2),
+                "uniqueItems": st.booleans(),
+            },
+        ),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("object"),
+                "properties": st.fixed_dictionaries({"a": inner}, optional={"b": inner}),
+            },
+            optional={
+                "required": st.sampled_from([["a"], ["a", "b"], []]),
+                "additionalProperties": st.booleans(),
+                "minProperties": st.integers(0, 2),
+            },
+        ),  # fmt: skip
+        st.builds(lambda xs: {"anyOf": xs}, st.lists(inner, min_size=1, max_size=2)),
+        st.builds(lambda xs: {"oneOf": xs}, st.lists(inner, min_size=1, max_size=2)),
+        st.builds(lambda x: {"allOf": [x]}, inner),
+        st.builds(lambda x: {"not": x}, inner),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.recursive(_leaves, _containers, max_leaves=4))
+def test_what_the_check_accepts_the_grammar_enforces(schema):
+    """Over random schemas of these keywords: if check_enforceable accepts one, no candidate instance that
+    xgrammar accepts breaks it (jsonschema says so)."""
+    try:
+        check_enforceable(schema)
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+        grammar = xgrammar.Grammar.from_json_schema(json.dumps(short_strings_as_patterns(schema)))
+    except (UnsupportedSchemaError, jsonschema.SchemaError, RuntimeError):
+        return  # refused: by the check, as invalid, or by xgrammar itself (loudly)
+    for instance in CANDIDATES:
+        if _is_grammar_accept_string(grammar, json.dumps(instance, separators=(",", ":"))):
+            assert jsonschema.Draft202012Validator(schema).is_valid(instance), (schema, instance)

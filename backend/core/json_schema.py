@@ -12,9 +12,9 @@ NOTE: the table below was found by compiling each keyword with a violating and a
                                        either no bound or both, at most 9,999 apart (wider ranges leak)
     dropped beside another keyword     minLength/maxLength beside pattern or a format it knows; pattern
                                        beside such a format; propertyNames or patternProperties beside
-                                       properties;
-                                       everything beside $ref, anyOf, oneOf or allOf; all but type
-                                       beside const or enum
+                                       properties; everything beside $ref, anyOf, oneOf or allOf; all
+                                       but type beside const or enum
+    dropped as not listed              a required name that properties does not list
     dropped without a type             string and number keywords; object and array keywords unless
                                        properties, items, prefixItems or additionalProperties is there
     enforced as anyOf                  oneOf: accepted only where its branches cannot overlap (their
@@ -157,6 +157,12 @@ def _problem(node: Mapping, names: bool) -> str | None:
         return f"minLength/maxLength together with {other} is not enforced; put the length in a pattern"
     if "pattern" in node and known_format:
         return f"pattern together with format {node['format']!r} is not enforced (the format wins); keep one"
+    required = node.get("required")
+    if isinstance(required, list):
+        properties = node.get("properties") if isinstance(node.get("properties"), Mapping) else {}
+        unlisted = [name for name in required if name not in properties]
+        if unlisted:
+            return f"required names {unlisted[0]!r}, which properties does not list (not enforced then)"
     for key in ("propertyNames", "patternProperties"):
         if key in node and "properties" in node:
             return f"{key} together with properties is not enforced for the listed properties"
