@@ -40,10 +40,7 @@ LARGE_BLOCK_M, LARGE_BLOCK_N = 64, 128
 class LoRARows:
     """A step's token rows grouped by slot, on the device (``group_rows``)."""
 
-    order: torch.Tensor  # [T] int32 row indices sorted by slot (stable)
     block_slot: torch.Tensor  # [B] int32 slot of each program's block of rows, -1: no block
-    block_start: torch.Tensor  # [B] int32 its first position in ``order``
-    slot_end: torch.Tensor  # [S] int32 one past each slot's last position in ``order``
     block_rows: torch.Tensor  # [B, block_m] int32 each block's row indices, -1 past its last row
     block_m: int = BLOCK_M  # rows a block holds at most
 
@@ -74,10 +71,7 @@ def group_rows(token_slots: torch.Tensor, num_slots: int, block_m: int | None = 
     real = valid[:, None] & (pos < bounds[1:][slot][:, None])
     block_rows = torch.where(real, order[pos.clamp(max=max(num_rows - 1, 0))], -1)
     return LoRARows(
-        order=order.to(torch.int32),
         block_slot=torch.where(valid, slot, -1).to(torch.int32),
-        block_start=start.to(torch.int32),
-        slot_end=bounds[1:].to(torch.int32),
         block_rows=block_rows.to(torch.int32),
         block_m=block_m,
     )

@@ -105,9 +105,8 @@ def _walk(schema: Any, pointer: str, via: str | None) -> Iterator[tuple[dict, st
 
 
 def check_enforceable(schema: Any) -> None:
-    """Raises UnsupportedSchemaError for the first keyword the grammar would not enforce."""
-    if deeper_than(schema, MAX_SCHEMA_DEPTH):
-        raise UnsupportedSchemaError("", f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    """Raises UnsupportedSchemaError for the first keyword the grammar would not enforce. The schema's
+    depth is bounded where it enters (``StructuredOutputsParams``, ``validate_tools``: MAX_SCHEMA_DEPTH)."""
     for node, pointer, via in _walk(schema, "", None):
         problem = _problem(node, names=via == "propertyNames")
         if problem is None and isinstance(node.get("oneOf"), list):
