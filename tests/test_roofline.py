@@ -38,6 +38,23 @@ def test_a_request_counted_by_hand():
     assert floor.fraction(1648) == 0.5
 
 
+def test_lora_adapters_counted_by_hand():
+    # one rank-1 adapter on every projection: 1 x ((4+4) + 2 (2+4) + (4+4) + 2 (8+4) + (4+8)) = 64 params,
+    # 128 bytes; 2 x 64 more FLOPs a row; the prefill reads it once, each decode step once
+    assert TINY.lora_params(1) == 64
+    floor = workload_floor(TINY, [Request(3, 2)], H200, adapters=1, adapter_params=64)
+    assert (floor.prefill_flops, floor.prefill_bytes) == (1040 + 2 * 64 * 3, 416 + 128)
+    assert (floor.decode_flops, floor.decode_bytes) == (432 + 2 * 64, 408 + 128)
+    # two requests over two adapters: a decode step of both rows reads both adapters; one row a step
+    # (max_batch 1), one adapter a step
+    two = [Request(3, 2)] * 2
+    base = workload_floor(TINY, two, H200, max_batch=2).decode_bytes
+    both = workload_floor(TINY, two, H200, max_batch=2, adapters=2, adapter_params=64)
+    assert both.decode_bytes == base + 2 * 128
+    one_a_step = workload_floor(TINY, two, H200, max_batch=1, adapters=2, adapter_params=64)
+    assert one_a_step.decode_bytes == workload_floor(TINY, two, H200, max_batch=1).decode_bytes + 2 * 128
+
+
 def test_decode_steps_are_bounded_by_the_batch_and_by_the_longest_request():
     one = [Request(3, 5)]
     assert workload_floor(TINY, one, H200).decode_bytes == 368 * 4 + 8 * (4 * 3 + 10 + 4)

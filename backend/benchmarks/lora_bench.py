@@ -15,7 +15,9 @@ round-robin and every adapter fits a device slot (max_loras = the number of adap
 batched LoRA products themselves, not adapter swapping. Each setting first runs as many other prompts of
 the same kind for two tokens (compiling the kernels for its shapes; other prompts, so that the timed batch
 finds none of its own in the prefix cache), then the timed batch, then one request alone (concurrency 1:
-milliseconds per output token, on an adapter where there are any).
+milliseconds per output token, on an adapter where there are any). On a GPU each setting also reports
+``floor_ratio``: the most of base throughput its requests can keep by the roofline (``floor_ratio``
+below), at the card's ceilings measured at the start.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -74,6 +77,9 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
     rng = random.Random(0)
     config = {k: v for k, v in vars(ns).items() if k not in ("func", "json_path", "command", "workload")}
     result: dict = {"config": config, "runs": []}
+    ceilings = _device_ceilings()
+    if ceilings is not None:
+        result["ceilings"] = asdict(ceilings)
     root = Path(tempfile.mkdtemp(prefix="pagetron-lora-bench-"))
     for count in settings:
         engine = {"max_num_seqs": ns.max_num_seqs, "kv_cache_memory_gb": ns.kv_cache_memory_gb}
@@ -120,8 +126,10 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
             "concurrency_1_ms_per_token": round(alone_ms, 3),
             "prompt_tokens": sum(len(p) for p in ids),
             "prompt_tokens_cached": sum(out.num_cached_tokens for out in outs),  # 0: every prompt computed
-            "decode_bytes_bound": decode_bytes_bound(shapes, cfg, ns.rank, min(count, ns.max_num_seqs)),
         }
+        if ceilings is not None:
+            lens = [len(p) for p in ids]
+            run["floor_ratio"] = floor_ratio(cfg, lens, ns.max_tokens, engine, count, ns.rank, ceilings)
         if ns.profile:
             batch = min(ns.requests, ns.max_num_seqs)
             run["profile"] = kernel_profile(llm, prompts[:batch], per_request[:batch] if count else None)
@@ -144,7 +152,8 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
     print(
         "of base: "
         + ", ".join(
-            f"{r['adapters']} adapters {r['of_base']} (decode bytes bound {r['decode_bytes_bound']})"
+            f"{r['adapters']} adapters {r['of_base']}"
+            + (f" (floor ratio {r['floor_ratio']})" if "floor_ratio" in r else "")
             for r in result["runs"][1:]
         )
     )
@@ -153,14 +162,22 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
-def decode_bytes_bound(shapes: dict[str, tuple[int, int]], cfg, rank: int, active: int) -> float:
-    """The most a decode step with ``active`` distinct adapters can run of the base model's speed when it
-    is bound by the bytes it reads, as on a GPU: the base's projections and LM head, and each adapter's A
-    and B (rank x (in + out) a projection), whatever the kernels. 1.0 for the base alone. Steps bound by
-    something else (the CPU's) are not held to it."""
-    base = cfg.num_layers * sum(out * inp for out, inp in shapes.values()) + cfg.vocab_size * cfg.hidden_size
-    adapter = cfg.num_layers * sum(rank * (out + inp) for out, inp in shapes.values())
-    return round(base / (base + active * adapter), 3)
+def floor_ratio(cfg, prompt_lens: list[int], max_tokens: int, engine: dict, adapters: int, rank: int,
+                ceilings) -> float:
+    """The most of the base model's throughput the requests can keep over ``adapters`` adapters if both
+    runs reach the same fraction of their roofline floors (backend/benchmarks/roofline.py's phase floor:
+    the adapters' FLOPs on every row, their A and B read by every decode step that has their rows). 1.0
+    for the base alone."""
+    from pagetron.backend.benchmarks.roofline import ModelShape, Request, engine_floor
+
+    shape = ModelShape(
+        hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_layers,
+        heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, vocab=cfg.vocab_size, head_dim=cfg.head_dim,
+    )  # fmt: skip
+    requests = [Request(n, max_tokens) for n in prompt_lens]
+    base = engine_floor(shape, requests, ceilings, engine)
+    lora = engine_floor(shape, requests, ceilings, engine, adapters=adapters, lora_rank=rank)
+    return round(base.phase_seconds / lora.phase_seconds, 3)
 
 
 LORA_KERNELS = ("_shrink_kernel", "_expand_kernel")
@@ -205,6 +222,18 @@ def _profile_text(count: int, profile: dict) -> str:
     ]
     lines += [f"    {ms:10.3f} ms {n:7d}  {name[:70]}" for name, ms, n in profile["top"][:10]]
     return "\n".join(lines)
+
+
+def _device_ceilings():
+    """The card's matmul and copy ceilings, measured now (roofline.py); None on a CPU, whose steps are
+    bound by other things than the floor counts."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from pagetron.backend.benchmarks.roofline import measure_ceilings
+
+    return measure_ceilings("cuda")
 
 
 def _empty_device_cache() -> None:

@@ -15,6 +15,10 @@ copy). Every GPU benchmark reports its result as a fraction of this floor beside
     phase_floor_s = the same bound for prefill and for decode separately, summed: what an engine that does
                     not overlap a prefill's compute with a decode's memory traffic can reach
 
+With LoRA adapters (``adapters`` distinct ones of ``adapter_params`` each, the requests spread evenly over
+them): 2 x adapter_params more FLOPs a row; a decode step reads the A and B of every distinct adapter among
+its rows (min(adapters, rows of the step)); the prefill reads each adapter at least once.
+
 NOTE: the floor leaves out what is small at these shapes (norms, rotary, activations, sampling) and
 everything an engine adds (kernel launches, host work). fraction = floor_s / measured seconds, so 1.0 is
 the hardware's limit and 0.5 means twice as slow as it.
@@ -64,6 +68,12 @@ class ModelShape:
 
     def kv_elements_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim
+
+    def lora_params(self, rank: int) -> int:
+        """One adapter on all seven projections of every layer: A [rank, in] and B [out, rank] each."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return self.layers * rank * ((q + h) + 2 * (kv + h) + (h + q) + 2 * (i + h) + (h + i))
 
 
 @dataclass(frozen=True)
@@ -123,9 +133,12 @@ def workload_floor(
     kv_bytes: float = 2.0,
     max_batch: int = 256,
     max_batched_tokens: int = 8192,
+    adapters: int = 0,
+    adapter_params: int = 0,
 ) -> Floor:
     """The floor of running ``requests`` with at most ``max_batch`` sequences and ``max_batched_tokens``
-    prompt tokens per step (the engine's max_num_seqs and max_num_batched_tokens)."""
+    prompt tokens per step (the engine's max_num_seqs and max_num_batched_tokens), over ``adapters``
+    LoRA adapters of ``adapter_params`` each (``ModelShape.lora_params``) where given."""
     requests = list(requests)
     attn = 4 * shape.heads * shape.head_dim * shape.layers  # FLOPs per (query, key) pair over all layers
     kv_token = shape.kv_elements_per_token() * kv_bytes
@@ -138,6 +151,9 @@ def workload_floor(
     prefill_flops += attn * prefill_pairs
     prefill_steps = math.ceil(prefill_rows / max_batched_tokens) if prefill_rows else 0
     prefill_bytes = weights * prefill_steps + kv_token * (sum(r.prompt_len for r in requests) + prefill_rows)
+    lora = adapter_params if adapters else 0
+    prefill_flops += 2 * lora * prefill_rows
+    prefill_bytes += weight_bytes * lora * adapters
 
     decode_rows = sum(max(r.output_len - 1, 0) for r in requests)
     # decode row t (1-based) of a request attends to its prompt and t output tokens
@@ -146,6 +162,10 @@ def workload_floor(
     longest = max((r.output_len - 1 for r in requests), default=0)
     decode_steps = max(math.ceil(decode_rows / max_batch), longest)
     decode_bytes = weights * decode_steps + kv_token * (decode_pairs + decode_rows)
+    if decode_rows:
+        decode_flops += 2 * lora * decode_rows
+        per_step = min(adapters, math.ceil(decode_rows / decode_steps))  # distinct adapters a step
+        decode_bytes += weight_bytes * lora * decode_steps * per_step
 
     def bound(flops: float, moved: float) -> float:
         return max(flops / ceilings.matmul_flops, moved / ceilings.memory_bytes_per_s)
@@ -170,9 +190,15 @@ def kv_bytes_per_element(engine_args: Mapping) -> float:
 
 
 def engine_floor(
-    shape: ModelShape, requests: Iterable[Request], ceilings: Ceilings, engine_args: Mapping
+    shape: ModelShape,
+    requests: Iterable[Request],
+    ceilings: Ceilings,
+    engine_args: Mapping,
+    adapters: int = 0,
+    lora_rank: int = 16,
 ) -> Floor:
-    """``workload_floor`` under the batch limits and KV dtype of an engine's arguments."""
+    """``workload_floor`` under the batch limits and KV dtype of an engine's arguments, the requests spread
+    over ``adapters`` LoRA adapters of ``lora_rank`` on every projection where given."""
     return workload_floor(
         shape,
         requests,
@@ -180,6 +206,8 @@ def engine_floor(
         kv_bytes=kv_bytes_per_element(engine_args),
         max_batch=engine_args.get("max_num_seqs", 256),
         max_batched_tokens=engine_args.get("max_num_batched_tokens", 8192),
+        adapters=adapters,
+        adapter_params=shape.lora_params(lora_rank) if adapters else 0,
     )
 
 
