@@ -12,11 +12,10 @@ from pagetron.client.request import GenerateRequest
 PROBE_PROMPT = "Hello"
 
 
-def probe_request(request_id: str = "") -> GenerateRequest:
-    """One greedy token of PROBE_PROMPT, the whole answer at once."""
-    return GenerateRequest(
-        PROBE_PROMPT, {"max_tokens": 1, "temperature": 0.0}, stream=False, request_id=request_id
-    )
+def probe_request(request_id: str = "", lora_name: str | None = None) -> GenerateRequest:
+    """One greedy token of PROBE_PROMPT, the whole answer at once (under LoRA adapter ``lora_name``)."""
+    sampling = {"max_tokens": 1, "temperature": 0.0, **({"lora_name": lora_name} if lora_name else {})}
+    return GenerateRequest(PROBE_PROMPT, sampling, stream=False, request_id=request_id)
 
 
 async def _probe(url: str, model: str, timeout: float) -> str:

@@ -60,3 +60,15 @@ def test_a_frontend_that_dies_at_once_is_restarted_ever_more_slowly(capsys):
     assert starts == 4  # the first start and three restarts, after 0.2, 0.4 and 0.8 s
     assert [d for _, d in delays][:3] == [0.2, 0.4, 0.8]
     assert "restarting in 0.2 s" in capsys.readouterr().err
+
+
+def test_serve_openai_names_the_engines_adapters_and_resolves_others_with_a_lora_dir():
+    from pagetron.backend.serving.supervisor import ServeSettings, openai_frontend
+
+    engine = {"enable_lora": True, "lora_modules": {"sql": "/a/sql", "chat": "/a/chat"}}
+    url = "127.0.0.1:8001"
+    named = openai_frontend(ServeSettings(engine, openai_port=9000), url)
+    assert named.command[-2:] == ["--lora-modules", "sql,chat"]
+    resolving = openai_frontend(ServeSettings({**engine, "lora_dir": "/a"}, openai_port=9000), url)
+    assert resolving.command[-3:] == ["--lora-modules", "sql,chat", "--resolve-adapters"]
+    assert openai_frontend(ServeSettings(engine), url) is None  # no --openai

@@ -39,6 +39,12 @@ def add_openai_arguments(parser: argparse.ArgumentParser) -> None:
         "are the server's business and ignored here)",
     )
     parser.add_argument(
+        "--resolve-adapters",
+        action="store_true",
+        help="try any other model name as a LoRA adapter of the llm model, which the server finds by name "
+        "in its lora_dir (loaded on first use, then listed under /v1/models)",
+    )
+    parser.add_argument(
         "--max-request-bytes",
         type=_positive_int,
         default=None,
@@ -98,7 +104,7 @@ def run_openai(ns: argparse.Namespace) -> int:
     settings = FrontendSettings(
         triton_url=ns.triton_url,
         api_key=api_key,
-        models=ServedModels(ns.llm_model, ns.embed_model, ns.lora_modules),
+        models=ServedModels(ns.llm_model, ns.embed_model, ns.lora_modules, ns.resolve_adapters),
         max_request_bytes=max_bytes,
         max_request_bytes_in_flight=in_flight,
     )

@@ -79,8 +79,11 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         wanted = names.llm if kind == "llm" else names.embed
         if model in names.adapters:  # a LoRA adapter of the llm model: served when that model is
             model = names.llm
+        elif kind == "llm" and names.resolve_adapters and model not in (names.llm, names.embed):
+            if await _resolves(gateway(request), model):
+                model = names.llm
         if model not in (names.llm, names.embed):
-            raise unknown_model(model, await _ready(gateway(request)))
+            raise unknown_model(model, list(await cards(request)))
         if model != wanted:
             other = "/v1/embeddings" if kind == "llm" else "/v1/completions or /v1/chat/completions"
             raise OpenAIError(400, f"model {model!r} is not served by this endpoint; use {other}", "model")
@@ -108,7 +111,8 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         ready = await _ready(gateway(request), cached=False)
         cards = {m: _model_card(m) for m in ready}
         if settings.models.llm in ready:
-            cards.update({a: _model_card(a, parent=settings.models.llm) for a in settings.models.adapters})
+            adapters = gateway(request).adapters()
+            cards.update({a: _model_card(a, parent=settings.models.llm) for a in adapters})
         return cards
 
     @v1.get("/models")
@@ -159,6 +163,15 @@ async def _ready(gateway: TritonGateway, cached: bool = True) -> list[str]:
         return await gateway.ready_models(cached=cached)
     except TritonRequestError as e:
         raise OpenAIError(503, f"the Triton server is unreachable: {e}", code="triton_unavailable") from None
+
+
+async def _resolves(gateway: TritonGateway, model: str) -> bool:
+    """Whether the server knows an adapter called ``model``; an adapter that does not load is the
+    request's error (400, naming ``model``)."""
+    try:
+        return await gateway.resolve_adapter(model)
+    except TritonRequestError as e:
+        raise from_triton(e, {"lora_name": "model", "lora_request": "model"}) from None
 
 
 def _model_card(model: str, parent: str | None = None) -> dict[str, Any]:

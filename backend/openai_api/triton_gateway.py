@@ -14,12 +14,14 @@ import numpy as np
 from pagetron.backend.openai_api.streams import gather_or_cancel
 from pagetron.client.errors import TritonRequestError
 from pagetron.client.grpc_aio_client import AsyncTritonLLMClient
+from pagetron.client.probe import probe_request
 from pagetron.client.request import GenerateRequest
 from pagetron.client.response import GenerationChunk, GenerationResult
 
 EMBED_BATCH = 64  # texts per Triton request: the embed model's max_batch_size
 _INPUT_INDEX = re.compile(r"^input (\d+)(.*)$", re.DOTALL)  # the embed model's "input 3 has 300 tokens..."
 READY_CACHE_S = 1.0  # model readiness is asked again at most this often
+UNKNOWN_ADAPTER = "lora_name: unknown LoRA adapter"  # the server's answer to a name it does not know
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class ServedModels:
     llm: str = "llm"
     embed: str = "embed"
     adapters: tuple[str, ...] = ()  # LoRA adapters of the llm model, each also an OpenAI model name
+    # any other name is tried as an adapter of the llm model, which the server may find in its lora_dir
+    resolve_adapters: bool = False
 
 
 class TritonGateway:
@@ -34,6 +38,7 @@ class TritonGateway:
         self.url, self.models = url, models
         self.llm = AsyncTritonLLMClient(url, models.llm)
         self._ready: tuple[float, list[str]] | None = None
+        self.resolved: dict[str, None] = {}  # adapters the server found by name (resolve_adapters), in order
 
     async def close(self) -> None:
         await self.llm.close()
@@ -55,7 +60,28 @@ class TritonGateway:
 
     def lora_name(self, model: str) -> str | None:
         """The adapter a request for OpenAI model ``model`` runs with (None: the base model)."""
-        return model if model in self.models.adapters else None
+        return model if model in self.models.adapters or model in self.resolved else None
+
+    def adapters(self) -> list[str]:
+        """The llm model's adapters that are OpenAI models: those named at start, then those resolved."""
+        return [*self.models.adapters, *(a for a in self.resolved if a not in self.models.adapters)]
+
+    async def resolve_adapter(self, name: str) -> bool:
+        """Whether the server knows an adapter called ``name`` (resolve_adapters): a one-token probe under
+        it, which loads it as a first request would (vLLM's resolvers load on first use too). The server
+        alone decides what a name may be and where it is found; a name it does not know is not
+        remembered, so an adapter added later is found by the next request for it. Errors other than an
+        unknown adapter (one that does not load, an unreachable server) raise TritonRequestError."""
+        if name in self.resolved:
+            return True
+        try:
+            await self.llm.complete(probe_request(lora_name=name))
+        except TritonRequestError as e:
+            if e.code == "INVALID_ARG" and e.message.startswith(UNKNOWN_ADAPTER):
+                return False
+            raise
+        self.resolved[name] = None
+        return True
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         return self.llm.generate(request)

@@ -138,12 +138,14 @@ def frontend_command(
     host: str = "127.0.0.1",
     max_request_bytes: int | None = None,
     adapters: list[str] | None = None,
+    resolve_adapters: bool = False,
 ) -> list[str]:
     """How `pagetron serve --openai`, the benchmark and the tests start the frontend (the API key, if
     any, goes through OPENAI_API_KEY_ENV, never the command line; ``max_request_bytes`` None: the
-    frontend's default body limit)."""
+    frontend's default body limit; ``resolve_adapters``: the server has a lora_dir)."""
     limit = [] if max_request_bytes is None else ["--max-request-bytes", str(max_request_bytes)]
     loras = ["--lora-modules", ",".join(adapters)] if adapters else []
+    loras += ["--resolve-adapters"] if resolve_adapters else []
     return [sys.executable, "-m", "pagetron.backend.cli", "openai", "--triton-url", triton_url,
             "--host", host, "--port", str(port), *limit, *loras]  # fmt: skip
 
@@ -173,6 +175,20 @@ def stop_frontend(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
         process.wait()
 
 
+def openai_frontend(
+    settings: ServeSettings, grpc_url: str, guard: ProcessGroupGuard | None = None
+) -> OpenAIFrontend | None:
+    """The frontend `pagetron serve --openai` runs: the engine's named adapters are models, and with a
+    lora_dir any other name is tried as one (--resolve-adapters)."""
+    if settings.openai_port is None:
+        return None
+    return OpenAIFrontend(
+        grpc_url, settings.openai_port, settings.host, settings.api_key, guard,
+        adapters=list(settings.engine_args.get("lora_modules") or {}),
+        resolve_adapters=bool(settings.engine_args.get("lora_dir")),
+    )  # fmt: skip
+
+
 class OpenAIFrontend:
     """`pagetron openai` beside the server, as a child process, restarted if it dies. The API key goes
     through the environment, not the command line (which any local user can read)."""
@@ -186,8 +202,11 @@ class OpenAIFrontend:
         guard: ProcessGroupGuard | None = None,
         first_retry_s: float = 1.0,
         adapters: list[str] | None = None,
+        resolve_adapters: bool = False,
     ) -> None:
-        self.command = frontend_command(triton_url, port, host, adapters=adapters)
+        self.command = frontend_command(
+            triton_url, port, host, adapters=adapters, resolve_adapters=resolve_adapters
+        )
         self.env = dict(os.environ)
         if api_key:
             self.env[OPENAI_API_KEY_ENV] = api_key
@@ -328,12 +347,7 @@ def serve(settings: ServeSettings, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     guard = ProcessGroupGuard(str(repository))
-    frontend = None
-    if settings.openai_port is not None:
-        adapters = list(settings.engine_args.get("lora_modules") or {})
-        frontend = OpenAIFrontend(
-            server.grpc_url, settings.openai_port, settings.host, settings.api_key, guard, adapters=adapters
-        )
+    frontend = openai_frontend(settings, server.grpc_url, guard)
     reload_after_fault = settings.reload_after_fault and settings.model_control_mode == "explicit"
     try:
         return Supervisor(server, guard, stop, frontend, http_guard, reload_after_fault).run(

@@ -137,3 +137,43 @@ def test_through_the_openai_frontend_an_adapter_is_a_model(lora_model, offline, 
             client.completions.create(model="late-source", prompt=PROMPT, max_tokens=2)
     finally:
         frontend.stop()
+
+
+def test_with_resolve_adapters_a_name_in_lora_dir_becomes_a_model(lora_model, adapters, offline, tmp_path):
+    """`pagetron openai --resolve-adapters` (what `pagetron serve --openai` passes when the engine has a
+    lora_dir): a model name that is not served is tried as an adapter, which the server finds by name in
+    its lora_dir. Before the folder is there it is 404 and not listed; after, it answers with that
+    adapter's tokens and /v1/models lists it under the llm model. A folder that does not load is a 400
+    naming the model; a path is no name."""
+    server, lora_dir = lora_model
+    extra = ["--llm-model", MODEL, "--lora-modules", "sql", "--resolve-adapters"]
+    frontend = start_frontend(server.grpc_url, tmp_path / "frontend.log", api_key=None, extra=extra)
+    try:
+        client = frontend.client()
+        with pytest.raises(openai.NotFoundError, match="'dropped' does not exist"):
+            client.completions.create(model="dropped", prompt=PROMPT, max_tokens=2)
+        assert "dropped" not in {m.id for m in client.models.list().data}
+        (lora_dir / "dropped").symlink_to(adapters["late"], target_is_directory=True)
+        completion = client.completions.create(
+            model="dropped", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, extra_body=IGNORE_EOS
+        )
+        assert completion.choices[0].text == offline["late"][1] and completion.model == "dropped"
+        stream = client.completions.create(model="dropped", prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True, extra_body=IGNORE_EOS)  # fmt: skip
+        assert "".join(chunk.choices[0].text for chunk in stream) == offline["late"][1]
+        cards = {m.id: m for m in client.models.list().data}
+        assert [m for m in cards if m in ("sql", "dropped")] == ["sql", "dropped"]
+        assert cards["dropped"].model_extra["parent"] == MODEL
+        assert client.models.retrieve("dropped").id == "dropped"
+
+        (lora_dir / "broken").mkdir()
+        (lora_dir / "broken" / "adapter_config.json").write_text('{"r": 4, "target_modules": ["q_proj"]}')
+        with pytest.raises(openai.BadRequestError, match="adapter_model.safetensors not found") as refused:
+            client.completions.create(model="broken", prompt=PROMPT, max_tokens=2)
+        assert refused.value.body["param"] == "model"
+        for name in ("../sql", "chat/../sql"):
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+        assert "broken" not in {m.id for m in client.models.list().data}
+    finally:
+        frontend.stop()
