@@ -233,7 +233,9 @@ def _device_ceilings():
         return None
     from pagetron.backend.benchmarks.roofline import measure_ceilings
 
-    return measure_ceilings("cuda")
+    ceilings = measure_ceilings("cuda")
+    _empty_device_cache()  # the copy's 4 GB go back before the first engine sizes its memory
+    return ceilings
 
 
 def _empty_device_cache() -> None:
