@@ -170,12 +170,22 @@ def _shrink_block_k(block_m: int, block_r: int, itemsize: int) -> int:
     return block_k
 
 
+SHRINK_TILES = 8  # K tiles a shrink program walks at most (below)
+
+
 def lora_shrink(
-    x: torch.Tensor, a: torch.Tensor, rows: LoRARows, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    a: torch.Tensor,
+    rows: LoRARows,
+    out: torch.Tensor | None = None,
+    block_k: int | None = None,
+    tiles: int = SHRINK_TILES,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """x [T, K] (last dim contiguous), a [S, P * R, K] contiguous -> fp32 [T, P * R] (zeros on rows
     without an adapter), written into ``out`` where given: fp32 [T, P * R], zeroed, last dim contiguous
-    (a layer's columns of a workspace that the step zeroed once for all its layers)."""
+    (a layer's columns of a workspace that the step zeroed once for all its layers). ``block_k``,
+    ``tiles`` and ``num_warps`` are launch choices (lora_kernel_sweep.py times them)."""
     num_rows, k = x.shape
     rp = a.shape[1]
     if out is None:
@@ -184,39 +194,46 @@ def lora_shrink(
     if num_rows == 0:
         return out
     block_r = _block_r(rp)
-    block_k = _shrink_block_k(rows.block_m, block_r, x.element_size())
+    block_k = block_k or _shrink_block_k(rows.block_m, block_r, x.element_size())
     # NOTE: the product is memory- and latency-bound, and a program walks its K range serially: split K so
-    # that each program loads at most about 8 tiles (partial sums added atomically), however many rows.
-    # Unsplit, a decode step's down projection (K = 14,336) was 224 dependent loads per program.
-    split_k = max(1, min(32, triton.cdiv(k, 8 * block_k)))
+    # that each program loads at most about ``tiles`` tiles (partial sums added atomically), however many
+    # rows. Unsplit, a decode step's down projection (K = 14,336) was 224 dependent loads per program.
+    split_k = max(1, min(64, triton.cdiv(k, tiles * block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     grid = (rows.block_slot.shape[0], triton.cdiv(k, k_per_split))
     _shrink_kernel[grid](
         x, a, out, rows.block_slot, rows.block_rows,
         x.stride(0), a.stride(0), a.stride(1), out.stride(0), k, rp, k_per_split,
         BLOCK_M=rows.block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=grid[1],
-        IEEE=x.dtype == torch.float32,
+        IEEE=x.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     return out
 
 
 def lora_expand(
-    t: torch.Tensor, b: torch.Tensor, rows: LoRARows, y: torch.Tensor, part_starts: list[int]
+    t: torch.Tensor,
+    b: torch.Tensor,
+    rows: LoRARows,
+    y: torch.Tensor,
+    part_starts: list[int],
+    block_n: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """y [T, N] += the expansion of t [T, P * R] (fp32) through b [S, N, R], part p reading t's p-th
-    rank block for the output columns from part_starts[p] on (at most 3 parts). In place; returns y."""
+    rank block for the output columns from part_starts[p] on (at most 3 parts). In place; returns y.
+    ``block_n`` and ``num_warps`` are launch choices (lora_kernel_sweep.py times them)."""
     assert 1 <= len(part_starts) <= 3 and part_starts[0] == 0
     num_rows, n = y.shape
     rank = b.shape[2]
     if num_rows == 0:
         return y
     starts = [*part_starts[1:], n, n][:2]
-    block_n = 64 if rows.block_m == BLOCK_M else LARGE_BLOCK_N
+    block_n = block_n or (64 if rows.block_m == BLOCK_M else LARGE_BLOCK_N)
     grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
         t, b, y, rows.block_slot, rows.block_rows,
         t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
         BLOCK_M=rows.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank), PARTS=len(part_starts),
-        IEEE=b.dtype == torch.float32,
+        IEEE=b.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     return y

@@ -29,8 +29,9 @@ ADAPTERS = {  # name: (rank, alpha, targets, rsLoRA)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
+    # head_dim 64: the smallest the Triton attention kernels take, so the CUDA tests run this model too
     return make_hf_model(
-        tmp_path_factory.mktemp("lora-base"), "llama", num_kv_heads=2, tie_word_embeddings=False
+        tmp_path_factory.mktemp("lora-base"), "llama", num_kv_heads=2, tie_word_embeddings=False, head_dim=64
     )
 
 
