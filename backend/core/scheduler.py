@@ -51,7 +51,9 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.reserve_kv_for_growth = reserve_kv_for_growth
         self.max_loras = max_loras  # distinct LoRA adapters the running sequences may use (device slots)
-        self.bitmask_width = -(-vocab_size // 32)  # int32 words of a grammar's token bitmask row
+        # int32 words of a grammar's token bitmask row: vocab_size is the ids a grammar covers (the engine's
+        # grammar_vocab_size; the model's padded ids past them are forbidden where masks are applied)
+        self.bitmask_width = -(-vocab_size // 32)
         self.fill_bitmasks = fill_bitmasks  # (grammar states, bitmask) -> one row per state
         self.mask_stats = MaskStats()
         self.waiting: deque[Sequence] = deque()

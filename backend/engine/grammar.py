@@ -238,6 +238,21 @@ class GrammarService:
             self._queued.clear()
 
 
+# NOTE: a model's vocabulary is often padded past its tokenizer's (the 8B benchmark shape: 128,256 rows for
+# SmolLM2's 49,152 tokens; Qwen2 pads 151,665 tokens to 151,936). xgrammar 0.2.8 treats every padding id as
+# a special token and pays for it in every fill: inside a JSON string a row took 100-125 us with the
+# padding and 5 us without. Grammars are therefore filled over the tokenizer's ids only; the bitmask is
+# that much narrower, and the tokens past it are forbidden where the mask is applied (token_bitmask.py),
+# which is what the padding would have got.
+def grammar_vocab_size(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> int:
+    """The token ids a grammar's bitmask covers: up to the tokenizer's highest id (and the stop tokens'),
+    at most the model's ``vocab_size``; all of them without a tokenizer."""
+    if tokenizer is None:
+        return vocab_size
+    highest = max([*tokenizer.get_vocab().values(), *stop_token_ids], default=vocab_size - 1)
+    return min(vocab_size, highest + 1)
+
+
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
     """The vocabulary as xgrammar sees it. Special tokens are blanked, which makes them never allowed
     (a chat model's <|im_start|> is text inside a JSON string otherwise); the stop tokens end a grammar."""

@@ -25,7 +25,12 @@ from pagetron.backend.core.scheduler import Scheduler
 from pagetron.backend.core.sequence import Sequence
 from pagetron.backend.core.step import SchedulerOutput
 from pagetron.backend.engine.chat_template import encode_chat
-from pagetron.backend.engine.grammar import GrammarService, SequenceGrammar, fill_bitmasks
+from pagetron.backend.engine.grammar import (
+    GrammarService,
+    SequenceGrammar,
+    fill_bitmasks,
+    grammar_vocab_size,
+)
 from pagetron.backend.engine.lora_registry import LoRARegistry
 from pagetron.backend.engine.output_processor import OutputKind, OutputProcessor
 from pagetron.backend.engine.outputs import RequestOutput
@@ -58,6 +63,8 @@ class LLMEngine:
         self.model_config = spec.model_config
         self.max_model_len = spec.max_model_len
         self.eos_token_ids = set(spec.eos_token_ids)
+        vocab = self.model_config.vocab_size
+        self.grammar_vocab_size = grammar_vocab_size(self.tokenizer, vocab, sorted(self.eos_token_ids))
         self.executor = (executor_factory or default_executor)(spec)
         self.block_manager = BlockManager(
             self.executor.num_kv_blocks, config.block_size, config.enable_prefix_caching
@@ -71,7 +78,7 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             reserve_kv_for_growth=config.reserve_kv_for_growth,
             max_loras=config.max_loras if config.enable_lora else 0,
-            vocab_size=self.model_config.vocab_size,
+            vocab_size=self.grammar_vocab_size,
             fill_bitmasks=fill_bitmasks,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -221,7 +228,7 @@ class LLMEngine:
                     )
                 self._grammar_service = GrammarService(
                     self.tokenizer,
-                    self.model_config.vocab_size,
+                    self.grammar_vocab_size,
                     sorted(self.eos_token_ids),
                     self.config.grammar_compile_timeout_s,
                 )

@@ -4,7 +4,8 @@
 # `client` of an older commit (default .base_e13: `git archive e13b888 backend kernels client | tar -x -C
 # .base_e13`); carry it with .whl (xgrammar and jsonschema wheels, smollm2-tokenizer/). The kernel tests of
 # this tree run compiled first. Results and logs in $OUT; a short table last.
-# Usage: [SIDES=head] [LEVELS=64] bash perf_analyzer_configs/h200/ab_structured_lora.sh [parts: kernels,structured,lora]
+# Usage: [SIDES=head] [LEVELS=64] bash perf_analyzer_configs/h200/ab_structured_lora.sh [parts: kernels,structured,lora,sweep]
+# (sweep: this tree's LoRA kernel launch sweep, lora_kernel_sweep.py, after the other parts)
 # (SIDES=head: this tree alone, the ratios being within one run; LEVELS: the structured concurrencies)
 source perf_analyzer_configs/h200/env.sh
 PARTS=${1:-kernels,structured,lora}
@@ -48,5 +49,8 @@ for side in $SIDES; do
   fi
 done
 use .
+if [[ $PARTS == *sweep* ]]; then
+  run sweep-lora python3 -m pagetron.backend.benchmarks.lora_kernel_sweep --json "$OUT/lora-sweep.json"
+fi
 for f in "$OUT"/*.log; do echo "== $f"; tail -n 8 "$f"; done
 printf '%s\n' "${summary[@]}"

@@ -70,6 +70,24 @@ def test_some_rows_with_wider_words_match_xgrammar():
     assert torch.equal(out.cpu()[[1, 2, 4]], logits[[1, 2, 4]])  # unconstrained rows untouched
 
 
+def test_words_short_of_the_vocabulary_forbid_the_tokens_past_them():
+    """A grammar over a tokenizer of 4,096 + 37 tokens on a model padded to 4,096 + 200: 130 words; the
+    63 tokens past them are -inf on every constrained row, the unconstrained row is untouched."""
+    logits, words = random_case(2, 4096 + 37, seed=4)
+    logits = torch.randn(3, 4096 + 200, generator=torch.Generator().manual_seed(5))
+    assert words.shape[1] == 130
+    reference = logits.clone()
+    apply_token_bitmask_ref(reference, words, torch.tensor([2, 0]))
+    assert torch.isinf(reference[[0, 2], 130 * 32 :]).all() and torch.equal(reference[1], logits[1])
+    padded = torch.cat([words, torch.zeros(2, 7, dtype=torch.int32)], dim=1)  # the same as zero words
+    wide = logits.clone()
+    apply_token_bitmask_ref(wide, padded, torch.tensor([2, 0]))
+    assert torch.equal(reference, wide)
+    out = logits.to(DEVICE)
+    apply_token_bitmask(out, words.to(DEVICE), torch.tensor([2, 0], dtype=torch.int32, device=DEVICE))
+    assert torch.equal(out.cpu(), reference)
+
+
 @needs_cuda
 def test_cuda_llama3_vocab_64_rows():
     import triton.testing
