@@ -22,8 +22,8 @@ from triton.testing import do_bench_cudagraph
 from pagetron.backend.benchmarks.gpu_workloads import SHAPES
 from pagetron.kernels import lora
 
-SHRINK = {"block_k": (64, 128, 256), "tiles": (1, 2, 4, 8), "num_warps": (4, 8)}
-EXPAND = {"block_n": (32, 64, 128, 256), "num_warps": (2, 4, 8)}
+SHRINK = {"block_k": (64, 128), "tiles": (1, 2, 4, 8), "num_warps": (4,)}
+EXPAND = {"block_n": (32, 64, 128, 256), "num_warps": (4, 8)}
 
 
 def projections(config: dict, rank: int) -> dict[str, tuple[int, list[int], int]]:
