@@ -292,20 +292,21 @@ def _check_schema(schema: Any) -> None:
         raise InvalidRequestError("structured_outputs.json", str(e)) from None
 
 
-# NOTE: xgrammar 0.2.8 unrolls a string's maxLength of 16 or less into nested rules whose token masks
-# are mostly decided at fill time: a bitmask row inside such a string costs 2-6 ms to fill against
-# 0.1 ms elsewhere (SmolLM2's vocabulary; the benchmark's order schema spends most of its fill time in
-# its 12-character sku). The same length as a pattern over the characters xgrammar's maxLength allows
-# compiles to one regular expression and fills in microseconds. Both allow exactly the same strings but
-# one difference: xgrammar's maxLength also allows raw control characters, which are not valid JSON, so
-# the pattern is the stricter and the correct one. Escapes are allowed by neither (as before). Longer
-# bounds stay as they are (fast already; a pattern of {0,200} fails xgrammar's compile).
-SHORT_STRING_MAX = 16
+# NOTE: xgrammar 0.2.8 unrolls a string's maxLength into nested rules whose token masks are mostly
+# decided at fill time, the more so the fewer characters remain: a bitmask row inside a 12-character
+# string costs 2-6 ms to fill, and near the end of a 40- or 60-character one up to 5 ms (0.6-0.8 ms on
+# average over the string), against 5-100 us elsewhere (SmolLM2's vocabulary). The same length as a
+# pattern over the characters xgrammar's maxLength allows compiles to one regular expression and fills
+# in 60-140 us anywhere in it. Both allow exactly the same strings but one difference: xgrammar's
+# maxLength also allows raw control characters, which are not valid JSON, so the pattern is the stricter
+# and the correct one. Escapes are allowed by neither. xgrammar refuses a repetition bound above 128, so
+# longer strings keep maxLength (splitting the bound, {0,100}{0,100}, fills slower than maxLength).
+SHORT_STRING_MAX = 128
 STRING_CHARACTER = r'[^"\\\x00-\x1f]'
 
 
 def short_strings_as_patterns(schema: Any) -> Any:
-    """``schema`` with every ``{"type": "string", "maxLength": n <= 16}`` (minLength too, without a
+    """``schema`` with every ``{"type": "string", "maxLength": n <= 128}`` (minLength too, without a
     pattern, format, enum or const) written as the equal pattern; the input is not changed."""
     schema = copy.deepcopy(schema)
     for node, _ in subschemas(schema):
