@@ -513,3 +513,28 @@ def test_a_model_padded_past_its_tokenizer_fills_masks_over_the_tokenizers_ids(t
     params = SamplingParams(temperature=0, max_tokens=8, logit_bias=bias, structured_outputs=regex)
     [out] = llm.generate("Hi", params, use_tqdm=False)
     assert re.fullmatch(r"[ab]{3}", out.outputs[0].text) and padding not in out.outputs[0].token_ids
+
+
+def test_filling_masks_on_a_thread_shortens_the_gil_switch_interval(tiny_with_tokenizer):
+    """The fill thread takes the GIL back within half a millisecond of a busy engine thread, not 5 ms: the
+    first step that fills on a thread shortens the process's switch interval (never lengthens it)."""
+    import sys
+
+    from pagetron.backend.engine.llm_engine import GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        llm = LLM(tiny_with_tokenizer, num_kv_blocks=64, async_scheduling=True)
+        params = SamplingParams(max_tokens=4, temperature=0, structured_outputs={"regex": "(x|yy)+"})
+        llm.generate(["a"], params, use_tqdm=False)
+        assert sys.getswitchinterval() == 0.005  # fills where read: nothing changed
+        llm.engine.fill_masks_on_thread = True
+        llm.generate(["a"], params, use_tqdm=False)
+        assert llm.engine.scheduler.mask_stats.on_thread > 0
+        assert sys.getswitchinterval() == GIL_SWITCH_INTERVAL_S
+        sys.setswitchinterval(0.0001)
+        llm.generate(["b"], params, use_tqdm=False)
+        assert sys.getswitchinterval() == pytest.approx(0.0001)  # a shorter one stays
+    finally:
+        sys.setswitchinterval(before)

@@ -8,6 +8,7 @@ import gc
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,18 @@ COMPILE_POLL_S = 0.05
 # (see _step_ahead), which only pays where cores are free for it and xgrammar's fill threads (up to 8):
 # on 2 cores the fill slowed by more than it overlapped (an emulated device, 64 JSON-schema rows).
 FILL_THREAD_MIN_CPUS = 8
+# NOTE: a thread that released the GIL (a mask fill in xgrammar, a Triton response send) must take it back
+# to return, and while another thread runs Python that takes one switch interval: 5 ms by default, which
+# made a 1 ms fill take 6 ms as its thread saw it (this machine, a busy engine thread) and, on an H100
+# host, left the engine thread waiting for most of each step's 3.6 ms "fill". A process whose engine
+# fills masks on a thread (and the serving process, for its sends) shortens the interval for everyone.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def shorten_gil_switch_interval() -> None:
+    """Sets the process's GIL switch interval to GIL_SWITCH_INTERVAL_S unless it is already shorter."""
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 class LLMEngine:
@@ -350,6 +363,7 @@ class LLMEngine:
         updates = self.scheduler.update(previous[0], self._guarded(previous[1].result))
         # the grammars have seen the previous step's tokens now
         if scheduled.grammar is not None and self.fill_masks_on_thread:
+            shorten_gil_switch_interval()
             scheduled.grammar.start_fill()
         else:
             self._guarded(launched.sample)

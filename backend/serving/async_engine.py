@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,7 +15,7 @@ from typing import Protocol
 
 from pagetron.backend.core.errors import AT_CAPACITY, AtCapacityError, InvalidRequestError
 from pagetron.backend.core.sampling_params import SamplingParamsError
-from pagetron.backend.engine.llm_engine import LLMEngine
+from pagetron.backend.engine.llm_engine import LLMEngine, shorten_gil_switch_interval
 from pagetron.backend.engine.output_processor import OutputKind
 from pagetron.backend.engine.outputs import RequestOutput
 from pagetron.backend.serving.constants import DRAIN_DONE_SUFFIX, ErrorCode
@@ -34,8 +33,8 @@ CANCEL_SWEEP_INTERVAL_S = 0.1
 # NOTE: a Triton response send releases the GIL while it waits on the server (~0.1 ms) and must take it
 # back afterwards; while the engine thread runs Python (scheduling, input building) that takes one
 # switch interval, 5 ms by default, so at hundreds of streams the output thread fell seconds behind.
-# The serving process belongs to the engine, so it shortens the interval for everyone in it.
-GIL_SWITCH_INTERVAL_S = 0.0005
+# The serving process belongs to the engine, so it shortens the interval for everyone in it
+# (llm_engine.shorten_gil_switch_interval).
 
 
 class ResponseSink(Protocol):
@@ -138,7 +137,7 @@ class AsyncEngine:
 
     # ---- called from any thread ---------------------------------------------------------------------
     def start(self) -> None:
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        shorten_gil_switch_interval()
         for t in self._threads:
             t.start()
 
