@@ -28,12 +28,18 @@ import triton
 import triton.language as tl
 
 BLOCK_M = 16  # rows of one slot per program (tl.dot's smallest M) ...
-# ... and in steps of more rows than this (prefill chunks), 64 rows and 128 expand columns a program: the
-# expand of such a step is bound by reading and writing its output, which 16 x 64 tiles (hundreds of
-# thousands of programs for a gate_up projection of 8,192 rows) move at a fraction of the bandwidth.
-# Decode steps (CUDA graphs) stay at 16 rows, where each slot has a few rows.
+# ... and in steps of more rows than this (prefill chunks), 64: the expand of such a step is bound by
+# reading and writing its output, which 16-row tiles (hundreds of thousands of programs for a gate_up
+# projection of 8,192 rows) move at a fraction of the bandwidth. Decode steps (CUDA graphs) stay at 16
+# rows, where each slot has a few rows.
 LARGE_STEP_ROWS = 1024
-LARGE_BLOCK_M, LARGE_BLOCK_N = 64, 128
+LARGE_BLOCK_M = 64
+# NOTE: launch shapes from lora_kernel_sweep.py in CUDA graphs on an H100 (8B shape, rank 16; raw JSON
+# 2026-12-07-h100-lora-kernel-sweep-3ecf5c1.json). Expand tiles of 128 columns beat 64 at 128 decode rows
+# over 32 slots (gate_up 15.8 -> 13.3 us, qkv 5.1 -> 4.2, o and down 3.8 -> 3.3) and tie elsewhere; a
+# shrink program walking at most 4 K tiles instead of 8 is as fast or faster in every case (1 row: 5.3 ->
+# 4.5 us for qkv).
+EXPAND_BLOCK_N = 128
 
 
 @dataclass
@@ -170,7 +176,7 @@ def _shrink_block_k(block_m: int, block_r: int, itemsize: int) -> int:
     return block_k
 
 
-SHRINK_TILES = 8  # K tiles a shrink program walks at most (below)
+SHRINK_TILES = 4  # K tiles a shrink program walks at most (below)
 
 
 def lora_shrink(
@@ -228,7 +234,7 @@ def lora_expand(
     if num_rows == 0:
         return y
     starts = [*part_starts[1:], n, n][:2]
-    block_n = block_n or (64 if rows.block_m == BLOCK_M else LARGE_BLOCK_N)
+    block_n = block_n or EXPAND_BLOCK_N
     grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
         t, b, y, rows.block_slot, rows.block_rows,
