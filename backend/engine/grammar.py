@@ -243,14 +243,16 @@ class GrammarService:
 # a special token and pays for it in every fill: inside a JSON string a row took 100-125 us with the
 # padding and 5 us without. Grammars are therefore filled over the tokenizer's ids only; the bitmask is
 # that much narrower, and the tokens past it are forbidden where the mask is applied (token_bitmask.py),
-# which is what the padding would have got.
+# which is what the padding would have got. The width is rounded up to whole 32-id words: xgrammar sets
+# every bit of a row's last word where it allows nearly everything (inside a string), so padding ids in
+# that word must be in xgrammar's vocabulary (blank, so never allowed) to have their bits cleared.
 def grammar_vocab_size(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> int:
-    """The token ids a grammar's bitmask covers: up to the tokenizer's highest id (and the stop tokens'),
-    at most the model's ``vocab_size``; all of them without a tokenizer."""
+    """The token ids a grammar's bitmask covers: the tokenizer's (and the stop tokens') rounded up to a
+    multiple of 32, at most the model's ``vocab_size``; all of them without a tokenizer."""
     if tokenizer is None:
         return vocab_size
     highest = max([*tokenizer.get_vocab().values(), *stop_token_ids], default=vocab_size - 1)
-    return min(vocab_size, highest + 1)
+    return min(vocab_size, -(-(highest + 1) // 32) * 32)
 
 
 def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
