@@ -280,6 +280,17 @@ def test_short_strings_become_patterns_and_the_rest_stays():
         assert out["properties"][unchanged] == schema["properties"][unchanged]
 
 
+def test_only_the_eight_shortest_distinct_long_bounds_become_patterns():
+    """Each distinct bound is a regular expression to compile: past 16 characters a schema gets 8 of them
+    (the shortest), equal bounds sharing one; up to 16 every string is rewritten."""
+    highs = [130, 120, 17, 90, 90, 60, 50, 40, 30, 20, 100, 110, 16, 3]
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": h}
+                                               for i, h in enumerate(highs)}}  # fmt: skip
+    out = short_strings_as_patterns(schema)["properties"]
+    as_patterns = sorted(highs[i] for i in range(len(highs)) if "pattern" in out[f"p{i}"])
+    assert as_patterns == [3, 16, 17, 20, 30, 40, 50, 60, 90, 90, 100]  # not 110, 120; 130 is past 128
+
+
 @pytest.mark.parametrize(("low", "high"), [(0, 1), (0, 4), (2, 4), (4, 4), (0, 40), (3, 60), (0, 128)])
 def test_a_short_string_pattern_allows_what_max_length_allows_less_control_characters(low, high):
     """Both spellings, compiled by xgrammar, over strings made of plain and multi-byte characters, quotes,
