@@ -40,6 +40,7 @@ LARGE_BLOCK_M = 64
 # shrink program walking at most 4 K tiles instead of 8 is as fast or faster in every case (1 row: 5.3 ->
 # 4.5 us for qkv).
 EXPAND_BLOCK_N = 128
+EXPAND_B_TILE_BYTES = 64 << 10  # B [rank, BLOCK_N] a program holds: fewer columns at high ranks (fp32)
 
 
 @dataclass
@@ -234,12 +235,16 @@ def lora_expand(
     if num_rows == 0:
         return y
     starts = [*part_starts[1:], n, n][:2]
-    block_n = block_n or EXPAND_BLOCK_N
+    block_r = _block_r(rank)
+    if block_n is None:
+        block_n = EXPAND_BLOCK_N
+        while block_n > 16 and block_r * block_n * b.element_size() > EXPAND_B_TILE_BYTES:
+            block_n //= 2
     grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
         t, b, y, rows.block_slot, rows.block_rows,
         t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
-        BLOCK_M=rows.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank), PARTS=len(part_starts),
+        BLOCK_M=rows.block_m, BLOCK_N=block_n, BLOCK_R=block_r, PARTS=len(part_starts),
         IEEE=b.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     return y

@@ -72,3 +72,35 @@ def test_serve_openai_names_the_engines_adapters_and_resolves_others_with_a_lora
     resolving = openai_frontend(ServeSettings({**engine, "lora_dir": "/a"}, openai_port=9000), url)
     assert resolving.command[-3:] == ["--lora-modules", "sql,chat", "--resolve-adapters"]
     assert openai_frontend(ServeSettings(engine), url) is None  # no --openai
+
+
+def test_concurrent_requests_for_a_new_adapter_name_share_one_probe():
+    """--resolve-adapters: five requests for one name at once send one probe; a server whose model has no
+    LoRA at all answers as for an unknown name (404 for the request, not 400)."""
+    import asyncio
+
+    from pagetron.backend.openai_api.triton_gateway import ServedModels, TritonGateway
+
+    class ProbedClient:
+        def __init__(self, error: TritonRequestError | None = None):
+            self.calls, self.error, self.release = [], error, asyncio.Event()
+
+        async def complete(self, request):
+            self.calls.append(request.sampling_params["lora_name"])
+            await self.release.wait()
+            if self.error is not None:
+                raise self.error
+
+    async def scenario(error: TritonRequestError | None) -> tuple[list[bool], list[str], list[str]]:
+        gateway = TritonGateway("127.0.0.1:1", ServedModels(resolve_adapters=True))
+        gateway.llm = client = ProbedClient(error)
+        waiters = [asyncio.ensure_future(gateway.resolve_adapter("late")) for _ in range(5)]
+        await asyncio.sleep(0)
+        client.release.set()
+        found = list(await asyncio.gather(*waiters))
+        return found, client.calls, gateway.adapters()
+
+    assert asyncio.run(scenario(None)) == ([True] * 5, ["late"], ["late"])
+    no_lora = TritonRequestError("lora_name: this model serves no LoRA adapters (enable_lora is off)",
+                                 "INVALID_ARG")  # fmt: skip
+    assert asyncio.run(scenario(no_lora)) == ([False] * 5, ["late"], [])

@@ -17,7 +17,7 @@ copy). Every GPU benchmark reports its result as a fraction of this floor beside
 
 With LoRA adapters (``adapters`` distinct ones of ``adapter_params`` each, the requests spread evenly over
 them): 2 x adapter_params more FLOPs a row; a decode step reads the A and B of every distinct adapter among
-its rows (min(adapters, rows of the step)); the prefill reads each adapter at least once.
+its rows (min(adapters, rows of the step)); the prefill reads each adapter a request uses at least once.
 
 NOTE: the floor leaves out what is small at these shapes (norms, rotary, activations, sampling) and
 everything an engine adds (kernel launches, host work). fraction = floor_s / measured seconds, so 1.0 is
@@ -153,7 +153,7 @@ def workload_floor(
     prefill_bytes = weights * prefill_steps + kv_token * (sum(r.prompt_len for r in requests) + prefill_rows)
     lora = adapter_params if adapters else 0
     prefill_flops += 2 * lora * prefill_rows
-    prefill_bytes += weight_bytes * lora * adapters
+    prefill_bytes += weight_bytes * lora * min(adapters, len(requests))  # each used adapter, once
 
     decode_rows = sum(max(r.output_len - 1, 0) for r in requests)
     # decode row t (1-based) of a request attends to its prompt and t output tokens

@@ -77,8 +77,8 @@ def create_app(settings: FrontendSettings) -> FastAPI:
         """404 unless ``model`` is the served model of this kind and Triton has it READY."""
         names = settings.models
         wanted = names.llm if kind == "llm" else names.embed
-        if model in names.adapters:  # a LoRA adapter of the llm model: served when that model is
-            model = names.llm
+        if model in names.adapters or model in gateway(request).resolved:  # an adapter of the llm model:
+            model = names.llm  # served when that model is
         elif kind == "llm" and names.resolve_adapters and model not in (names.llm, names.embed):
             if await _resolves(gateway(request), model):
                 model = names.llm

@@ -21,7 +21,8 @@ from pagetron.client.response import GenerationChunk, GenerationResult
 EMBED_BATCH = 64  # texts per Triton request: the embed model's max_batch_size
 _INPUT_INDEX = re.compile(r"^input (\d+)(.*)$", re.DOTALL)  # the embed model's "input 3 has 300 tokens..."
 READY_CACHE_S = 1.0  # model readiness is asked again at most this often
-UNKNOWN_ADAPTER = "lora_name: unknown LoRA adapter"  # the server's answer to a name it does not know
+# the server's answers to a name that is no adapter of it (unknown, or the model serves none)
+UNKNOWN_ADAPTER = ("lora_name: unknown LoRA adapter", "lora_name: this model serves no LoRA adapters")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TritonGateway:
         self.llm = AsyncTritonLLMClient(url, models.llm)
         self._ready: tuple[float, list[str]] | None = None
         self.resolved: dict[str, None] = {}  # adapters the server found by name (resolve_adapters), in order
+        self._resolving: dict[str, asyncio.Future] = {}  # name -> its probe, shared by concurrent requests
 
     async def close(self) -> None:
         await self.llm.close()
@@ -70,10 +72,18 @@ class TritonGateway:
         """Whether the server knows an adapter called ``name`` (resolve_adapters): a one-token probe under
         it, which loads it as a first request would (vLLM's resolvers load on first use too). The server
         alone decides what a name may be and where it is found; a name it does not know is not
-        remembered, so an adapter added later is found by the next request for it. Errors other than an
-        unknown adapter (one that does not load, an unreachable server) raise TritonRequestError."""
+        remembered, so an adapter added later is found by the next request for it. Concurrent requests
+        for one name share one probe. Errors other than an unknown adapter (one that does not load, an
+        unreachable server) raise TritonRequestError."""
         if name in self.resolved:
             return True
+        probe = self._resolving.get(name)
+        if probe is None:
+            probe = self._resolving[name] = asyncio.ensure_future(self._probe(name))
+            probe.add_done_callback(lambda done: self._probed(name, done))
+        return await asyncio.shield(probe)  # a request that goes away leaves the probe to the others
+
+    async def _probe(self, name: str) -> bool:
         try:
             await self.llm.complete(probe_request(lora_name=name))
         except TritonRequestError as e:
@@ -82,6 +92,11 @@ class TritonGateway:
             raise
         self.resolved[name] = None
         return True
+
+    def _probed(self, name: str, probe: asyncio.Future) -> None:
+        self._resolving.pop(name, None)
+        if not probe.cancelled():
+            probe.exception()  # retrieved, even where every waiter went away
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         return self.llm.generate(request)

@@ -165,6 +165,8 @@ def test_with_resolve_adapters_a_name_in_lora_dir_becomes_a_model(lora_model, ad
         assert [m for m in cards if m in ("sql", "dropped")] == ["sql", "dropped"]
         assert cards["dropped"].model_extra["parent"] == MODEL
         assert client.models.retrieve("dropped").id == "dropped"
+        with pytest.raises(openai.BadRequestError, match="not served by this endpoint"):  # as a named one
+            client.embeddings.create(model="dropped", input="hi")
 
         (lora_dir / "broken").mkdir()
         (lora_dir / "broken" / "adapter_config.json").write_text('{"r": 4, "target_modules": ["q_proj"]}')
