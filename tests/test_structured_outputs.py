@@ -498,33 +498,32 @@ def test_a_mask_filled_on_a_thread_equals_one_filled_where_read():
         broken.bitmask  # noqa: B018 (the read raises what the thread raised)
 
 
-@pytest.mark.parametrize(("added", "vocab", "padding"), [(0, 49152, 49192), (5, 49184, 49160)])
-def test_a_model_padded_past_its_tokenizer_masks_over_the_tokenizers_ids(tmp_path, added, vocab, padding):
-    """A model of 49,152 + 96 ids with SmolLM2's 49,152-token tokenizer (and ``added`` tokens more):
-    grammars cover the tokenizer's ids rounded up to whole 32-id words (1,536 or 1,537 bitmask words, not
-    1,539), and a padding id is never sampled under a grammar, even with the largest logit (logit_bias),
-    while unconstrained it is: past the words (49,192) or inside the last one (49,160 of 49,157..49,183,
-    which xgrammar sets inside a JSON string unless they are in its vocabulary)."""
+def test_a_model_padded_past_its_tokenizer_masks_over_the_tokenizers_ids(tmp_path):
+    """A model of 49,152 + 96 ids with SmolLM2's tokenizer and 5 tokens added (49,157): grammars cover the
+    tokenizer's ids rounded up to whole 32-id words (1,537 bitmask words, not 1,539), and no padding id is
+    sampled under a grammar, even with the largest logit (logit_bias), while unconstrained it is: neither
+    one past the words (49,200) nor one inside the last word (49,160), whose bits xgrammar sets inside a
+    JSON string unless the id is in its vocabulary."""
     from transformers import AutoTokenizer
 
     model = make_hf_model(tmp_path / "padded", "llama", num_kv_heads=2, tie_word_embeddings=False,
                           vocab_size=49152 + 96, with_tokenizer=True)  # fmt: skip
-    if added:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        tokenizer.add_tokens([f"<extra{i}>" for i in range(added)])
-        tokenizer.save_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens([f"<extra{i}>" for i in range(5)])
+    tokenizer.save_pretrained(model)
     llm = LLM(str(model), kv_cache_memory_gb=0.05)
-    assert (llm.engine.grammar_vocab_size, llm.engine.scheduler.bitmask_width) == (vocab, vocab // 32)
-    bias = {padding: 100.0}
-    plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logit_bias=bias)
-    assert llm.generate("Hi", plain, use_tqdm=False)[0].outputs[0].token_ids == [padding] * 4
-    outs = []
-    for constraint in (StructuredOutputsParams(regex=r"[ab]{3}"), StructuredOutputsParams(json_object=True)):
-        params = SamplingParams(temperature=0, max_tokens=8, logit_bias=bias, structured_outputs=constraint)
-        [out] = llm.generate("Hi", params, use_tqdm=False)
-        outs.append(out.outputs[0])
-    assert [o.finish_reason for o in outs] == ["stop", "length"] and re.fullmatch("[ab]{3}", outs[0].text)
-    assert all(padding not in o.token_ids for o in outs)
+    assert (llm.engine.grammar_vocab_size, llm.engine.scheduler.bitmask_width) == (49184, 1537)
+    constraints = (StructuredOutputsParams(regex=r"[ab]{3}"), StructuredOutputsParams(json_object=True))
+    for padding in (49160, 49200):
+        bias = {padding: 100.0}
+        plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logit_bias=bias)
+        assert llm.generate("Hi", plain, use_tqdm=False)[0].outputs[0].token_ids == [padding] * 4
+        outs = []
+        for so in constraints:
+            params = SamplingParams(temperature=0, max_tokens=8, logit_bias=bias, structured_outputs=so)
+            outs.append(llm.generate("Hi", params, use_tqdm=False)[0].outputs[0])
+        assert [o.finish_reason for o in outs] == ["stop", "length"] and re.fullmatch("[ab]{3}", outs[0].text)
+        assert all(padding not in o.token_ids for o in outs)
 
 
 def test_filling_masks_on_a_thread_shortens_the_gil_switch_interval(tiny_with_tokenizer):
