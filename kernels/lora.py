@@ -177,6 +177,15 @@ def _shrink_block_k(block_m: int, block_r: int, itemsize: int) -> int:
     return block_k
 
 
+def _expand_block_n(block_r: int, itemsize: int) -> int:
+    """EXPAND_BLOCK_N, or less where a program's B tile [block_r, N] would pass EXPAND_B_TILE_BYTES (high
+    ranks in fp32): at least 16, tl.dot's smallest N."""
+    block_n = EXPAND_BLOCK_N
+    while block_n > 16 and block_r * block_n * itemsize > EXPAND_B_TILE_BYTES:
+        block_n //= 2
+    return block_n
+
+
 SHRINK_TILES = 4  # K tiles a shrink program walks at most (below)
 
 
@@ -236,10 +245,7 @@ def lora_expand(
         return y
     starts = [*part_starts[1:], n, n][:2]
     block_r = _block_r(rank)
-    if block_n is None:
-        block_n = EXPAND_BLOCK_N
-        while block_n > 16 and block_r * block_n * b.element_size() > EXPAND_B_TILE_BYTES:
-            block_n //= 2
+    block_n = block_n or _expand_block_n(block_r, b.element_size())
     grid = (rows.block_slot.shape[0], triton.cdiv(n, block_n))
     _expand_kernel[grid](
         t, b, y, rows.block_slot, rows.block_rows,

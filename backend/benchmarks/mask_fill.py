@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(ns)
         results.append(result)
         print(
-            f"seed {seed}: {result['rows']} rows over {result['grammar_vocab']} ids: {result['steps']} steps,"
-            f" "
+            f"seed {seed}: {result['rows']} rows over {result['grammar_vocab']} ids, "
+            f"{result['steps']} steps: "
             f"fill {result['fill_ms_mean']} ms a step on average (median {result['fill_ms_median']}); "
             f"compile {result['compile_s']} s"
         )

@@ -54,8 +54,9 @@ FILL_THREAD_MIN_CPUS = 8
 # NOTE: a thread that released the GIL (a mask fill in xgrammar, a Triton response send) must take it back
 # to return, and while another thread runs Python that takes one switch interval: 5 ms by default, which
 # made a 1 ms fill take 6 ms as its thread saw it (this machine, a busy engine thread) and, on an H100
-# host, left the engine thread waiting for most of each step's 3.6 ms "fill". A process whose engine
-# fills masks on a thread (and the serving process, for its sends) shortens the interval for everyone.
+# host, left the engine thread waiting for most of each step's 3.6 ms "fill". An engine that fills masks
+# on a thread shortens the interval for everyone in its process when its first constrained request comes
+# (the serving process does when it starts, for its sends).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
@@ -239,6 +240,8 @@ class LLMEngine:
                     raise InvalidRequestError(
                         "structured_outputs", "constrained decoding needs a tokenizer; this model has none"
                     )
+                if self.fill_masks_on_thread:  # once, with the first constrained request
+                    shorten_gil_switch_interval()
                 self._grammar_service = GrammarService(
                     self.tokenizer,
                     self.grammar_vocab_size,
@@ -363,7 +366,6 @@ class LLMEngine:
         updates = self.scheduler.update(previous[0], self._guarded(previous[1].result))
         # the grammars have seen the previous step's tokens now
         if scheduled.grammar is not None and self.fill_masks_on_thread:
-            shorten_gil_switch_interval()
             scheduled.grammar.start_fill()
         else:
             self._guarded(launched.sample)
