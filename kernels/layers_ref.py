@@ -20,18 +20,36 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * h.to(dtype)
 
 
+def add_delta_ref(x: torch.Tensor, delta: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """x [T, N] plus a LoRA product not added yet: delta = (values [T, N], slots [T]), added (rounded to
+    x's dtype, as the LoRA expand adds in place) on the rows whose slot is >= 0; other rows' values are
+    never read. x itself when delta is None."""
+    if delta is None:
+        return x
+    values, slots = delta
+    return torch.where((slots >= 0)[:, None], x + values, x)
+
+
 def fused_add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    delta: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(residual + x), residual + x): the residual stream's add (rounded to the dtype, as torch's
-    add) and the next norm in one step. Returns new tensors; the inputs are left as they are."""
-    residual = residual + x
+    add) and the next norm in one step, x first taking ``delta`` (add_delta_ref). Returns new tensors;
+    the inputs are left as they are."""
+    residual = residual + add_delta_ref(x, delta)
     return rms_norm_ref(residual, weight, eps), residual
 
 
-def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2 * I] (gate first, then up, as the fused gate_up_proj) -> silu(gate) * up, [..., I]."""
-    gate, up = gate_up.chunk(2, dim=-1)
+def silu_and_mul_ref(
+    gate_up: torch.Tensor, delta: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """[..., 2 * I] (gate first, then up, as the fused gate_up_proj) -> silu(gate) * up, [..., I]; a 2-D
+    gate_up first takes ``delta`` (add_delta_ref)."""
+    gate, up = add_delta_ref(gate_up, delta).chunk(2, dim=-1)
     return F.silu(gate) * up
 
 

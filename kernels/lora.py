@@ -129,7 +129,7 @@ def _expand_kernel(
     t_ptr, b_ptr, y_ptr, block_slot_ptr, block_rows_ptr,
     stride_t, stride_bs, stride_bn, stride_y, N, R, start1, start2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PARTS: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     slot, rows, real = _block_rows(block_slot_ptr, block_rows_ptr, BLOCK_M)
     if slot >= 0:
@@ -157,8 +157,11 @@ def _expand_kernel(
                     delta += tl.dot(t.to(b.dtype), b)
         y_rows = y_ptr + rows[:, None] * stride_y + ns[None, :]
         mask = real[:, None] & (ns[None, :] < N)
-        y = tl.load(y_rows, mask=mask, other=0.0)
-        tl.store(y_rows, (y.to(tl.float32) + delta.to(y.dtype).to(tl.float32)).to(y.dtype), mask=mask)
+        if ACCUMULATE:
+            y = tl.load(y_rows, mask=mask, other=0.0)
+            tl.store(y_rows, (y.to(tl.float32) + delta.to(y.dtype).to(tl.float32)).to(y.dtype), mask=mask)
+        else:
+            tl.store(y_rows, delta.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_r(width: int) -> int:
@@ -234,9 +237,12 @@ def lora_expand(
     part_starts: list[int],
     block_n: int | None = None,
     num_warps: int = 4,
+    accumulate: bool = True,
 ) -> torch.Tensor:
     """y [T, N] += the expansion of t [T, P * R] (fp32) through b [S, N, R], part p reading t's p-th
     rank block for the output columns from part_starts[p] on (at most 3 parts). In place; returns y.
+    With ``accumulate`` False the expansion, rounded to y's dtype, is written over y's rows that have an
+    adapter instead (a delta for the next kernel to add; the other rows are left as they are).
     ``block_n`` and ``num_warps`` are launch choices (lora_kernel_sweep.py times them)."""
     assert 1 <= len(part_starts) <= 3 and part_starts[0] == 0
     num_rows, n = y.shape
@@ -251,6 +257,6 @@ def lora_expand(
         t, b, y, rows.block_slot, rows.block_rows,
         t.stride(0), b.stride(0), b.stride(1), y.stride(0), n, rank, starts[0], starts[1],
         BLOCK_M=rows.block_m, BLOCK_N=block_n, BLOCK_R=block_r, PARTS=len(part_starts),
-        IEEE=b.dtype == torch.float32, num_warps=num_warps,
+        IEEE=b.dtype == torch.float32, ACCUMULATE=accumulate, num_warps=num_warps,
     )  # fmt: skip
     return y

@@ -70,9 +70,16 @@ def lora_shrink_torch(
 
 
 def lora_expand_torch(
-    t: torch.Tensor, b: torch.Tensor, batches: SlotBatches, y: torch.Tensor, part_starts: list[int]
+    t: torch.Tensor,
+    b: torch.Tensor,
+    batches: SlotBatches,
+    y: torch.Tensor,
+    part_starts: list[int],
+    accumulate: bool = True,
 ) -> torch.Tensor:
-    """y [T, N] += per part p: t[:, p R : p R + R] @ b[slot, part p's columns]^T. In place; returns y."""
+    """y [T, N] += per part p: t[:, p R : p R + R] @ b[slot, part p's columns]^T. In place; returns y.
+    With ``accumulate`` False the product (rounded to y's dtype) is written over the rows with an adapter
+    instead, as pagetron.kernels.lora's."""
     if not batches.slots.numel():
         return y
     rank, n = b.shape[2], y.shape[1]
@@ -86,5 +93,8 @@ def lora_expand_torch(
         dim=2,
     )  # [S', M, N]
     rows = batches.rows[batches.real]
-    y[rows] += delta[batches.real].to(y.dtype)
+    if accumulate:
+        y[rows] += delta[batches.real].to(y.dtype)
+    else:
+        y[rows] = delta[batches.real].to(y.dtype)
     return y

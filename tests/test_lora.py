@@ -253,6 +253,29 @@ def test_short_steps_share_one_zeroed_shrink_workspace_and_long_ones_do_not(base
     assert torch.equal(shared[1], plain[1])  # no adapter on row 1
 
 
+def test_deltas_left_to_the_next_kernel_give_the_bits_of_expanding_in_line(base, adapters, monkeypatch):
+    """Where the context defers (on a GPU: decode graphs with a side stream), o_proj, gate_up_proj and
+    down_proj leave their LoRA product to the fused norm or silu_and_mul after them. Forced on the CPU
+    path in bf16 (where a missed rounding would show): the same tokens and logprobs, bit for bit."""
+    llm = LLM(str(base), enable_lora=True, max_loras=3, max_lora_rank=8, dtype="bfloat16")
+    context = llm.engine.executor.worker.runner.lora.context
+    names = [None, "qv-r4", "all-r8", "mlp-r2-rslora"]
+    requests = [None if name is None else adapters[name] for name in names for _ in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
+
+    def run() -> list:
+        outs = llm.generate(PROMPTS * len(names), params, use_tqdm=False, lora_request=requests)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+    in_line = run()
+    deferred, start_delta = [], context.start_delta
+    monkeypatch.setattr(context, "defers", lambda: True)
+    monkeypatch.setattr(context, "start_delta", lambda x, *rest: deferred.append(x) or start_delta(x, *rest))
+    assert run() == in_line
+    num_layers = len(llm.engine.executor.worker.runner.model.model.layers)
+    assert deferred and len(deferred) % (3 * num_layers) == 0  # o, gate_up and down of every layer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_graphs_give_each_request_its_adapters_tokens(base, adapters, references):
     """On a GPU: the LoRA kernels in decode CUDA graphs (mixed batch, bf16 rounding aside: fp32 here)."""

@@ -32,11 +32,13 @@ AttentionFn = Callable[
 class KernelOps:
     name: str
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-    # (x, residual, weight, eps) -> (norm(residual + x), residual + x)
+    # (x, residual, weight, eps, delta=None) -> (norm(residual + x'), residual + x'), x' = x plus a LoRA
+    # delta not added yet (values, slots) on its rows whose slot is >= 0 (layers_ref.add_delta_ref)
     fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     # (positions, q, k, cos cache, sin cache) -> rotated (q, k)
     apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+    # (gate_up, delta=None) -> silu(gate) * up, gate_up first taking the delta as above
+    silu_and_mul: Callable[..., torch.Tensor]
     # (k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale); slots < 0 are skipped
     write_kv_cache: Callable[..., None]
     decode_attention: AttentionFn

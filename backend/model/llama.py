@@ -24,6 +24,7 @@ from pagetron.backend.model.model_config import ModelConfig
 from pagetron.backend.model.parallel import (
     SINGLE,
     ColumnParallelLinear,
+    LoRADelta,
     ParallelLMHead,
     RowParallelLinear,
     TensorParallel,
@@ -71,7 +72,10 @@ class LlamaAttention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, ops)
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, ops)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, LoRADelta | None]:
+        """(o_proj's output, the LoRA delta it leaves to the next norm, or None)."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -80,7 +84,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, meta)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj.forward_deferred(out.flatten(1))
 
 
 class LlamaMLP(nn.Module):
@@ -92,8 +96,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
+        """(down_proj's output, the LoRA delta it leaves to the next norm, or None)."""
+        gate_up, delta = self.gate_up_proj.forward_deferred(x)
+        return self.down_proj.forward_deferred(self.ops.silu_and_mul(gate_up, delta=delta))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -112,16 +118,19 @@ class LlamaDecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden, residual) -> (this layer's MLP output, the residual stream before it); the stream
-        after the layer is their sum, which the next norm computes. The first layer gets residual None."""
+        delta: LoRADelta | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, LoRADelta | None]:
+        """(hidden, residual, delta) -> (this layer's MLP output, the residual stream before it, the MLP's
+        LoRA delta or None); the stream after the layer is their sum, which the next norm computes. The
+        first layer gets residual None; a delta is a LoRA product not added to hidden yet."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            hidden, residual = self.input_layernorm(hidden, residual, delta)
+        hidden, delta = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, delta)
+        hidden, delta = self.mlp(hidden)
+        return hidden, residual, delta
 
 
 class LlamaModel(nn.Module):
@@ -138,12 +147,12 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+        hidden, residual, delta = self.embed_tokens(input_ids), None, None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+            hidden, residual, delta = layer(positions, hidden, residual, meta, delta)
         if residual is None:
             return self.norm(hidden)
-        return self.norm(hidden, residual)[0]
+        return self.norm(hidden, residual, delta)[0]
 
 
 # The decoder layer's projections by their HF name: (our module under the layer, its part of a fused

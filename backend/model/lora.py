@@ -116,6 +116,16 @@ class LoRAContext:
     #     main:  rows, zero ─┬─ base GEMM ──────────┬─ expand (y += t B) ── next layer ...
     #     side:              └─ shrink (t = x A) ───┘
     #
+    # A layer whose output goes straight into a fused kernel (o_proj and down_proj into the next add-norm,
+    # gate_up_proj into silu_and_mul) takes its expand off the main stream too: the side stream writes
+    # the product as a delta and that kernel adds it, rounding as the expand's add in place would, so
+    # the main stream runs no LoRA kernel for those layers at all (row-parallel layers only with one
+    # rank: with more, each rank's delta must join the all-reduce). qkv_proj's output goes to rotary and
+    # the KV cache, so its expand stays in line::
+    #
+    #     main:  ─┬─ base GEMM ──────────────────────────────────┬─ add-norm / silu_and_mul (y + delta)
+    #     side:   └─ shrink (t = x A) ── expand (delta = t B) ───┘
+    #
     # Every buffer the side stream touches is allocated on the main stream before it forks and read there
     # after it joins, so the caching allocator never hands one to another kernel too early.
     def start_shrink(self, x: torch.Tensor, a: torch.Tensor, offset: int) -> torch.Tensor:
@@ -138,6 +148,32 @@ class LoRAContext:
         if self._beside():
             torch.cuda.current_stream(y.device).wait_stream(self.side_stream)
         return self.expand(t, b, self.rows(), y, part_starts)
+
+    def defers(self) -> bool:
+        """Whether layers leave their delta to the next kernel this pass (see start_delta)."""
+        return self._beside()
+
+    def start_delta(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offset: int, part_starts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Starts the whole product on the side stream, written as a delta: (values [T, N] in x's dtype,
+        the rows' slots); the caller runs its base GEMM, then ``join``s before the delta is read."""
+        rows = self.rows()
+        t = self.shrink_out(offset, a.shape[1])
+        if t is None:
+            t = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+        values = torch.empty(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
+        if self.side_stream is not None:  # (without one, in line: the CPU tests of the deferred path)
+            self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.side_stream):
+            self.shrink(x, a, rows, t)
+            self.expand(t, b, rows, values, part_starts, accumulate=False)
+        return values, self._token_slots
+
+    def join(self, y: torch.Tensor) -> None:
+        """The main stream waits for the side stream's work (start_delta's)."""
+        if self.side_stream is not None:
+            torch.cuda.current_stream(y.device).wait_stream(self.side_stream)
 
     def _beside(self) -> bool:
         return self.side_stream is not None and torch.cuda.is_current_stream_capturing()

@@ -95,6 +95,11 @@ class _Fp8Weights:
         return nn.functional.linear(x, self.weight, bias)
 
 
+# a LoRA product its layer's consumer adds (values [T, N] in the output's dtype, token_slots [T] int32):
+# rows whose slot is -1 have no adapter and their values are never written or read
+LoRADelta = tuple[torch.Tensor, torch.Tensor]
+
+
 class _LoRASlots:
     """Device slots of LoRA weights for a parallel linear layer, its logical parts (q, k, v or gate, up)
     fused as the base weight is, and the product each step's rows add (model/lora.py draws the layout)::
@@ -120,6 +125,20 @@ class _LoRASlots:
         if t is None:
             return y
         return self.lora_context.expand_into(t, self.lora_b, y, self.lora_part_starts)
+
+    def forward_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
+        """(the base output, the LoRA delta its consumer adds: a fused norm or silu_and_mul), where the
+        context computes deltas beside the base GEMM (model/lora.py); else (forward(x), None)."""
+        context = self.lora_context
+        if context is None or context.token_slots is None or not context.defers() or not self._may_defer():
+            return self(x), None
+        delta = context.start_delta(x, self.lora_a, self.lora_b, self.lora_offset, self.lora_part_starts)
+        y = self._base(x)
+        context.join(y)
+        return y, delta
+
+    def _may_defer(self) -> bool:
+        return True
 
     def _lora_buffers(
         self, context: Any, slots: int, rank: int, in_features: int, outs: list[int], device, dtype
@@ -202,7 +221,10 @@ class ColumnParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self._lora_shrink(x)
-        return self._lora_expand(t, self._linear(x, self.bias))
+        return self._lora_expand(t, self._base(x))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.bias)
 
     def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
         self._lora_buffers(context, slots, rank, self.weight.shape[1], self.local_parts, device, dtype)
@@ -237,7 +259,13 @@ class RowParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self._lora_shrink(x)
-        return self.tp.all_reduce(self._lora_expand(t, self._linear(x, None)))
+        return self.tp.all_reduce(self._lora_expand(t, self._base(x)))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, None)
+
+    def _may_defer(self) -> bool:
+        return self.tp.size == 1  # else each rank's delta must join the all-reduce
 
     def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
         self._lora_buffers(context, slots, rank, self.weight.shape[1], [self.weight.shape[0]], device, dtype)

@@ -29,7 +29,8 @@ git log -1 --format=%h 2>/dev/null || true
 if [[ $PARTS == *kernels* ]]; then
   use .
   run kernels python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_token_bitmask.py \
-    tests/kernels/test_kernel_lora.py tests/test_lora.py -k "kernel or cuda or graph or side_stream"
+    tests/kernels/test_kernel_lora.py tests/kernels/test_kernel_rms_norm.py tests/kernels/test_kernel_silu_and_mul.py \
+    tests/test_lora.py -k "kernel or cuda or graph or side_stream or delta"
 fi
 for side in $SIDES; do
   if [[ $side == base ]]; then use "$BASE"; else use .; fi

@@ -7,7 +7,8 @@ column blocks, a rank below the block width and an input width that is not a mul
 slot with more rows than one block holds; a wide input that the shrink splits over K. The shrink
 accumulates in fp32 as the reference does (fp32: to 1e-5 relative; bf16: to the reference's fp32 sums
 within 1e-2); the expand's add into ``y`` rounds once, as the reference's; rows without an adapter are
-left bit-identical. With CUDA the kernels also run inside a captured graph whose slot buffer changes
+left bit-identical; an expand that writes its product as a delta for the next kernel gives the same bits
+once added. With CUDA the kernels also run inside a captured graph whose slot buffer changes
 between replays (the grouping is captured too).
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from kernel_testing import DEVICE, for_device, needs_cuda
 from pagetron.kernels import lora as kernel_module
+from pagetron.kernels.layers_ref import add_delta_ref
 from pagetron.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 
 lora = for_device(kernel_module)
@@ -101,6 +103,12 @@ def check_against_reference(dtype, token_slots, in_features, seed, block_m=None)
         assert (y.float() - expected.float()).abs().max() <= 2**-6
     assert torch.equal(y[slots < 0], before[slots < 0])
     assert not torch.equal(y[slots >= 0], before[slots >= 0])
+    # a delta for the next kernel to add: written on the rows with an adapter only, and adding it rounds
+    # as the expand's add in place
+    delta = torch.full_like(y, float("nan"))
+    assert lora.lora_expand(t_ref, b, rows, delta, starts, accumulate=False) is delta
+    assert delta[slots < 0].isnan().all() and not delta[slots >= 0].isnan().any()
+    assert torch.equal(add_delta_ref(before, (delta, slots)), y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -95,6 +95,24 @@ def test_fused_add_rms_norm_matches_reference(dtype, hidden):
     assert torch.equal(new_out, out) and torch.equal(new_residual, residual_out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_lora_delta_gives_the_bits_of_adding_it_first(dtype):
+    """x + delta on the rows with an adapter slot, rounded as the LoRA expand adds in place; rows of
+    slot -1 hold NaN that must never be read."""
+    gen = torch.Generator().manual_seed(8)
+    x, residual = random_rows(6, 576, dtype, gen), random_rows(6, 576, dtype, gen)
+    weight = random_weight(576, dtype, gen)
+    slots = torch.tensor([0, -1, 2, -1, 1, 0], dtype=torch.int32, device=DEVICE)
+    values = (torch.randn(6, 576, generator=gen) * 0.05).to(DEVICE, dtype)
+    values[slots < 0] = float("nan")
+    added = x.clone()
+    added[slots >= 0] += values[slots >= 0]
+    for fn in (fused_add_rms_norm, fused_add_rms_norm_ref):
+        out, new_residual = fn(x, residual, weight, 1e-6, delta=(values, slots))
+        want_out, want_residual = fn(added, residual, weight, 1e-6)
+        assert torch.equal(out, want_out) and torch.equal(new_residual, want_residual)
+
+
 def test_fused_add_rms_norm_in_place_residual():
     """residual_out=residual is vLLM's in-place update: the same values, written over the residual."""
     gen = torch.Generator().manual_seed(3)

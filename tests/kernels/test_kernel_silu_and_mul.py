@@ -61,6 +61,21 @@ def test_matches_reference(dtype, size):
     assert torch.equal(silu_and_mul(gate_up), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_lora_delta_gives_the_bits_of_adding_it_first(dtype):
+    """gate_up + delta on the rows with an adapter slot (rounded as the LoRA expand adds in place); rows
+    of slot -1 hold NaN that must never be read."""
+    gen = torch.Generator().manual_seed(9)
+    gate_up = random_gate_up(5, 1000, dtype, gen)
+    slots = torch.tensor([1, -1, 0, 0, -1], dtype=torch.int32, device=DEVICE)
+    values = (torch.randn(5, 2000, generator=gen) * 0.1).to(DEVICE, dtype)
+    values[slots < 0] = float("nan")
+    added = gate_up.clone()
+    added[slots >= 0] += values[slots >= 0]
+    assert torch.equal(silu_and_mul(gate_up, delta=(values, slots)), silu_and_mul(added))
+    assert torch.equal(silu_and_mul_ref(gate_up, delta=(values, slots)), silu_and_mul_ref(added))
+
+
 def test_leading_dims_and_no_tokens():
     gen = torch.Generator().manual_seed(1)
     gate_up = torch.randn(2, 3, 2 * 200, generator=gen).to(DEVICE, torch.bfloat16)
@@ -87,7 +102,8 @@ def test_reference_equals_the_old_mlp_code(dtype):
     gate, up = gate_up.split(144, dim=-1)  # LlamaMLP.forward before the kernels (frozen copy)
     expected = torch.nn.functional.silu(gate) * up
     assert torch.equal(silu_and_mul_ref(gate_up), expected)
-    assert mlp.ops is TORCH_OPS and torch.equal(mlp(x), mlp.down_proj(expected))
+    out, delta = mlp(x)
+    assert mlp.ops is TORCH_OPS and delta is None and torch.equal(out, mlp.down_proj(expected))
 
 
 # ---- CUDA only: the Llama-2-13B MLP shape, graph capture ----

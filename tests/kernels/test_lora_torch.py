@@ -4,6 +4,7 @@ equals the reference that loops over the slots, and its grouping pins exact rows
 import pytest
 import torch
 
+from pagetron.kernels.layers_ref import add_delta_ref
 from pagetron.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
 from pagetron.kernels.lora_torch import group_slots, lora_expand_torch, lora_shrink_torch
 
@@ -51,3 +52,8 @@ def test_the_batched_products_equal_the_reference(token_slots, dtype):
     else:  # one rounding of (y + delta) each; the fp32 sums may differ in their last bit
         assert (got.float() - want.float()).abs().max() <= 2**-6
     assert torch.equal(got[ids < 0], y[ids < 0])
+    # as a delta for the next kernel to add: written on the rows with an adapter only, the same bits
+    delta = torch.full_like(y, float("nan"))
+    lora_expand_torch(t_ref, b, batches, delta, starts, accumulate=False)
+    assert delta[ids < 0].isnan().all() and not delta[ids >= 0].isnan().any()
+    assert torch.equal(add_delta_ref(y, (delta, ids)), got)

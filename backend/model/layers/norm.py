@@ -19,9 +19,14 @@ class RMSNorm(nn.Module):
         self.ops = ops
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        delta: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x); with a residual, (norm(residual + x), residual + x) as new tensors."""
+        """norm(x); with a residual, (norm(residual + x), residual + x) as new tensors, x first taking
+        the LoRA ``delta`` its layer left to this norm (model/lora.py), if any."""
         if residual is None:
+            assert delta is None, "a LoRA delta is added with the residual"
             return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps, delta=delta)
