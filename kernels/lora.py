@@ -14,6 +14,9 @@ slot is read from device tensors that ``group_rows`` computes once per step; -1 
                                (up to BLOCK_M rows of one slot each; LARGE_BLOCK_M in long steps)
                    block_rows  [[1 3 -1 ..] [5 -1 ..] [2 6 7 -1 ..] [-1 ..]]   what each program reads
 
+``lora_expand_silu_and_mul`` is a gate|up expand fused into the SiLU-and-mul after it (its programs take
+blocks of every row, grouped by slot + 1 so that the rows without an adapter have blocks too).
+
 The shrink accumulates in fp32, split over K (partial sums added atomically, so the last bits may vary
 between runs); the expand multiplies t rounded to B's dtype (as PEFT rounds the
 intermediate) and adds to ``y`` rounding once. Rows without an adapter leave ``y`` untouched.
@@ -260,3 +263,76 @@ def lora_expand(
         IEEE=b.dtype == torch.float32, ACCUMULATE=accumulate, num_warps=num_warps,
     )  # fmt: skip
     return y
+
+
+@triton.jit
+def _expand_silu_and_mul_kernel(
+    x_ptr, t_ptr, b_ptr, out_ptr, block_slot_ptr, block_rows_ptr,
+    stride_x, stride_t, stride_bs, stride_bn, stride_o, SIZE, R,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    group, rows, real = _block_rows(block_slot_ptr, block_rows_ptr, BLOCK_M)
+    if group >= 0:  # groups are slots + 1: group 0 holds the rows without an adapter
+        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = real[:, None] & (ns[None, :] < SIZE)
+        x_rows = x_ptr + rows[:, None] * stride_x + ns[None, :]
+        gate = tl.load(x_rows, mask=mask, other=0.0)
+        up = tl.load(x_rows + SIZE, mask=mask, other=0.0)
+        dtype = gate.dtype
+        gate, up = gate.to(tl.float32), up.to(tl.float32)
+        if group > 0:
+            rs = tl.arange(0, BLOCK_R)
+            t_mask = real[:, None] & (rs[None, :] < R)
+            t_rows = t_ptr + rows[:, None] * stride_t + rs[None, :]
+            b_tile = b_ptr + (group - 1) * stride_bs + ns[None, :] * stride_bn + rs[:, None]  # [BLOCK_R, N]
+            b_mask = (rs[:, None] < R) & (ns[None, :] < SIZE)
+            b_gate = tl.load(b_tile, mask=b_mask, other=0.0)
+            b_up = tl.load(b_tile + SIZE * stride_bn, mask=b_mask, other=0.0)
+            t_gate = tl.load(t_rows, mask=t_mask, other=0.0).to(b_gate.dtype)
+            t_up = tl.load(t_rows + R, mask=t_mask, other=0.0).to(b_gate.dtype)
+            if IEEE:
+                d_gate = tl.dot(t_gate, b_gate, input_precision="ieee")
+                d_up = tl.dot(t_up, b_up, input_precision="ieee")
+            else:
+                d_gate = tl.dot(t_gate, b_gate)
+                d_up = tl.dot(t_up, b_up)
+            # the bits of the expand's add in place: the delta rounded, then the sum rounded
+            gate = (gate + d_gate.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            up = (up + d_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_o + ns[None, :], (silu * up).to(dtype), mask=mask)
+
+
+EXPAND_SILU_BLOCK_N = 64
+
+
+def lora_expand_silu_and_mul(
+    gate_up: torch.Tensor,
+    t: torch.Tensor,
+    b: torch.Tensor,
+    all_rows: LoRARows,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """silu(gate + dg) * (up + du), [T, I], where gate_up [T, 2 I] is a gate|up projection's base output
+    and (dg | du) its LoRA expansion of t [T, 2 R] (fp32) through b [S, 2 I, R]: the expand fused into the
+    SiLU-and-mul that reads gate_up anyway, so the expansion is never written out (in a long step, most of
+    the bytes a LoRA layer adds). ``all_rows`` groups every row, by slot + 1 (``group_rows(token_slots +
+    1, S + 1)``: group 0 holds the rows without an adapter, which take silu(gate) * up alone). The same
+    roundings as lora_expand in place, then silu_and_mul."""
+    num_rows, size = gate_up.shape[0], gate_up.shape[1] // 2
+    assert gate_up.dim() == 2 and gate_up.shape[1] == 2 * size and gate_up.stride(1) == 1
+    assert b.shape[1] == 2 * size and t.shape == (num_rows, 2 * b.shape[2]) and t.stride(1) == 1
+    if out is None:
+        out = torch.empty(num_rows, size, dtype=gate_up.dtype, device=gate_up.device)
+    assert out.shape == (num_rows, size) and out.dtype == gate_up.dtype and out.stride(1) == 1
+    if num_rows == 0:
+        return out
+    rank = b.shape[2]
+    grid = (all_rows.block_slot.shape[0], triton.cdiv(size, EXPAND_SILU_BLOCK_N))
+    _expand_silu_and_mul_kernel[grid](
+        gate_up, t, b, out, all_rows.block_slot, all_rows.block_rows,
+        gate_up.stride(0), t.stride(0), b.stride(0), b.stride(1), out.stride(0), size, rank,
+        BLOCK_M=all_rows.block_m, BLOCK_N=EXPAND_SILU_BLOCK_N, BLOCK_R=_block_r(rank),
+        IEEE=b.dtype == torch.float32, num_warps=4,
+    )  # fmt: skip
+    return out

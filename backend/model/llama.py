@@ -98,8 +98,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
         """(down_proj's output, the LoRA delta it leaves to the next norm, or None)."""
-        gate_up, delta = self.gate_up_proj.forward_deferred(x)
-        return self.down_proj.forward_deferred(self.ops.silu_and_mul(gate_up, delta=delta))
+        hidden = self.gate_up_proj.forward_silu_and_mul(x)
+        if hidden is None:
+            gate_up, delta = self.gate_up_proj.forward_deferred(x)
+            hidden = self.ops.silu_and_mul(gate_up, delta=delta)
+        return self.down_proj.forward_deferred(hidden)
 
 
 class LlamaDecoderLayer(nn.Module):

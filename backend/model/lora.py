@@ -75,11 +75,14 @@ class LoRAContext:
         group: Callable[[torch.Tensor, int], Any],
         num_slots: int,
         side_stream: Any = None,
+        expand_silu_and_mul: Callable[..., torch.Tensor] | None = None,
     ):
         self.shrink, self.expand, self.group, self.num_slots = shrink, expand, group, num_slots
         self.side_stream = side_stream  # a torch.cuda.Stream for the shrinks, or None (see start_shrink)
+        self._expand_silu_and_mul = expand_silu_and_mul  # the kernels' fused gate|up expand (see fuses_silu)
         self._token_slots: torch.Tensor | None = None
         self._rows: Any = None
+        self._all_rows: Any = None
         self._width = 0  # columns of the workspace, over every registered layer
         self._workspace: torch.Tensor | None = None
 
@@ -100,11 +103,11 @@ class LoRAContext:
 
     @token_slots.setter
     def token_slots(self, token_slots: torch.Tensor | None) -> None:
-        self._token_slots, self._rows = token_slots, None
+        self._token_slots, self._rows, self._all_rows = token_slots, None, None
 
     def regroup(self) -> None:
         """The next pass groups the rows again (a graph capture after its warm-up pass)."""
-        self._rows = None
+        self._rows = self._all_rows = None
 
     # NOTE: a layer's shrink reads only its input, so it can run while the base GEMM does: while a decode
     # CUDA graph is captured, each shrink goes to a side stream that first waits for the main one (the
@@ -148,6 +151,21 @@ class LoRAContext:
         if self._beside():
             torch.cuda.current_stream(y.device).wait_stream(self.side_stream)
         return self.expand(t, b, self.rows(), y, part_starts)
+
+    # NOTE: where no side stream runs beside (eager steps, prefill among them), gate_up_proj's expand is
+    # fused into the SiLU-and-mul that reads its output anyway (kernels/lora.py), so the expansion of a
+    # long step is never written and read back: for a prefill chunk of 8,192 rows that is 0.94 GB a
+    # layer of the 8B shape's gate|up output, more than the other three LoRA layers move together. That
+    # kernel groups every row, those without an adapter too (``all_rows``).
+    def fuses_silu(self) -> bool:
+        """Whether gate_up_proj fuses its expand into the SiLU-and-mul this pass (``expand_silu_and_mul``)."""
+        return self._expand_silu_and_mul is not None and not self._beside()
+
+    def expand_silu_and_mul(self, gate_up: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of gate_up [T, 2 I] plus its expansion of t through b, for the current rows."""
+        if self._all_rows is None:
+            self._all_rows = self.group(self._token_slots + 1, self.num_slots + 1)
+        return self._expand_silu_and_mul(gate_up, t, b, self._all_rows)
 
     def defers(self) -> bool:
         """Whether layers leave their delta to the next kernel this pass (see start_delta)."""
@@ -288,10 +306,12 @@ class LoRAManager:
             max_cpu_loras,
         )
         if kernels == "triton":
-            from pagetron.kernels.lora import group_rows, lora_expand, lora_shrink
+            from pagetron.kernels.lora import group_rows, lora_expand, lora_expand_silu_and_mul, lora_shrink
 
             side = torch.cuda.Stream(device) if device.type == "cuda" else None
-            self.context = LoRAContext(lora_shrink, lora_expand, group_rows, max_loras, side)
+            self.context = LoRAContext(
+                lora_shrink, lora_expand, group_rows, max_loras, side, lora_expand_silu_and_mul
+            )
         else:
             from pagetron.kernels.lora_torch import group_slots, lora_expand_torch, lora_shrink_torch
 

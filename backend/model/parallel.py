@@ -140,6 +140,15 @@ class _LoRASlots:
     def _may_defer(self) -> bool:
         return True
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this gate|up layer's output, its LoRA expand fused into that kernel, where
+        the context fuses it (model/lora.py); None: the caller runs forward_deferred and silu_and_mul."""
+        context = self.lora_context
+        if context is None or context.token_slots is None or not context.fuses_silu():
+            return None
+        t = context.start_shrink(x, self.lora_a, self.lora_offset)
+        return context.expand_silu_and_mul(self._base(x), t, self.lora_b)
+
     def _lora_buffers(
         self, context: Any, slots: int, rank: int, in_features: int, outs: list[int], device, dtype
     ):

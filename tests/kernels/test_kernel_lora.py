@@ -127,6 +127,63 @@ def test_the_blocks_of_long_steps(dtype):
     check_against_reference(dtype, [2] * 70 + [0, -1, 1] * 5, IN, seed=5, block_m=kernel_module.LARGE_BLOCK_M)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_m", [None, kernel_module.LARGE_BLOCK_M], ids=["decode", "long"])
+def test_the_expand_fused_into_silu_and_mul(dtype, block_m):
+    """The gate|up expand inside the SiLU-and-mul that follows it: the bits of expanding in place and then
+    silu_and_mul (exp aside, as that kernel), on rows of three slots and of none, over a width that is not
+    a multiple of the column tile."""
+    from pagetron.kernels import silu_and_mul as silu_module
+
+    gen = torch.Generator().manual_seed(6)
+    size, token_slots = 100, TOKEN_SLOTS if block_m is None else [2] * 70 + [0, -1, 1] * 5
+    num_rows = len(token_slots)
+    slots = torch.tensor(token_slots, dtype=torch.int32, device=DEVICE)
+    b = (torch.randn(SLOTS, 2 * size, RANK, generator=gen) * 0.3).to(DEVICE, dtype)
+    t = torch.randn(num_rows, 2 * RANK, generator=gen).to(DEVICE)
+    gate_up = (torch.randn(num_rows, 2 * size + 6, generator=gen) * 2).to(DEVICE, dtype)[:, 3 : 3 + 2 * size]
+    all_rows = lora.group_rows(slots + 1, SLOTS + 1, block_m)
+    got = lora.lora_expand_silu_and_mul(gate_up, t, b, all_rows)
+    expanded = lora.lora_expand(t, b, lora.group_rows(slots, SLOTS, block_m), gate_up.clone(), [0, size])
+    want = for_device(silu_module).silu_and_mul(expanded)
+    assert got.shape == (num_rows, size) and not got.isnan().any()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+    plain = for_device(silu_module).silu_and_mul(gate_up)
+    assert torch.equal(got[slots < 0], plain[slots < 0])
+    assert not torch.equal(got[slots >= 0], plain[slots >= 0])
+
+
+@torch.inference_mode()
+def test_a_gate_up_layer_fuses_its_expand_into_silu_and_mul():
+    """The layer's fused path (no side stream: eager steps) gives silu_and_mul of its plain forward."""
+    from pagetron.backend.model.lora import LoRAContext
+    from pagetron.backend.model.parallel import ColumnParallelLinear
+    from pagetron.kernels import silu_and_mul as silu_module
+
+    gen = torch.Generator().manual_seed(7)
+    context = LoRAContext(
+        lora.lora_shrink, lora.lora_expand, lora.group_rows, SLOTS, None, lora.lora_expand_silu_and_mul
+    )
+    layer = ColumnParallelLinear(IN, [50, 50], False)
+    layer.weight.data = (torch.randn(100, IN, generator=gen) * 0.1).to(DEVICE)
+    layer.enable_lora(context, SLOTS, RANK, DEVICE, torch.float32)
+    for slot in range(SLOTS):
+        for part in range(2):
+            a, b = torch.randn(RANK, IN, generator=gen), torch.randn(50, RANK, generator=gen)
+            layer.load_lora(slot, part, a.to(DEVICE) * 0.1, b.to(DEVICE) * 0.1)
+    x = torch.randn(len(TOKEN_SLOTS), IN, generator=gen).to(DEVICE)
+    context.token_slots = torch.tensor(TOKEN_SLOTS, dtype=torch.int32, device=DEVICE)
+    assert context.fuses_silu()
+    fused = layer.forward_silu_and_mul(x)
+    context.token_slots = context.token_slots.clone()
+    torch.testing.assert_close(fused, for_device(silu_module).silu_and_mul(layer(x)), rtol=1e-5, atol=1e-6)
+    context.token_slots = None
+    assert layer.forward_silu_and_mul(x) is None  # no adapter rows: the plain path
+
+
 def test_the_reference_is_the_per_adapter_product():
     gen = torch.Generator().manual_seed(1)
     a, b = weights(torch.float32, gen)
