@@ -180,7 +180,8 @@ def floor_ratio(cfg, prompt_lens: list[int], max_tokens: int, engine: dict, adap
     return round(base.phase_seconds / lora.phase_seconds, 3)
 
 
-LORA_KERNELS = ("_shrink_kernel", "_expand_kernel")
+# (the fused gate|up expand counts whole, its SiLU-and-mul included)
+LORA_KERNELS = ("_shrink_kernel", "_expand_kernel", "_expand_silu_and_mul_kernel")
 
 
 def kernel_profile(llm, prompts: list, loras: list | None, tokens: int = 8) -> dict:
