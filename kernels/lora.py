@@ -312,13 +312,16 @@ def lora_expand_silu_and_mul(
     b: torch.Tensor,
     all_rows: LoRARows,
     out: torch.Tensor | None = None,
+    block_n: int = EXPAND_SILU_BLOCK_N,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """silu(gate + dg) * (up + du), [T, I], where gate_up [T, 2 I] is a gate|up projection's base output
     and (dg | du) its LoRA expansion of t [T, 2 R] (fp32) through b [S, 2 I, R]: the expand fused into the
     SiLU-and-mul that reads gate_up anyway, so the expansion is never written out (in a long step, most of
     the bytes a LoRA layer adds). ``all_rows`` groups every row, by slot + 1 (``group_rows(token_slots +
     1, S + 1)``: group 0 holds the rows without an adapter, which take silu(gate) * up alone). The same
-    roundings as lora_expand in place, then silu_and_mul."""
+    roundings as lora_expand in place, then silu_and_mul. ``block_n`` and ``num_warps`` are launch choices
+    (lora_kernel_sweep.py times them)."""
     num_rows, size = gate_up.shape[0], gate_up.shape[1] // 2
     assert gate_up.dim() == 2 and gate_up.shape[1] == 2 * size and gate_up.stride(1) == 1
     assert b.shape[1] == 2 * size and t.shape == (num_rows, 2 * b.shape[2]) and t.stride(1) == 1
@@ -328,11 +331,11 @@ def lora_expand_silu_and_mul(
     if num_rows == 0:
         return out
     rank = b.shape[2]
-    grid = (all_rows.block_slot.shape[0], triton.cdiv(size, EXPAND_SILU_BLOCK_N))
+    grid = (all_rows.block_slot.shape[0], triton.cdiv(size, block_n))
     _expand_silu_and_mul_kernel[grid](
         gate_up, t, b, out, all_rows.block_slot, all_rows.block_rows,
         gate_up.stride(0), t.stride(0), b.stride(0), b.stride(1), out.stride(0), size, rank,
-        BLOCK_M=all_rows.block_m, BLOCK_N=EXPAND_SILU_BLOCK_N, BLOCK_R=_block_r(rank),
-        IEEE=b.dtype == torch.float32, num_warps=4,
+        BLOCK_M=all_rows.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
+        IEEE=b.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     return out
