@@ -25,3 +25,8 @@ def test_the_structured_benchmark_reports_both_modes(tmp_path):
         constrained = run["json_schema"]
         assert constrained["mask_wait_ms_per_step"] >= constrained["mask_ms_per_step"]
         assert run["unconstrained"]["mask_ms_per_step"] is None and run["ratio"] > 0
+        for mode in ("unconstrained", "json_schema"):
+            host = run[mode]["host_ms_per_step"]
+            # stepping synchronously: every step schedules, executes, updates and makes outputs
+            assert run[mode]["engine_steps"] >= 8 and host["launch"] == host["sample"] == host["result"] == 0
+            assert all(host[phase] > 0 for phase in ("schedule", "execute", "update", "outputs"))

@@ -16,7 +16,7 @@ do not); throughput counts the tokens actually generated. The mask time is the h
 bitmasks, per step that had constrained rows (on a GPU it overlaps the step's forward pass; on the CPU it
 adds to it), and the part of it the engine thread waited for (less than all where the fill ran on a
 thread beside it: asynchronous scheduling on a host with cores to spare); the device applies them inside
-the sampler.
+the sampler. Each mode also reports the engine's host time per step by phase (``HostPhases``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,50 @@ ORDER_SCHEMA = {
 QUESTION = "Write a realistic online shop order as JSON: id, customer, shipping address and line items."
 
 
+class HostPhases:
+    """Host time per engine phase, for finding where a constrained step's time goes: the engine's
+    scheduler, executor and output processor methods are wrapped in timers (on this engine only, by this
+    benchmark). ``sample`` and ``result`` are the in-flight step's (asynchronous scheduling: sample waits
+    for the mask fill, result for the device); ``execute`` is a synchronous step's whole forward pass."""
+
+    PHASES = ("schedule", "launch", "sample", "result", "execute", "update", "outputs")
+
+    def __init__(self, engine):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+        scheduler, executor = engine.scheduler, engine.executor
+        scheduler.schedule = self._timed(scheduler.schedule, "schedule", count=True)
+        scheduler.update = self._timed(scheduler.update, "update")
+        engine.output_processor.process = self._timed(engine.output_processor.process, "outputs")
+        executor.execute = self._timed(executor.execute, "execute")
+        launch = self._timed(executor.launch, "launch")
+        executor.launch = lambda out: _TimedStep(launch(out), self)
+
+    def _timed(self, fn, phase: str, count: bool = False):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - started
+                self.steps += count
+
+        return timed
+
+    def snapshot(self) -> tuple[int, dict[str, float]]:
+        return self.steps, dict(self.seconds)
+
+    def ms_per_step(self, since: tuple[int, dict[str, float]]) -> dict[str, float]:
+        steps = max(1, self.steps - since[0])
+        return {k: round(1e3 * (v - since[1][k]) / steps, 3) for k, v in self.seconds.items()}
+
+
+class _TimedStep:
+    def __init__(self, launched, phases: HostPhases):
+        self.sample = phases._timed(launched.sample, "sample")
+        self.result = phases._timed(launched.result, "result")
+
+
 def closed_loop(llm, prompts: list[list[int]], params, concurrency: int) -> tuple[float, int, int]:
     """Runs every prompt, ``concurrency`` at a time; (seconds, output tokens, requests ended by stop)."""
     engine = llm.engine
@@ -113,6 +157,7 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
     }
     llm.generate([{"prompt_token_ids": prompt}], modes["json_schema"], use_tqdm=False)  # compile + warm-up
     scheduler = llm.engine.scheduler
+    phases = HostPhases(llm.engine)
     config = {k: v for k, v in vars(ns).items() if k not in ("func", "json_path", "command", "workload")}
     result: dict = {"config": config, "device": llm.engine.executor.device_name, "runs": []}
     for concurrency in levels:
@@ -120,6 +165,7 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
         for mode, params in modes.items():
             stats = scheduler.mask_stats
             steps, seconds, waited = stats.steps, stats.seconds, stats.waited
+            since = phases.snapshot()
             elapsed, tokens, stopped = closed_loop(llm, prompts, params, concurrency)
             mask_steps = stats.steps - steps
             row[mode] = {
@@ -133,6 +179,8 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
                 "mask_wait_ms_per_step": round(1e3 * (stats.waited - waited) / mask_steps, 4)
                 if mask_steps
                 else None,
+                "engine_steps": phases.steps - since[0],
+                "host_ms_per_step": phases.ms_per_step(since),
             }
         row["ratio"] = round(row["json_schema"]["output_tok_s"] / row["unconstrained"]["output_tok_s"], 3)
         result["runs"].append(row)
@@ -143,6 +191,9 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
             f"{row['json_schema']['mask_wait_ms_per_step']})",
             flush=True,
         )
+        for mode in modes:
+            times = ", ".join(f"{k} {v}" for k, v in row[mode]["host_ms_per_step"].items() if v)
+            print(f"    {mode}: {row[mode]['engine_steps']} steps, host ms a step: {times}", flush=True)
     if ns.json_path:
         Path(ns.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0
