@@ -269,7 +269,8 @@ def lora_expand(
 def _expand_silu_and_mul_kernel(
     x_ptr, t_ptr, b_ptr, out_ptr, block_slot_ptr, block_rows_ptr,
     stride_x, stride_t, stride_bs, stride_bn, stride_o, SIZE, R,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     group, rows, real = _block_rows(block_slot_ptr, block_rows_ptr, BLOCK_M)
     if group >= 0:  # groups are slots + 1: group 0 holds the rows without an adapter
@@ -281,21 +282,25 @@ def _expand_silu_and_mul_kernel(
         dtype = gate.dtype
         gate, up = gate.to(tl.float32), up.to(tl.float32)
         if group > 0:
-            rs = tl.arange(0, BLOCK_R)
-            t_mask = real[:, None] & (rs[None, :] < R)
-            t_rows = t_ptr + rows[:, None] * stride_t + rs[None, :]
-            b_tile = b_ptr + (group - 1) * stride_bs + ns[None, :] * stride_bn + rs[:, None]  # [BLOCK_R, N]
-            b_mask = (rs[:, None] < R) & (ns[None, :] < SIZE)
-            b_gate = tl.load(b_tile, mask=b_mask, other=0.0)
-            b_up = tl.load(b_tile + SIZE * stride_bn, mask=b_mask, other=0.0)
-            t_gate = tl.load(t_rows, mask=t_mask, other=0.0).to(b_gate.dtype)
-            t_up = tl.load(t_rows + R, mask=t_mask, other=0.0).to(b_gate.dtype)
-            if IEEE:
-                d_gate = tl.dot(t_gate, b_gate, input_precision="ieee")
-                d_up = tl.dot(t_up, b_up, input_precision="ieee")
-            else:
-                d_gate = tl.dot(t_gate, b_gate)
-                d_up = tl.dot(t_up, b_up)
+            d_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            d_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            b_slot = b_ptr + (group - 1) * stride_bs
+            for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):  # high ranks in chunks: bounded tiles
+                rs = r0 + tl.arange(0, R_CHUNK)
+                t_mask = real[:, None] & (rs[None, :] < R)
+                t_rows = t_ptr + rows[:, None] * stride_t + rs[None, :]
+                b_tile = b_slot + ns[None, :] * stride_bn + rs[:, None]  # [R_CHUNK, BLOCK_N]
+                b_mask = (rs[:, None] < R) & (ns[None, :] < SIZE)
+                b_gate = tl.load(b_tile, mask=b_mask, other=0.0)
+                b_up = tl.load(b_tile + SIZE * stride_bn, mask=b_mask, other=0.0)
+                t_gate = tl.load(t_rows, mask=t_mask, other=0.0).to(b_gate.dtype)
+                t_up = tl.load(t_rows + R, mask=t_mask, other=0.0).to(b_gate.dtype)
+                if IEEE:
+                    d_gate += tl.dot(t_gate, b_gate, input_precision="ieee")
+                    d_up += tl.dot(t_up, b_up, input_precision="ieee")
+                else:
+                    d_gate += tl.dot(t_gate, b_gate)
+                    d_up += tl.dot(t_up, b_up)
             # the bits of the expand's add in place: the delta rounded, then the sum rounded
             gate = (gate + d_gate.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             up = (up + d_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
@@ -320,8 +325,9 @@ def lora_expand_silu_and_mul(
     SiLU-and-mul that reads gate_up anyway, so the expansion is never written out (in a long step, most of
     the bytes a LoRA layer adds). ``all_rows`` groups every row, by slot + 1 (``group_rows(token_slots +
     1, S + 1)``: group 0 holds the rows without an adapter, which take silu(gate) * up alone). The same
-    roundings as lora_expand in place, then silu_and_mul. ``block_n`` and ``num_warps`` are launch choices
-    (lora_kernel_sweep.py times them)."""
+    roundings as lora_expand in place, then silu_and_mul (ranks above 64 sum their products in chunks of
+    64, so the fp32 sums may differ from lora_expand's in their last bits). ``block_n`` and ``num_warps``
+    are launch choices (lora_kernel_sweep.py times them)."""
     num_rows, size = gate_up.shape[0], gate_up.shape[1] // 2
     assert gate_up.dim() == 2 and gate_up.shape[1] == 2 * size and gate_up.stride(1) == 1
     assert b.shape[1] == 2 * size and t.shape == (num_rows, 2 * b.shape[2]) and t.stride(1) == 1
@@ -335,7 +341,7 @@ def lora_expand_silu_and_mul(
     _expand_silu_and_mul_kernel[grid](
         gate_up, t, b, out, all_rows.block_slot, all_rows.block_rows,
         gate_up.stride(0), t.stride(0), b.stride(0), b.stride(1), out.stride(0), size, rank,
-        BLOCK_M=all_rows.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
+        BLOCK_M=all_rows.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank), R_CHUNK=min(64, _block_r(rank)),
         IEEE=b.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     return out

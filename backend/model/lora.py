@@ -78,7 +78,8 @@ class LoRAContext:
         expand_silu_and_mul: Callable[..., torch.Tensor] | None = None,
     ):
         self.shrink, self.expand, self.group, self.num_slots = shrink, expand, group, num_slots
-        self.side_stream = side_stream  # a torch.cuda.Stream for the shrinks, or None (see start_shrink)
+        self.side_stream = side_stream  # a torch.cuda.Stream for LoRA beside the base GEMMs, or None
+        self._held: list[torch.Tensor] = []  # buffers the side stream still writes, until join()
         self._expand_silu_and_mul = expand_silu_and_mul  # the kernels' fused gate|up expand (see fuses_silu)
         self._token_slots: torch.Tensor | None = None
         self._rows: Any = None
@@ -186,12 +187,14 @@ class LoRAContext:
         with torch.cuda.stream(self.side_stream):
             self.shrink(x, a, rows, t)
             self.expand(t, b, rows, values, part_starts, accumulate=False)
+        self._held.append(t)  # a buffer of its own (no workspace) must outlive the side stream's writes
         return values, self._token_slots
 
     def join(self, y: torch.Tensor) -> None:
         """The main stream waits for the side stream's work (start_delta's)."""
         if self.side_stream is not None:
             torch.cuda.current_stream(y.device).wait_stream(self.side_stream)
+        self._held.clear()
 
     def _beside(self) -> bool:
         return self.side_stream is not None and torch.cuda.is_current_stream_capturing()

@@ -96,7 +96,7 @@ class _Fp8Weights:
 
 
 # a LoRA product its layer's consumer adds (values [T, N] in the output's dtype, token_slots [T] int32):
-# rows whose slot is -1 have no adapter and their values are never written or read
+# rows whose slot is -1 have no adapter, and their values are never written (the kernels never read them)
 LoRADelta = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -139,15 +139,6 @@ class _LoRASlots:
 
     def _may_defer(self) -> bool:
         return True
-
-    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up of this gate|up layer's output, its LoRA expand fused into that kernel, where
-        the context fuses it (model/lora.py); None: the caller runs forward_deferred and silu_and_mul."""
-        context = self.lora_context
-        if context is None or context.token_slots is None or not context.fuses_silu():
-            return None
-        t = context.start_shrink(x, self.lora_a, self.lora_offset)
-        return context.expand_silu_and_mul(self._base(x), t, self.lora_b)
 
     def _lora_buffers(
         self, context: Any, slots: int, rank: int, in_features: int, outs: list[int], device, dtype
@@ -234,6 +225,15 @@ class ColumnParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this gate|up layer's output, its LoRA expand fused into that kernel, where
+        the context fuses it (model/lora.py); None: the caller runs forward_deferred and silu_and_mul."""
+        context = self.lora_context
+        if context is None or context.token_slots is None or not context.fuses_silu():
+            return None
+        t = context.start_shrink(x, self.lora_a, self.lora_offset)
+        return context.expand_silu_and_mul(self._base(x), t, self.lora_b)
 
     def enable_lora(self, context: Any, slots: int, rank: int, device, dtype) -> None:
         self._lora_buffers(context, slots, rank, self.weight.shape[1], self.local_parts, device, dtype)

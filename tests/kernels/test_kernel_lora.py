@@ -8,8 +8,10 @@ slot with more rows than one block holds; a wide input that the shrink splits ov
 accumulates in fp32 as the reference does (fp32: to 1e-5 relative; bf16: to the reference's fp32 sums
 within 1e-2); the expand's add into ``y`` rounds once, as the reference's; rows without an adapter are
 left bit-identical; an expand that writes its product as a delta for the next kernel gives the same bits
-once added. With CUDA the kernels also run inside a captured graph whose slot buffer changes
-between replays (the grouping is captured too).
+once added; the gate|up expand fused into the SiLU-and-mul gives the bits of the expand then that kernel;
+and a model gives the same output whether its layers expand in place, leave deltas to the kernels after
+them or fuse gate|up's expand. With CUDA the kernels also run inside a captured graph whose slot buffer
+changes between replays (the grouping is captured too).
 """
 
 import pytest
@@ -156,6 +158,22 @@ def test_the_expand_fused_into_silu_and_mul(dtype, block_m):
     assert not torch.equal(got[slots >= 0], plain[slots >= 0])
 
 
+def test_the_fused_expand_sums_high_ranks_in_chunks():
+    """Rank 80 (two 64-wide chunks of a 128-wide rank block): the expand in place then silu_and_mul, to
+    fp32 rounding."""
+    from pagetron.kernels import silu_and_mul as silu_module
+
+    gen = torch.Generator().manual_seed(12)
+    size, rank = 40, 80
+    slots = torch.tensor(TOKEN_SLOTS, dtype=torch.int32, device=DEVICE)
+    b = (torch.randn(SLOTS, 2 * size, rank, generator=gen) * 0.1).to(DEVICE)
+    t = torch.randn(len(TOKEN_SLOTS), 2 * rank, generator=gen).to(DEVICE)
+    gate_up = torch.randn(len(TOKEN_SLOTS), 2 * size, generator=gen).to(DEVICE)
+    got = lora.lora_expand_silu_and_mul(gate_up, t, b, lora.group_rows(slots + 1, SLOTS + 1))
+    expanded = lora.lora_expand(t, b, lora.group_rows(slots, SLOTS), gate_up.clone(), [0, size])
+    torch.testing.assert_close(got, for_device(silu_module).silu_and_mul(expanded), rtol=1e-5, atol=1e-5)
+
+
 @torch.inference_mode()
 def test_a_gate_up_layer_fuses_its_expand_into_silu_and_mul():
     """The layer's fused path (no side stream: eager steps) gives silu_and_mul of its plain forward."""
@@ -175,13 +193,106 @@ def test_a_gate_up_layer_fuses_its_expand_into_silu_and_mul():
             a, b = torch.randn(RANK, IN, generator=gen), torch.randn(50, RANK, generator=gen)
             layer.load_lora(slot, part, a.to(DEVICE) * 0.1, b.to(DEVICE) * 0.1)
     x = torch.randn(len(TOKEN_SLOTS), IN, generator=gen).to(DEVICE)
-    context.token_slots = torch.tensor(TOKEN_SLOTS, dtype=torch.int32, device=DEVICE)
-    assert context.fuses_silu()
-    fused = layer.forward_silu_and_mul(x)
-    context.token_slots = context.token_slots.clone()
-    torch.testing.assert_close(fused, for_device(silu_module).silu_and_mul(layer(x)), rtol=1e-5, atol=1e-6)
+    for token_slots in (TOKEN_SLOTS, [2, -1, 0, 0, 1, -1, -1, 2]):  # new slots: grouped again
+        context.token_slots = torch.tensor(token_slots, dtype=torch.int32, device=DEVICE)
+        assert context.fuses_silu()
+        fused = layer.forward_silu_and_mul(x)
+        context.token_slots = context.token_slots.clone()
+        want = for_device(silu_module).silu_and_mul(layer(x))
+        torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-6)
     context.token_slots = None
     assert layer.forward_silu_and_mul(x) is None  # no adapter rows: the plain path
+
+
+def test_only_one_rank_defers_a_row_parallel_layers_delta():
+    """A row-parallel layer's delta must join its all-reduce, so only a single rank leaves it to the next
+    kernel; a column-parallel layer's output is the rank's own."""
+    from pagetron.backend.model.parallel import ColumnParallelLinear, RowParallelLinear, TensorParallel
+
+    two = TensorParallel(rank=0, size=2)
+    assert RowParallelLinear(8, 8)._may_defer() and not RowParallelLinear(8, 8, two)._may_defer()
+    assert ColumnParallelLinear(8, [8], False, two)._may_defer()
+
+
+def lora_model(dtype):
+    """The 3-layer test model (test_kernel_rms_norm) with the Triton kernels and LoRA on every projection:
+    random weights in three slots."""
+    from test_kernel_rms_norm import tiny_model
+
+    from kernel_testing import triton_ops_for_device
+    from pagetron.backend.model.lora import LoRAManager
+
+    model = tiny_model(False, dtype, ops=triton_ops_for_device())
+    manager = LoRAManager(model, 3, 8, 3, torch.device(DEVICE), dtype, kernels="triton")
+    gen = torch.Generator().manual_seed(11)
+    for layer in model.model.layers:
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            module = layer.get_submodule(name)
+            module.lora_a.copy_(torch.randn(module.lora_a.shape, generator=gen) * 0.3)
+            module.lora_b.copy_(torch.randn(module.lora_b.shape, generator=gen) * 0.3)
+    return model, manager.context
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@torch.inference_mode()
+def test_a_model_adds_the_same_lora_bits_in_line_deferred_or_fused(dtype, monkeypatch):
+    """The three ways a step adds LoRA: each expand in place; o, gate_up and down left as deltas to the
+    fused kernels after them (decode graphs with a side stream); gate_up's expand fused into the
+    SiLU-and-mul (steps without one). The same output bits (the fused kernel's fp32 sums aside)."""
+    from test_kernel_rms_norm import prefill_batch
+
+    model, context = lora_model(dtype)
+    ids, positions, meta = prefill_batch([5, 9, 3])
+    slots = torch.tensor([0] * 5 + [-1] * 9 + [2] * 3, dtype=torch.int32, device=DEVICE)
+    outs = {}
+    for mode in ("in line", "deferred", "fused"):
+        monkeypatch.setattr(context, "fuses_silu", lambda mode=mode: mode == "fused")
+        monkeypatch.setattr(context, "defers", lambda mode=mode: mode == "deferred")
+        context.token_slots = slots.clone()
+        outs[mode] = model(ids, positions, meta).clone()
+    context.token_slots = None
+    assert not torch.equal(outs["in line"], model(ids, positions, meta))  # the adapters change it
+    assert torch.equal(outs["deferred"], outs["in line"])
+    if dtype == torch.float32:
+        torch.testing.assert_close(outs["fused"], outs["in line"], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(outs["fused"], outs["in line"])
+
+
+@torch.inference_mode()
+def test_a_deferred_layers_shrink_output_lives_until_the_join(monkeypatch):
+    """Without the shared workspace (a step too large for it) a deferred layer's shrink writes a buffer of
+    its own on the side stream: it must outlive the side stream's work, i.e. stay referenced until the
+    main stream joins."""
+    import gc
+    import weakref
+
+    from test_kernel_rms_norm import prefill_batch
+
+    from pagetron.backend.model import lora as lora_module
+
+    model, context = lora_model(torch.float32)
+    monkeypatch.setattr(lora_module, "WORKSPACE_MAX_BYTES", 0)
+    written, freed_at_join = [], []
+    shrink, join = context.shrink, context.join
+
+    def spy_shrink(x, a, rows, out):
+        written.append(weakref.ref(out))
+        return shrink(x, a, rows, out)
+
+    def spy_join(y):
+        gc.collect()
+        freed_at_join.append(written[-1]() is None)
+        return join(y)
+
+    monkeypatch.setattr(context, "shrink", spy_shrink)
+    monkeypatch.setattr(context, "join", spy_join)
+    monkeypatch.setattr(context, "defers", lambda: True)
+    monkeypatch.setattr(context, "fuses_silu", lambda: False)
+    ids, positions, meta = prefill_batch([5, 9, 3])
+    context.token_slots = torch.tensor([0] * 5 + [-1] * 9 + [2] * 3, dtype=torch.int32, device=DEVICE)
+    model(ids, positions, meta)
+    assert len(freed_at_join) == 3 * len(model.model.layers) and not any(freed_at_join)
 
 
 def test_the_reference_is_the_per_adapter_product():
