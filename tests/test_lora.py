@@ -217,6 +217,19 @@ def test_rows_are_regrouped_whenever_the_slots_are_set():
     assert context.rows() == 3 and context.rows() == 3
 
 
+def test_a_graphs_warm_up_takes_the_path_its_capture_will(monkeypatch):
+    """With a side stream, layers defer their deltas (and gate_up does not fuse its expand) while a graph
+    is captured, and also in the warm-up pass before it, marked ``as_captured``, so that every kernel the
+    capture launches is compiled outside it; without the mark, eager steps fuse instead."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (CPU-only torch)
+    context = LoRAContext(None, None, None, num_slots=2, side_stream=object(), expand_silu_and_mul=print)
+    assert not context.defers() and context.fuses_silu()
+    context.as_captured = True
+    assert context.defers() and not context.fuses_silu()
+    context.side_stream = None  # no side stream: the capture runs the eager path
+    assert not context.defers() and context.fuses_silu()
+
+
 def test_short_steps_share_one_zeroed_shrink_workspace_and_long_ones_do_not(base, adapters):
     """Every LoRA layer has its own columns of the workspace, zeroed once per forward pass of at most
     WORKSPACE_MAX_ROWS rows; a longer step's layers zero their own buffers. Both give the same product."""

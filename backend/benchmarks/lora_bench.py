@@ -162,8 +162,9 @@ def run_lora_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
-def floor_ratio(cfg, prompt_lens: list[int], max_tokens: int, engine: dict, adapters: int, rank: int,
-                ceilings) -> float:
+def floor_ratio(
+    cfg, prompt_lens: list[int], max_tokens: int, engine: dict, adapters: int, rank: int, ceilings
+) -> float:
     """The most of the base model's throughput the requests can keep over ``adapters`` adapters if both
     runs reach the same fraction of their roofline floors (backend/benchmarks/roofline.py's phase floor:
     the adapters' FLOPs on every row, their A and B read by every decode step that has their rows). 1.0

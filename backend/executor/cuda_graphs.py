@@ -70,9 +70,11 @@ class DecodeGraphs:
             meta = self._meta(batch)
             if self.lora_context is not None:
                 self.lora_context.token_slots = self.lora_slots[:batch]
+                self.lora_context.as_captured = True  # the captured LoRA path, compiled here
             self.model(self.input_ids[:batch], self.positions[:batch], meta)  # compile and warm up
             torch.cuda.synchronize()
             if self.lora_context is not None:  # group the rows inside the capture, not reuse the warm-up's
+                self.lora_context.as_captured = False
                 self.lora_context.regroup()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

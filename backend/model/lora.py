@@ -80,6 +80,9 @@ class LoRAContext:
         self.shrink, self.expand, self.group, self.num_slots = shrink, expand, group, num_slots
         self.side_stream = side_stream  # a torch.cuda.Stream for LoRA beside the base GEMMs, or None
         self._held: list[torch.Tensor] = []  # buffers the side stream still writes, until join()
+        # set around a graph's warm-up pass: it takes the path the capture will, so every kernel the
+        # capture launches is compiled before it (Triton compiling inside a capture is not safe)
+        self.as_captured = False
         self._expand_silu_and_mul = expand_silu_and_mul  # the kernels' fused gate|up expand (see fuses_silu)
         self._token_slots: torch.Tensor | None = None
         self._rows: Any = None
@@ -197,7 +200,9 @@ class LoRAContext:
         self._held.clear()
 
     def _beside(self) -> bool:
-        return self.side_stream is not None and torch.cuda.is_current_stream_capturing()
+        if self.side_stream is None:
+            return False
+        return self.as_captured or torch.cuda.is_current_stream_capturing()
 
     def rows(self) -> Any:
         if self._rows is None:
