@@ -3,7 +3,8 @@
 # base tree and this one, in the same call. BASE names the base: a folder holding `backend`, `kernels` and
 # `client` of an older commit (default .base_e13: `git archive e13b888 backend kernels client | tar -x -C
 # .base_e13`); carry it with .whl (xgrammar and jsonschema wheels, smollm2-tokenizer/). The kernel tests of
-# this tree run compiled first. Results and logs in $OUT; a short table last.
+# this tree run compiled first. Results and logs in $OUT (each log's last lines, indented detail such as
+# bench structured's host time by phase included); a short table last.
 # Usage: [SIDES=head] [LEVELS=64] bash perf_analyzer_configs/h200/ab_structured_lora.sh [parts: kernels,structured,lora,sweep]
 # (sweep: this tree's LoRA kernel launch sweep, lora_kernel_sweep.py, after the other parts)
 # (SIDES=head: this tree alone, the ratios being within one run; LEVELS: the structured concurrencies)
@@ -22,7 +23,7 @@ run() {  # name, command...
   [[ $name == lora-* ]] && limit=${LORA_TIMEOUT:-480}  # four engines on workload T, 32 adapters written
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-110)")")
+  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(grep -v '^    ' "$OUT/$name.log" | tail -n 1 | cut -c1-110)")")
 }
 nvidia-smi --query-gpu=name --format=csv,noheader
 git log -1 --format=%h 2>/dev/null || true
@@ -53,5 +54,5 @@ use .
 if [[ $PARTS == *sweep* ]]; then
   run sweep-lora python3 -m pagetron.backend.benchmarks.lora_kernel_sweep --json "$OUT/lora-sweep.json"
 fi
-for f in "$OUT"/*.log; do echo "== $f"; tail -n 8 "$f"; done
+for f in "$OUT"/*.log; do echo "== $f"; tail -n 12 "$f"; done
 printf '%s\n' "${summary[@]}"
