@@ -101,6 +101,13 @@ class LoRAContext:
             return None
         return self._workspace[:, offset : offset + width]
 
+    def _shrink_buffer(self, x: torch.Tensor, a: torch.Tensor, offset: int) -> torch.Tensor:
+        """Where the shrink of x by a writes: the layer's workspace columns, or a zeroed fp32 buffer."""
+        out = self.shrink_out(offset, a.shape[1])
+        if out is None:
+            out = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+        return out
+
     @property
     def token_slots(self) -> torch.Tensor | None:
         return self._token_slots
@@ -140,9 +147,7 @@ class LoRAContext:
         zeroed buffer of its own); on the side stream while a graph is captured (``expand_into`` joins
         it)."""
         rows = self.rows()
-        out = self.shrink_out(offset, a.shape[1])
-        if out is None:
-            out = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+        out = self._shrink_buffer(x, a, offset)
         if not self._beside():
             return self.shrink(x, a, rows, out)
         self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -181,9 +186,7 @@ class LoRAContext:
         """Starts the whole product on the side stream, written as a delta: (values [T, N] in x's dtype,
         the rows' slots); the caller runs its base GEMM, then ``join``s before the delta is read."""
         rows = self.rows()
-        t = self.shrink_out(offset, a.shape[1])
-        if t is None:
-            t = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+        t = self._shrink_buffer(x, a, offset)
         values = torch.empty(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
         if self.side_stream is not None:  # (without one, in line: the CPU tests of the deferred path)
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))

@@ -113,13 +113,16 @@ class _LoRASlots:
     lora_b: torch.Tensor
     lora_part_starts: list[int]  # first output column of each part in lora_b (and in the layer's output)
 
+    def _lora_step(self) -> Any:
+        """The LoRA context where this step has rows with an adapter slot, else None."""
+        context = self.lora_context
+        return context if context is not None and context.token_slots is not None else None
+
     def _lora_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
         """Starts this layer's shrink (beside the base GEMM, where the context has a side stream); None:
         no row uses an adapter."""
-        context = self.lora_context
-        if context is None or context.token_slots is None:
-            return None
-        return context.start_shrink(x, self.lora_a, self.lora_offset)
+        context = self._lora_step()
+        return None if context is None else context.start_shrink(x, self.lora_a, self.lora_offset)
 
     def _lora_expand(self, t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         if t is None:
@@ -129,8 +132,8 @@ class _LoRASlots:
     def forward_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
         """(the base output, the LoRA delta its consumer adds: a fused norm or silu_and_mul), where the
         context computes deltas beside the base GEMM (model/lora.py); else (forward(x), None)."""
-        context = self.lora_context
-        if context is None or context.token_slots is None or not context.defers() or not self._may_defer():
+        context = self._lora_step()
+        if context is None or not context.defers() or not self._may_defer():
             return self(x), None
         delta = context.start_delta(x, self.lora_a, self.lora_b, self.lora_offset, self.lora_part_starts)
         y = self._base(x)
@@ -229,8 +232,8 @@ class ColumnParallelLinear(_LoRASlots, _Fp8Weights, nn.Module):
     def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of this gate|up layer's output, its LoRA expand fused into that kernel, where
         the context fuses it (model/lora.py); None: the caller runs forward_deferred and silu_and_mul."""
-        context = self.lora_context
-        if context is None or context.token_slots is None or not context.fuses_silu():
+        context = self._lora_step()
+        if context is None or not context.fuses_silu():
             return None
         t = context.start_shrink(x, self.lora_a, self.lora_offset)
         return context.expand_silu_and_mul(self._base(x), t, self.lora_b)
