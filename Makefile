@@ -7,7 +7,7 @@ PYVER := $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.vers
 # `pagetron serve` puts nginx in front of Triton's HTTP port (the HTTP guard: request body limit)
 SYSTEM_PACKAGES := libb64-0d python$(PYVER) python$(PYVER)-venv libpython$(PYVER) nginx
 
-.PHONY: setup system-deps test test-full lint soak serve serve-openai demo bench clean
+.PHONY: setup system-deps test test-full lint soak serve serve-openai demo bench check-kernels clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -63,6 +63,10 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/pagetron bench cpu-smoke
+
+# every Triton kernel the engine launches at the 8B shape, compiled for the H100/H200 (sm_90) without a GPU
+check-kernels: setup
+	$(VENV)/bin/python -m pagetron.backend.benchmarks.kernel_compile --shape llama3-8b --arch 90
 
 clean:
 	rm -rf $(VENV)

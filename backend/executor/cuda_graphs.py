@@ -68,14 +68,8 @@ class DecodeGraphs:
         self.lora_slots.fill_(-1)
         for batch in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(batch)
-            if self.lora_context is not None:
-                self.lora_context.token_slots = self.lora_slots[:batch]
-                self.lora_context.as_captured = True  # the captured LoRA path, compiled here
-            self.model(self.input_ids[:batch], self.positions[:batch], meta)  # compile and warm up
+            self.run_eagerly(batch, meta)  # compile and warm up
             torch.cuda.synchronize()
-            if self.lora_context is not None:  # group the rows inside the capture, not reuse the warm-up's
-                self.lora_context.as_captured = False
-                self.lora_context.regroup()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(self.input_ids[:batch], self.positions[:batch], meta)
@@ -88,8 +82,26 @@ class DecodeGraphs:
             "captured %d decode CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started
         )
 
+    def run_eagerly(self, batch: int, meta: AttentionMetadata) -> torch.Tensor:
+        """The first ``batch`` rows of the buffers through the path a capture takes, without capturing."""
+        if self.lora_context is not None:
+            self.lora_context.token_slots = self.lora_slots[:batch]
+            self.lora_context.as_captured = True  # the captured LoRA path, compiled here
+        out = self.model(self.input_ids[:batch], self.positions[:batch], meta)
+        if self.lora_context is not None:  # group the rows inside the capture, not reuse this pass's
+            self.lora_context.as_captured = False
+            self.lora_context.regroup()
+        return out
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The decode-only step of ``meta`` replayed in the smallest captured batch that holds it."""
+        n, batch = input_ids.shape[0], self.fill(input_ids, positions, meta)
+        graph, out = self.graphs[batch]
+        graph.replay()
+        return out[:n]
+
+    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> int:
+        """Copies a step into the static buffers, padding it to the smallest captured batch; returns that."""
         slot_mapping, block_tables = meta.slot_mapping, meta.decode_block_tables
         context_lens = meta.decode_context_lens
         n = input_ids.shape[0]
@@ -108,6 +120,4 @@ class DecodeGraphs:
             else:
                 self.lora_slots[:n].copy_(token_slots)
             self.lora_slots[n:batch].fill_(-1)
-        graph, out = self.graphs[batch]
-        graph.replay()
-        return out[:n]
+        return batch
