@@ -261,3 +261,24 @@ def test_stop_string_completed_by_a_final_partial_character_is_caught_on_finish(
     assert detok.update([], finished=True) == "Hello "
     assert detok.stop_string == "Hello " and detok.output_text == ""
     assert detok.get_delta(finished=True) == ""
+
+
+def test_the_rust_backend_decodes_where_the_python_wrapper_adds_nothing(tokenizer):
+    """A fast tokenizer's backend is called directly (the wrapper costs more than the decode), unless its
+    class decodes in a way of its own."""
+    import copy
+
+    from pagetron.backend.core.detokenizer import backend_decoder
+
+    assert backend_decoder(tokenizer) is tokenizer.backend_tokenizer
+
+    class OwnDecode(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return "x" * len(token_ids)
+
+    own = copy.copy(tokenizer)
+    own.__class__ = OwnDecode
+    assert backend_decoder(own) is None
+    detok = IncrementalDetokenizer(own, [], SamplingParams())
+    detok.update(tokenizer.encode("Hello, world"))
+    assert detok.get_delta(finished=True) == "xxx"

@@ -9,6 +9,7 @@ character (byte-level BPE splits emoji and CJK this way), so nothing is emitted 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from pagetron.backend.core.sampling_params import SamplingParams
@@ -25,10 +26,30 @@ def decode_full(tokenizer: Any, token_ids: list[int], skip_special_tokens: bool 
     )
 
 
+# NOTE: a fast tokenizer's decode is its Rust backend's, wrapped in Python that converts the ids, looks up
+# the clean-up setting and so on: 3.3 us a call against 0.9 us for the backend alone (SmolLM2, a 6-token
+# window). The detokenizer decodes twice per token of every running sequence, so where the wrapper adds
+# nothing (clean-up off, its _decode not overridden) it calls the backend directly.
+def backend_decoder(tokenizer: Any) -> Any:
+    """The Rust tokenizer whose ``decode(ids, skip_special_tokens=...)`` equals ``decode_full``, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if backend is not None and _decodes_plainly(type(tokenizer)) else None
+
+
+@functools.cache
+def _decodes_plainly(cls: type) -> bool:
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return False
+    return issubclass(cls, PreTrainedTokenizerFast) and cls._decode is PreTrainedTokenizerFast._decode
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
         self.tokenizer = tokenizer
         self.params = params
+        self._backend = backend_decoder(tokenizer)
         # only the prompt's tail matters: it is the decode context of the first output tokens
         self.token_ids = list(prompt_token_ids[max(len(prompt_token_ids) - _INITIAL_CONTEXT_TOKENS, 0) :])
         self.num_output_tokens = 0
@@ -87,6 +108,8 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
         return decode_full(self.tokenizer, token_ids, self.params.skip_special_tokens)
 
     def _decode_prefix(self) -> str:
