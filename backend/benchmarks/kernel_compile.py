@@ -227,9 +227,8 @@ def _drive(ns: argparse.Namespace, folder: Path, kv_cache_dtype: str, first: boo
     loras: list = [None] * len(lengths)
     if first:
         shapes = projection_shapes(cfg)
-        root = Path(tempfile.mkdtemp(prefix="pagetron-kernel-compile-"))
-        folders = [write_adapter(root / f"a{j}", shapes, cfg.num_layers, ns.rank, j) for j in range(3)]
-        adapters = [LoRARequest(f"a{j}", j + 1, str(folder)) for j, folder in enumerate(folders)]
+        folders = [write_adapter(folder / f"a{j}", shapes, cfg.num_layers, ns.rank, j) for j in range(3)]
+        adapters = [LoRARequest(f"a{j}", j + 1, str(path)) for j, path in enumerate(folders)]
         loras = [adapters[0], adapters[1], None, adapters[2], adapters[1]]
         prompts.append({"messages": [{"role": "user", "content": QUESTION}]})
         params.append(SamplingParams(max_tokens=6, temperature=0, structured_outputs={"json": ORDER_SCHEMA}))
@@ -243,7 +242,8 @@ def run(ns: argparse.Namespace) -> dict:
 
     from pagetron.backend.benchmarks.gpu_workloads import write_config
 
-    folder = write_config(ns.shape, Path(tempfile.mkdtemp(prefix="pagetron-kernel-compile-")))
+    scratch = tempfile.TemporaryDirectory(prefix="pagetron-kernel-compile-")
+    folder = write_config(ns.shape, Path(scratch.name))  # the model's config; the adapters beside it
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
     # outputs are garbage, so a constrained row's token breaks its grammar: expected here, not news
@@ -254,6 +254,7 @@ def run(ns: argparse.Namespace) -> dict:
     with compile_only(ns.arch, ns.sms) as compiled:
         for i, kv_cache_dtype in enumerate(ns.kv_cache_dtypes.split(",")):
             _drive(ns, folder, kv_cache_dtype, first=i == 0)
+    scratch.cleanup()
     failed = [row for row in compiled if "error" in row]
     return {
         "target": f"cuda:{ns.arch}", "triton": triton.__version__, "shape": ns.shape,
