@@ -38,11 +38,14 @@ def backend_decoder(tokenizer: Any) -> Any:
 
 @functools.cache
 def _decodes_plainly(cls: type) -> bool:
-    try:
-        from transformers import PreTrainedTokenizerFast
-    except ImportError:
-        return False
-    return issubclass(cls, PreTrainedTokenizerFast) and cls._decode is PreTrainedTokenizerFast._decode
+    """Whether the class's _decode is transformers' fast-tokenizer one (found by name: core does not
+    import transformers)."""
+    owner = next((c for c in cls.__mro__ if "_decode" in vars(c)), None)
+    return (
+        owner is not None
+        and owner.__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
+        and owner.__module__.startswith("transformers.")
+    )
 
 
 class IncrementalDetokenizer:
