@@ -2,7 +2,7 @@
 (an order with customer, address and line items), in one run on one engine, at each concurrency.
 
   pagetron bench structured [--model PATH | --shape llama3-8b] [--concurrency 1,64] [--requests 64]
-      [--max-tokens 64] [--json out.json] [engine arguments]
+      [--max-tokens 64] [--fill-on-thread auto|on|off] [--json out.json] [engine arguments]
 
 ``--shape`` runs a GPU benchmark shape with random weights (load_format dummy) and the bundled SmolLM2's
 tokenizer (or ``--tokenizer FOLDER``: SmolLM2's, saved, where its package is not installed), whose 49,152
@@ -147,6 +147,8 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
         if not args.get("tokenizer"):
             args["tokenizer"] = str(default_model_path())
     llm = LLM(**args)
+    if ns.fill_on_thread != "auto":  # before the first constrained request, which sets the GIL interval
+        llm.engine.fill_masks_on_thread = ns.fill_on_thread == "on"
     prompt = llm.encode_chat([{"role": "user", "content": QUESTION}])
     prompts = [list(prompt) for _ in range(ns.requests)]
     modes = {
@@ -159,12 +161,17 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
     scheduler = llm.engine.scheduler
     phases = HostPhases(llm.engine)
     config = {k: v for k, v in vars(ns).items() if k not in ("func", "json_path", "command", "workload")}
-    result: dict = {"config": config, "device": llm.engine.executor.device_name, "runs": []}
+    result: dict = {
+        "config": config,
+        "device": llm.engine.executor.device_name,
+        "fill_masks_on_thread": llm.engine.fill_masks_on_thread,
+        "runs": [],
+    }
     for concurrency in levels:
         row = {"concurrency": concurrency}
         for mode, params in modes.items():
             stats = scheduler.mask_stats
-            steps, seconds, waited = stats.steps, stats.seconds, stats.waited
+            steps, seconds, waited, on_thread = stats.steps, stats.seconds, stats.waited, stats.on_thread
             since = phases.snapshot()
             elapsed, tokens, stopped = closed_loop(llm, prompts, params, concurrency)
             mask_steps = stats.steps - steps
@@ -179,6 +186,7 @@ def run_structured_bench(ns: argparse.Namespace) -> int:
                 "mask_wait_ms_per_step": round(1e3 * (stats.waited - waited) / mask_steps, 4)
                 if mask_steps
                 else None,
+                "mask_fills_on_thread": stats.on_thread - on_thread,
                 "engine_steps": phases.steps - since[0],
                 "host_ms_per_step": phases.ms_per_step(since),
             }
@@ -204,4 +212,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,64", help="requests in flight, comma-separated")
     parser.add_argument("--requests", type=int, default=64, help="requests per mode and concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--fill-on-thread",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="fill masks on a thread beside the engine's (auto: the engine's choice, by its CPUs)",
+    )
     parser.add_argument("--json", dest="json_path")

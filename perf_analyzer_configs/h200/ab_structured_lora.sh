@@ -7,12 +7,14 @@
 # bench structured's host time by phase included); a short table last.
 # Usage: [SIDES=head] [LEVELS=64] bash perf_analyzer_configs/h200/ab_structured_lora.sh [parts: kernels,structured,lora,sweep]
 # (sweep: this tree's LoRA kernel launch sweep, lora_kernel_sweep.py, after the other parts)
-# (SIDES=head: this tree alone, the ratios being within one run; LEVELS: the structured concurrencies)
+# (SIDES=head: this tree alone, the ratios being within one run; LEVELS: the structured concurrencies;
+#  FILL_MODES="auto off": this tree's structured runs also with the masks filled on the engine thread)
 source perf_analyzer_configs/h200/env.sh
 PARTS=${1:-kernels,structured,lora}
 BASE=${BASE:-.base_e13}
 SIDES=${SIDES:-base head}
 LEVELS=${LEVELS:-64 1}
+FILL_MODES=${FILL_MODES:-auto}
 TOKENIZER=.whl/smollm2-tokenizer
 summary=()
 use() { for part in backend kernels client; do ln -sfn "$PWD/$1/$part" "$SITE/pagetron/$part"; done; }
@@ -38,9 +40,14 @@ for side in $SIDES; do
   if [[ $PARTS == *structured* ]]; then
     for level in $LEVELS; do
       requests=$(( level == 1 ? 6 : 6 * level ))
-      run "structured-c$level-$side" python3 -m pagetron.backend.cli bench structured --shape llama3-8b \
-        --tokenizer "$TOKENIZER" --concurrency "$level" --requests "$requests" --max-tokens 128 \
-        --json "$OUT/structured-c$level-$side.json"
+      for fill in $FILL_MODES; do
+        [[ $fill != auto && $side == base ]] && continue  # the base tree has no --fill-on-thread
+        name="structured-c$level-$side"; [[ $fill != auto ]] && name="$name-fill-$fill"
+        flag=(); [[ $fill != auto ]] && flag=(--fill-on-thread "$fill")
+        run "$name" python3 -m pagetron.backend.cli bench structured --shape llama3-8b \
+          --tokenizer "$TOKENIZER" --concurrency "$level" --requests "$requests" --max-tokens 128 \
+          "${flag[@]}" --json "$OUT/$name.json"
+      done
     done
   fi
   if [[ $PARTS == *lora* ]]; then
