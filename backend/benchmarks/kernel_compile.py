@@ -220,20 +220,30 @@ def _drive(ns: argparse.Namespace, folder: Path, kv_cache_dtype: str, first: boo
     worker.runner.graphs = _uncaptured_graphs(worker, ns.max_num_seqs)
     cfg = llm.engine.model_config
     rng = random.Random(0)
-    # the first step packs a chunk of max_num_batched_tokens over the first two prompts
-    lengths = [ns.max_num_batched_tokens - 192, 700, 300, 200, 129]
-    prompts: list = [{"prompt_token_ids": [rng.randrange(3, 40000) for _ in range(n)]} for n in lengths]
+    # a prompt near max_model_len (long decode contexts: more attention splits); with the next ones, the
+    # first step packs a whole chunk of max_num_batched_tokens
+    long = min(ns.max_num_batched_tokens, llm.engine.max_model_len) - 192
+    lengths = [long, 700, 300, 200, 129, long]
+    vocab = min(cfg.vocab_size, 40000)
+    prompts: list = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(n)]} for n in lengths]
     params: list = [SamplingParams(max_tokens=6, ignore_eos=True, temperature=0) for _ in lengths]
     loras: list = [None] * len(lengths)
     if first:
         shapes = projection_shapes(cfg)
         folders = [write_adapter(folder / f"a{j}", shapes, cfg.num_layers, ns.rank, j) for j in range(3)]
         adapters = [LoRARequest(f"a{j}", j + 1, str(path)) for j, path in enumerate(folders)]
-        loras = [adapters[0], adapters[1], None, adapters[2], adapters[1]]
+        loras = [adapters[0], adapters[1], None, adapters[2], adapters[1], adapters[0]]
+    # a JSON-schema row among others, then alone (the mask kernel with and without a row map); the
+    # tokenizer's ids must be the model's
+    schema = None
+    if first and len(llm.engine.tokenizer) <= cfg.vocab_size:
+        schema = SamplingParams(max_tokens=6, temperature=0, structured_outputs={"json": ORDER_SCHEMA})
         prompts.append({"messages": [{"role": "user", "content": QUESTION}]})
-        params.append(SamplingParams(max_tokens=6, temperature=0, structured_outputs={"json": ORDER_SCHEMA}))
+        params.append(schema)
         loras.append(None)
     llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    if schema is not None:
+        llm.generate(prompts[-1:], schema, use_tqdm=False)
     llm.engine.shutdown()
 
 
