@@ -11,8 +11,9 @@ torch's (cuBLAS on a GPU), replaced by empty outputs. What it drives is what a G
 
   - the decode CUDA graphs' passes, at every graph batch size, on the captured path (LoRA deltas for the
     fused norm and SiLU-and-mul kernels), and decode steps through them, padded as replays are;
-  - prefill chunks of max_num_batched_tokens, mixed steps, rows under several adapters and under none,
-    a JSON-schema request's bitmask in the sampler;
+  - prefill chunks of max_num_batched_tokens, mixed steps, decodes over a context near max_model_len,
+    rows under several adapters and under none, a JSON-schema request's bitmask in the sampler (where
+    the bundled tokenizer's ids fit the shape's vocabulary);
   - each KV-cache dtype asked for (LoRA and the schema with the first only).
 
 One decoder layer is built: every layer launches the same kernels at the same shapes. Each compiled variant
