@@ -555,3 +555,64 @@ def test_filling_masks_on_a_thread_shortens_the_gil_switch_interval(tiny_with_to
         assert sys.getswitchinterval() == pytest.approx(0.0001)  # a shorter one stays
     finally:
         sys.setswitchinterval(before)
+
+
+# ---- what xgrammar 0.2.8 compiles wrong, compiled right (GrammarService._parse, exact_json_ebnf) ---------
+def accepts(smollm, constraint: dict, text: str | list[int]) -> bool:
+    """Whether a fresh sequence under ``constraint`` takes every token of ``text`` (or these ids)."""
+    [state] = smollm.engine.grammar_service().grammars(StructuredOutputsParams(**constraint), 1)
+    state.compiled.result()
+    ids = text if isinstance(text, list) else smollm.tokenizer.encode(text)
+    return all(state.accept(token) for token in ids)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "written"),
+    [
+        ({"json": {"enum": ["éa", True]}}, '"éa"'),
+        ({"json": {"const": "ÿ0"}}, '"ÿ0"'),
+        (
+            {"json": {"type": "object", "properties": {"éa": {"type": "integer"}}, "required": ["éa"]}},
+            '{"éa": 1}',
+        ),
+        ({"json": {"type": "string", "pattern": "^[éa]+$"}}, '"éa"'),
+        ({"choice": ["éa", "b"]}, "éa"),
+        ({"regex": "[éa]+"}, "éa"),
+        ({"grammar": 'root ::= [éa]+ "x"'}, "éax"),
+    ],
+    ids=["enum", "const", "property", "pattern class", "choice", "regex class", "grammar class"],
+)
+def test_a_latin1_character_before_a_hex_digit_is_compiled_as_written(smollm, constraint, written):
+    """xgrammar 0.2.8 prints U+0080-U+00FF as \\xHH when it compiles a Grammar object and reads back every
+    hex digit after it: "éa" became U+0E9A ("ບ"), allowed in its place."""
+    misread = written.replace("éa", "ບ").replace("ÿ0", "\u0ff0")
+    assert accepts(smollm, constraint, written) and not accepts(smollm, constraint, misread)
+
+
+def test_json_strings_take_no_raw_control_character_and_no_surrogate_bytes(smollm):
+    """Bounded (xgrammar's maxLength past the lengths written as patterns, and those), unbounded and any
+    JSON: a raw tab or the UTF-8 bytes of a surrogate (one token per byte) are refused inside a string."""
+    from test_detokenizer import gpt2_byte_to_unicode
+
+    byte = gpt2_byte_to_unicode()
+    surrogate = smollm.tokenizer.convert_tokens_to_ids([byte[b] for b in (0xED, 0xA0, 0x80)])
+    quote = smollm.tokenizer.encode('"')
+    for constraint, opening in [
+        ({"json": {"type": "string", "maxLength": 200}}, quote),
+        ({"json": {"type": "string", "maxLength": 20}}, quote),
+        ({"json": {"type": "string"}}, quote),
+        ({"json_object": True}, smollm.tokenizer.encode('{"a": "')),
+    ]:
+        assert accepts(smollm, constraint, opening + smollm.tokenizer.encode("é b"))
+        assert not accepts(smollm, constraint, opening + smollm.tokenizer.encode("a\tb"))
+        assert not accepts(smollm, constraint, opening + surrogate)
+
+
+def test_exact_json_ebnf_rewrites_only_byte_escapes_and_string_classes():
+    from pagetron.backend.engine.grammar import exact_json_ebnf
+
+    ebnf = 'a ::= (("\\xe9a" "\\\\x41" [\\xe9-\\xff])) (=([ \\n]))\nb ::= (([^\\"\\\\\\r\\n]))'
+    assert exact_json_ebnf(ebnf) == (
+        'a ::= (("\\u00e9a" "\\\\x41" [\\u00e9-\\u00ff])) (=([ \\n]))\n'
+        'b ::= (([^\\0-\\u001f\\"\\\\\\r\\n\\uD800-\\uDFFF]))'
+    )

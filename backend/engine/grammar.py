@@ -21,6 +21,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,7 @@ def fill_bitmasks(states: list[SequenceGrammar], bitmask: Any) -> None:
 class _Compile:
     """One grammar to compile; ``future`` is what the cache and the sequences hold."""
 
-    grammar: Any
+    compile: Callable[[Any], Any]  # xgrammar's GrammarCompiler -> CompiledGrammar (see _parse)
     future: Future = field(default_factory=Future)
     started: float | None = None  # when a pool thread took it
     pool: int = -1  # which pool's thread
@@ -144,12 +145,12 @@ class GrammarService:
             if compiled is not None:
                 self._cache.move_to_end(key)
         if compiled is None:
-            grammar = self._parse(params)  # outside the lock: a large schema takes a while
+            build = self._parse(params)  # outside the lock: a large schema takes a while
             with self._lock:
                 compiled = self._cache.get(key)
                 if compiled is None:
                     self._refuse_if_stuck()
-                    job = _Compile(grammar)
+                    job = _Compile(build)
                     self._queued.append(job)
                     self._pools[-1].submit(self._run, job, len(self._pools) - 1)
                     compiled = self._cache[key] = job.future
@@ -196,33 +197,47 @@ class GrammarService:
             self._queued.remove(job)
             self._running.append(job)
         try:
-            job.future.set_result(self._compiler.compile_grammar(job.grammar))
+            job.future.set_result(job.compile(self._compiler))
         except Exception as e:  # noqa: BLE001 (the grammar's error, read where its requests are checked)
             job.future.set_exception(e)
         finally:
             with self._lock:
                 self._running.remove(job)
 
-    def _parse(self, params: StructuredOutputsParams) -> Any:
+    # NOTE: xgrammar 0.2.8 compiles a Grammar object by printing it as EBNF and parsing that again, and its
+    # printer writes the characters U+0080-U+00FF as \xHH escapes that its parser reads with every hex
+    # digit that follows: a schema's enum "éa" became "\xe9a", i.e. U+0E9A, so "ບ" was allowed and "éa"
+    # forbidden (the same for choices, classes such as [éa] and user grammars). Its compile_* functions
+    # that take the source text parse it once and are right. So a constraint is parsed here to refuse a
+    # bad one at once, and compiled from its text on a pool thread; a JSON schema goes through EBNF we
+    # print ourselves (exact_json_ebnf) to also fix what its maxLength strings allow.
+    def _parse(self, params: StructuredOutputsParams) -> Callable[[Any], Any]:
+        """Checks the constraint (InvalidRequestError naming the problem) and returns how to compile it."""
         xgr, kind = self._xgr, params.kind
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
                 _check_schema(schema)
-                return xgr.Grammar.from_json_schema(
+                grammar = xgr.Grammar.from_json_schema(
                     json.dumps(short_strings_as_patterns(schema)),
                     any_whitespace=not params.disable_any_whitespace,
                     max_whitespace_cnt=JSON_MAX_WHITESPACE,
                 )
+                ebnf = exact_json_ebnf(str(grammar))
+                return lambda compiler: compiler.compile_grammar(ebnf)
             if kind == "json_object":
-                return xgr.Grammar.builtin_json_grammar()
+                ebnf = exact_json_ebnf(str(xgr.Grammar.builtin_json_grammar()))
+                return lambda compiler: compiler.compile_grammar(ebnf)
             if kind == "regex":
-                return xgr.Grammar.from_regex(params.regex)
+                regex = params.regex
+                xgr.Grammar.from_regex(regex)
+                return lambda compiler: compiler.compile_regex(regex)
             if kind == "choice":
-                return xgr.Grammar.from_ebnf(
-                    "root ::= " + " | ".join(_ebnf_literal(c) for c in params.choice)
-                )
-            return xgr.Grammar.from_ebnf(params.grammar)
+                ebnf = "root ::= " + " | ".join(_ebnf_literal(c) for c in params.choice)
+            else:
+                ebnf = params.grammar
+            xgr.Grammar.from_ebnf(ebnf)
+            return lambda compiler: compiler.compile_grammar(ebnf)
         except InvalidRequestError:
             raise
         except Exception as e:  # noqa: BLE001 (xgrammar raises RuntimeError / ValueError with the reason)
@@ -298,18 +313,18 @@ def _check_schema(schema: Any) -> None:
 # decided at fill time, the more so the fewer characters remain: a bitmask row inside a 12-character
 # string costs 2-6 ms to fill, and near the end of a 40- or 60-character one up to 5 ms (0.6-0.8 ms on
 # average over the string), against 5-100 us elsewhere (SmolLM2's vocabulary). The same length as a
-# pattern over the characters xgrammar's maxLength allows compiles to one regular expression and fills
-# in 60-140 us anywhere in it. Both allow exactly the same strings but one difference: xgrammar's
-# maxLength also allows raw control characters, which are not valid JSON, so the pattern is the stricter
-# and the correct one. Escapes are allowed by neither. xgrammar refuses a repetition bound above 128, so
-# longer strings keep maxLength (splitting the bound, {0,100}{0,100}, fills slower than maxLength).
+# pattern over a JSON string's characters compiles to one regular expression and fills in 60-140 us
+# anywhere in it. Both allow the same strings once the maxLength rule's characters are made JSON's
+# (exact_json_ebnf: xgrammar's let raw control characters through); escapes are allowed by neither.
+# xgrammar refuses a repetition bound above 128, so longer strings keep maxLength (splitting the bound,
+# {0,128}{0,72}, compiles in twice the time and fills in 4-5 times maxLength's).
 # Each distinct bound is a regular expression of its own to compile, about 0.35 s near 128 on the 2-core
 # machine (equal bounds share one), so past 16 characters only the LONG_PATTERNS_MAX shortest distinct
 # bounds of a schema are rewritten: a schema of 40 distinct bounds of 89-128 compiled in 15 s so.
 SHORT_STRING_MAX = 128
 ALWAYS_PATTERN_MAX = 16  # bounds up to this are always rewritten (cheap to compile, costliest to fill)
 LONG_PATTERNS_MAX = 8
-STRING_CHARACTER = r'[^"\\\x00-\x1f]'
+STRING_CHARACTER = r'[^"\\\x00-\x1f\uD800-\uDFFF]'
 
 
 def short_strings_as_patterns(schema: Any) -> Any:
@@ -336,6 +351,24 @@ def short_strings_as_patterns(schema: Any) -> Any:
             node.pop("maxLength")
             node["pattern"] = f"^{STRING_CHARACTER}{{{low},{high}}}$"
     return schema
+
+
+# The classes xgrammar 0.2.8 gives a JSON string's characters (a maxLength string's, an unbounded one's,
+# the builtin JSON grammar's): the first lets raw control characters through (not valid JSON), and all
+# let the UTF-8 encodings of the surrogates U+D800-U+DFFF through (not valid UTF-8; a byte-level
+# tokenizer has a token for each byte); then the class they should be.
+_XGRAMMAR_STRING_CHARACTERS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]", r"[^\"\\\0-\x1f]")
+_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+_ESCAPE = re.compile(r"\\(?:x([0-9a-fA-F]{2})|.)", re.DOTALL)
+
+
+def exact_json_ebnf(ebnf: str) -> str:
+    """xgrammar's EBNF of a JSON grammar (``str(Grammar)``) as its parser reads it right (see
+    GrammarService._parse), its strings' characters as JSON allows them: each \\xHH escape written as
+    \\u00HH, which takes exactly four hex digits, and the string character classes replaced."""
+    for loose in _XGRAMMAR_STRING_CHARACTERS:
+        ebnf = ebnf.replace(loose, _JSON_STRING_CHARACTER)
+    return _ESCAPE.sub(lambda m: "\\u00" + m.group(1) if m.group(1) else m.group(0), ebnf)
 
 
 def _count(value: Any) -> bool:
