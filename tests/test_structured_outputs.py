@@ -4,6 +4,7 @@ that name the problem, a request waiting for its grammar while others run, and r
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -616,3 +617,75 @@ def test_exact_json_ebnf_rewrites_only_byte_escapes_and_string_classes():
         'a ::= (("\\u00e9a" "\\\\x41" [\\u00e9-\\u00ff])) (=([ \\n]))\n'
         'b ::= (([^\\0-\\u001f\\"\\\\\\r\\n\\uD800-\\uDFFF]))'
     )
+
+
+@functools.cache
+def token_lengths(tokenizer, vocab: int) -> np.ndarray:
+    return np.array([len(tokenizer.decode([i])) for i in range(vocab)])
+
+
+def walk(smollm, state, rng: np.random.Generator, max_steps: int = 300) -> list[int] | None:
+    """Random allowed tokens (EOS half the time it is allowed, short tokens mostly, so strings end) until
+    the grammar is complete: the ids, or None if it was not complete in ``max_steps``."""
+    vocab = smollm.engine.grammar_vocab_size
+    eos = smollm.tokenizer.eos_token_id
+    lengths = token_lengths(smollm.tokenizer, vocab)
+    bitmask = np.zeros((1, smollm.engine.scheduler.bitmask_width), np.int32)
+    ids: list[int] = []
+    for _ in range(max_steps):
+        if state.is_terminated():
+            return ids
+        state.fill_bitmask(bitmask, 0)
+        allowed = np.flatnonzero(np.unpackbits(bitmask[0].view(np.uint8), bitorder="little")[:vocab])
+        short = allowed[lengths[allowed] <= 2]
+        if eos in allowed and rng.random() < 0.5:
+            token = eos
+        else:
+            token = int(rng.choice(short if len(short) and rng.random() < 0.8 else allowed))
+        assert state.accept(token), f"the mask allowed {token} but the matcher refused it"
+        ids.append(token)
+    return None
+
+
+_walk_schemas = st.recursive(
+    st.one_of(
+        st.sampled_from([{"type": t} for t in ("integer", "number", "boolean", "null", "string")]),
+        # written as patterns (up to 16 always, longer ones up to 128 by the shortest 8) and not (130)
+        st.builds(lambda n: {"type": "string", "maxLength": n}, st.sampled_from([0, 3, 16, 40, 130])),
+        st.builds(
+            lambda v: {"enum": v},
+            st.lists(st.integers(-3, 3) | st.text("aé\"\\ÿ0", max_size=3), min_size=1, max_size=3,
+                     unique=True),
+        ),
+        st.sampled_from([{"type": "string", "pattern": "^[a-zé]{2,4}$"}, {"type": "string", "format": "date"},
+                         {"type": ["string", "null"]}, {"type": "integer", "minimum": -5, "maximum": 50}]),
+    ),
+    lambda inner: st.one_of(
+        st.builds(lambda it, n: {"type": "array", "items": it, "maxItems": n}, inner, st.integers(0, 3)),
+        st.builds(
+            lambda props, ap: {"type": "object", "properties": props, "required": sorted(props)[:2],
+                               "additionalProperties": ap},
+            st.dictionaries(st.text("pqé", min_size=1, max_size=2), inner, max_size=3), st.booleans(),
+        ),
+        st.builds(lambda branches: {"anyOf": branches}, st.lists(inner, min_size=1, max_size=2)),
+    ),
+    max_leaves=5,
+)  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=_walk_schemas, seed=st.integers(0, 2**32 - 1))
+def test_every_walk_a_schemas_grammar_completes_is_valid_json_of_that_schema(smollm, schema, seed):
+    """What the grammar engine lets through, not what a model happens to pick: random walks over the
+    allowed tokens of random schemas (non-ASCII literals, long and short bounded strings, nesting)."""
+    try:
+        states = smollm.engine.grammar_service().grammars(StructuredOutputsParams(json=schema), 2)
+    except InvalidRequestError:
+        return
+    states[0].compiled.result()
+    rng = np.random.default_rng(seed)
+    for state in states:
+        ids = walk(smollm, state, rng)
+        if ids is not None:
+            text = smollm.tokenizer.decode(ids, skip_special_tokens=True)
+            jsonschema.validate(json.loads(text), schema)
