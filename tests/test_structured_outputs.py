@@ -590,13 +590,15 @@ def test_a_latin1_character_before_a_hex_digit_is_compiled_as_written(smollm, co
     assert accepts(smollm, constraint, written) and not accepts(smollm, constraint, misread)
 
 
-def test_json_strings_take_no_raw_control_character_and_no_surrogate_bytes(smollm):
+def test_json_strings_take_no_raw_control_character_and_no_invalid_utf8(smollm):
     """Bounded (xgrammar's maxLength past the lengths written as patterns, and those), unbounded and any
-    JSON: a raw tab or the UTF-8 bytes of a surrogate (one token per byte) are refused inside a string."""
+    JSON: a raw tab, the bytes of a surrogate or an overlong form (one token per byte) are refused inside
+    a string."""
     from test_detokenizer import gpt2_byte_to_unicode
 
     byte = gpt2_byte_to_unicode()
     surrogate = smollm.tokenizer.convert_tokens_to_ids([byte[b] for b in (0xED, 0xA0, 0x80)])
+    overlong = smollm.tokenizer.convert_tokens_to_ids([byte[b] for b in (0xE0, 0x93, 0x99)])  # U+04D9
     quote = smollm.tokenizer.encode('"')
     for constraint, opening in [
         ({"json": {"type": "string", "maxLength": 200}}, quote),
@@ -607,6 +609,7 @@ def test_json_strings_take_no_raw_control_character_and_no_surrogate_bytes(smoll
         assert accepts(smollm, constraint, opening + smollm.tokenizer.encode("é b"))
         assert not accepts(smollm, constraint, opening + smollm.tokenizer.encode("a\tb"))
         assert not accepts(smollm, constraint, opening + surrogate)
+        assert not accepts(smollm, constraint, opening + overlong)
 
 
 def test_exact_json_ebnf_rewrites_only_byte_escapes_and_string_classes():
@@ -687,5 +690,15 @@ def test_every_walk_a_schemas_grammar_completes_is_valid_json_of_that_schema(smo
     for state in states:
         ids = walk(smollm, state, rng)
         if ids is not None:
-            text = smollm.tokenizer.decode(ids, skip_special_tokens=True)
+            text = utf8_text(smollm.tokenizer, ids)  # raises on bytes that are not UTF-8
             jsonschema.validate(json.loads(text), schema)
+
+
+def utf8_text(tokenizer, ids: list[int]) -> str:
+    """The bytes of ``ids`` (SmolLM2's byte-level tokens; special tokens left out) decoded strictly."""
+    from test_detokenizer import gpt2_byte_to_unicode
+
+    to_byte = {char: b for b, char in gpt2_byte_to_unicode().items()}
+    special = set(tokenizer.all_special_ids)
+    pieces = tokenizer.convert_ids_to_tokens([i for i in ids if i not in special])
+    return bytes(to_byte[char] for piece in pieces for char in piece).decode("utf-8")

@@ -324,7 +324,13 @@ def _check_schema(schema: Any) -> None:
 SHORT_STRING_MAX = 128
 ALWAYS_PATTERN_MAX = 16  # bounds up to this are always rewritten (cheap to compile, costliest to fill)
 LONG_PATTERNS_MAX = 8
-STRING_CHARACTER = r'[^"\\\x00-\x1f\uD800-\uDFFF]'
+# a JSON string's character without escapes, one alternative per UTF-8 length: xgrammar 0.2.8 turns a
+# pattern's class whose range spans several lengths ([^"\\\x00-\x1f]) into bytes that also take overlong
+# forms (E0 93 99) and surrogates (ED A0 80), which are not UTF-8
+STRING_CHARACTER = (
+    r"(?:[\x20\x21\x23-\x5B\x5D-\x7F]|[\u0080-\u07FF]|[\u0800-\uD7FF]|[\uE000-\uFFFF]"
+    r"|[\u{10000}-\u{10FFFF}])"
+)
 
 
 def short_strings_as_patterns(schema: Any) -> Any:
