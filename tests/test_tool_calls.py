@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagetron.backend.core.errors import InvalidRequestError
@@ -262,10 +262,28 @@ AUTO_REPLIES = [
     ' \n<tool_call>{"name": "get_time", "arguments": {}}</tool_call> \n And after.\n',
     '{"name": "get_time", "parameters": {}};  then text ',
     " \n\t ",  # only whitespace
+    # after Llama-3 calls everything is content, a tag too (and after "<call>;" with no call next)
+    '\n{"name": "get_time", "parameters": {}}<tool_call>{"name": "get_time", "arguments": {}}é',
+    '{"name": "get_time", "arguments": {}}<tool_call>{"name": "get_time", "parameters": {}}',
+    '{"name": "get_time", "parameters": {}}; <tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
 ]
 
 
-@given(st.sampled_from(AUTO_REPLIES), st.lists(st.integers(1, 12), min_size=1, max_size=30))
+# pieces of replies in every format, put together at random
+REPLY_PIECES = [
+    "<tool_call>", "</tool_call>", '{"name": "get_weather", "arguments": {"city": "Rome"}}',
+    '{"name": "get_time", "parameters": {}}', '{"name": "get_time", "arguments": {}}', "<|python_tag|>", "; ",
+    " text ", "\n", '{"answer": 1}', '{"name": ', '"get_time"', "}", "{", "[", "]", ",", '"', "\\", "<tool",
+    "_call>", '"arguments": ', '{"city": "a\\"b"}', "é", "</", "\t",
+]  # fmt: skip
+_replies = st.one_of(
+    st.sampled_from(AUTO_REPLIES),
+    st.lists(st.sampled_from(REPLY_PIECES), min_size=1, max_size=10).map("".join),
+)
+
+
+@settings(max_examples=300)
+@given(_replies, st.lists(st.integers(1, 12), min_size=1, max_size=30))
 def test_auto_streaming_in_any_pieces_gives_what_the_whole_reply_parses_to(reply, sizes):
     stream = ToolCallStream(plan([WEATHER, TIME], "auto", None))
     deltas, start = [], 0

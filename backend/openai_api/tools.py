@@ -258,6 +258,7 @@ class ToolCallStream:
         self._call: _ValueScan | None = None  # the object of the call being streamed ...
         self._arguments: _ValueScan | None = None  # ... and its arguments, once its head was sent
         self._json_reply = False  # auto: the reply is Llama-3 JSON calls, streaming
+        self._rest_is_content = False  # ... and they ended: all that follows is content, tags too
         self._separator = False  # ... and a ";" or the end comes next
         self._body: _ValueScan | None = None  # auto: the JSON body of a tag that goes whole ...
         self._body_from = 0  # ... or where to look on for its start (-1: the body is text)
@@ -394,9 +395,9 @@ class ToolCallStream:
                 after = _NOT_SPACE.search(self.buffer, self._sent)
                 if after is None:
                     return deltas, True
-                if after.group() != ";":
-                    self._json_reply = False
-                    return deltas, False  # text after the calls: content
+                if after.group() != ";":  # text after the calls: content, as parse_calls reads it
+                    self._json_reply, self._rest_is_content = False, True
+                    return deltas + self._rest_as_content(), True
                 self._sent, self._separator = after.end(), False
             found = _NOT_SPACE.search(self.buffer, self._sent)
             start = len(self.buffer) if found is None else found.start()
@@ -410,12 +411,20 @@ class ToolCallStream:
                 continue
             if not final:
                 return deltas, True  # the head may still come: held
+            if self.num_calls:  # the end after "<call>;": the rest is content
+                return deltas + self._rest_as_content(), True
             # the end, and no call head: read the rest as a whole reply is read
             content, calls = parse_calls(self.buffer[self._sent :])
             self._sent = len(self.buffer)
             return deltas + ([{"content": content}] if content else []) + self._emit(calls), True
 
+    def _rest_as_content(self) -> list[dict[str, Any]]:
+        text, self._sent = self.buffer[self._sent :], len(self.buffer)
+        return [{"content": text}] if text else []
+
     def _auto(self, final: bool) -> list[dict[str, Any]]:
+        if self._rest_is_content:
+            return self._rest_as_content()
         deltas: list[dict[str, Any]] = []
         may_be_json = False
         if self._sent == 0 and self.num_calls == 0 and not self._json_reply:
