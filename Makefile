@@ -42,11 +42,11 @@ test: lint
 test-full: lint
 	PAGETRON_FULL_TESTS=1 $(VENV)/bin/pytest -q -p no:cacheprovider
 
-# the long reliability runs at full size (make test runs them shortened): a 120 s perf_analyzer soak and
-# 1,000 fuzzed requests
+# the long reliability runs at full size (make test runs them shortened): a 120 s perf_analyzer soak,
+# 1,000 fuzzed Triton requests and 200 fuzzed OpenAI bodies
 soak: setup
 	PAGETRON_SOAK_S=120 PAGETRON_FUZZ_EXAMPLES=1000 $(VENV)/bin/pytest -q -p no:cacheprovider -s \
-		tests/serving/test_soak.py tests/serving/test_fuzz.py
+		tests/serving/test_soak.py tests/serving/test_fuzz.py tests/serving/test_openai_fuzz.py
 
 # extra `pagetron serve` flags, e.g. make serve SERVE_FLAGS="--max-model-len 4096"
 SERVE_FLAGS ?=
