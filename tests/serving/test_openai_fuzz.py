@@ -1,8 +1,8 @@
 """Fuzzing the OpenAI frontend (`pagetron openai` in front of the real tritonserver, the tiny model): chat and
 completion bodies whose fields take values of any shape (wrong types, NaN, huge and negative numbers,
 nested junk, unknown keys), messages of every role with and without tool calls, tools, tool_choice and
-response_format in random forms. Every reply is 200 with a completion or a 4xx in OpenAI's error shape
-naming a parameter; never a 5xx, and the frontend and server stay whole. `PAGETRON_FUZZ_EXAMPLES` sets the
+response_format in random forms. Every reply is 200 with a completion or a 4xx in OpenAI's error shape;
+never a 5xx, and the frontend and server stay whole. `PAGETRON_FUZZ_EXAMPLES` sets the
 count: a fifth of it (60 in make test, 200 in make soak)."""
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def small(body: dict) -> dict:
     return body
 
 
-def test_fuzzed_openai_bodies_get_a_completion_or_a_4xx_naming_a_field(openai_stack):
+def test_fuzzed_openai_bodies_get_a_completion_or_a_4xx_in_openais_shape(openai_stack):
     frontend = openai_stack.frontend
     headers = {"authorization": f"Bearer {frontend.api_key}", "content-type": "application/json"}
     statuses: dict[int, int] = {}
