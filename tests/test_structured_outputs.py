@@ -613,12 +613,17 @@ def test_json_strings_take_no_raw_control_character_and_no_invalid_utf8(smollm):
 
 
 def test_exact_json_ebnf_rewrites_only_byte_escapes_and_string_classes():
+    """Escapes anywhere; the classes only outside quoted literals (an enum value may print like one)."""
     from pagetron.backend.engine.grammar import exact_json_ebnf
 
-    ebnf = 'a ::= (("\\xe9a" "\\\\x41" [\\xe9-\\xff])) (=([ \\n]))\nb ::= (([^\\"\\\\\\r\\n]))'
+    loose = r"[^\"\\\r\n]"
+    ebnf = (
+        f'a ::= (("\\xe9a" "\\\\x41" [\\xe9-\\xff])) (=([ \\n]))\nb ::= (({loose}))\nc ::= (("x\\"{loose}"))'
+    )
     assert exact_json_ebnf(ebnf) == (
         'a ::= (("\\u00e9a" "\\\\x41" [\\u00e9-\\u00ff])) (=([ \\n]))\n'
-        'b ::= (([^\\0-\\u001f\\"\\\\\\r\\n\\uD800-\\uDFFF]))'
+        'b ::= (([^\\0-\\u001f\\"\\\\\\r\\n\\uD800-\\uDFFF]))\n'
+        f'c ::= (("x\\"{loose}"))'
     )
 
 

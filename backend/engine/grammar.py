@@ -365,6 +365,12 @@ def short_strings_as_patterns(schema: Any) -> Any:
 # tokenizer has a token for each byte); then the class they should be.
 _XGRAMMAR_STRING_CHARACTERS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]", r"[^\"\\\0-\x1f]")
 _JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+# a quoted literal or an escape pair (both left alone: an enum value may print like a class, and \" starts
+# no literal), or one of those classes
+_LITERAL_OR_CLASS = re.compile(
+    r'"(?:\\.|[^"\\])*"|(' + "|".join(re.escape(c) for c in _XGRAMMAR_STRING_CHARACTERS) + r")|\\.",
+    re.DOTALL,
+)
 _ESCAPE = re.compile(r"\\(?:x([0-9a-fA-F]{2})|.)", re.DOTALL)
 
 
@@ -372,8 +378,7 @@ def exact_json_ebnf(ebnf: str) -> str:
     """xgrammar's EBNF of a JSON grammar (``str(Grammar)``) as its parser reads it right (see
     GrammarService._parse), its strings' characters as JSON allows them: each \\xHH escape written as
     \\u00HH, which takes exactly four hex digits, and the string character classes replaced."""
-    for loose in _XGRAMMAR_STRING_CHARACTERS:
-        ebnf = ebnf.replace(loose, _JSON_STRING_CHARACTER)
+    ebnf = _LITERAL_OR_CLASS.sub(lambda m: _JSON_STRING_CHARACTER if m.group(1) else m.group(), ebnf)
     return _ESCAPE.sub(lambda m: "\\u00" + m.group(1) if m.group(1) else m.group(0), ebnf)
 
 
