@@ -276,7 +276,13 @@ def test_the_rust_backend_decodes_where_the_python_wrapper_adds_nothing(tokenize
         def _decode(self, token_ids, **kwargs):
             return "x" * len(token_ids)
 
+    class OwnPublicDecode(type(tokenizer)):
+        def decode(self, token_ids, **kwargs):
+            return "x" * len(token_ids)
+
     own = copy.copy(tokenizer)
+    own.__class__ = OwnPublicDecode
+    assert backend_decoder(own) is None
     own.__class__ = OwnDecode
     assert backend_decoder(own) is None
     detok = IncrementalDetokenizer(own, [], SamplingParams())

@@ -622,7 +622,7 @@ def test_exact_json_ebnf_rewrites_only_byte_escapes_and_string_classes():
     )
     assert exact_json_ebnf(ebnf) == (
         'a ::= (("\\u00e9a" "\\\\x41" [\\u00e9-\\u00ff])) (=([ \\n]))\n'
-        'b ::= (([^\\0-\\u001f\\"\\\\\\r\\n\\uD800-\\uDFFF]))\n'
+        'b ::= (([^\\0-\\u001f\\"\\\\\\uD800-\\uDFFF]))\n'
         f'c ::= (("x\\"{loose}"))'
     )
 

@@ -29,7 +29,7 @@ def decode_full(tokenizer: Any, token_ids: list[int], skip_special_tokens: bool 
 # NOTE: a fast tokenizer's decode is its Rust backend's, wrapped in Python that converts the ids, looks up
 # the clean-up setting and so on: 3.3 us a call against 0.9 us for the backend alone (SmolLM2, a 6-token
 # window). The detokenizer decodes twice per token of every running sequence, so where the wrapper adds
-# nothing (clean-up off, its _decode not overridden) it calls the backend directly.
+# nothing (clean-up off, neither decode nor _decode overridden) it calls the backend directly.
 def backend_decoder(tokenizer: Any) -> Any:
     """The Rust tokenizer whose ``decode(ids, skip_special_tokens=...)`` equals ``decode_full``, or None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -38,14 +38,18 @@ def backend_decoder(tokenizer: Any) -> Any:
 
 @functools.cache
 def _decodes_plainly(cls: type) -> bool:
-    """Whether the class's _decode is transformers' fast-tokenizer one (found by name: core does not
-    import transformers)."""
-    owner = next((c for c in cls.__mro__ if "_decode" in vars(c)), None)
-    return (
-        owner is not None
-        and owner.__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
-        and owner.__module__.startswith("transformers.")
-    )
+    """Whether the class decodes as transformers' fast tokenizers do: ``decode`` and ``_decode`` both
+    transformers' own (found by name: core does not import transformers)."""
+    return _owner(cls, "decode") in _BASE_CLASSES and _owner(cls, "_decode") in _BASE_CLASSES[1:]
+
+
+_BASE_CLASSES = ("PreTrainedTokenizerBase", "TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _owner(cls: type, name: str) -> str | None:
+    """The name of the transformers class that defines ``name`` for ``cls``, or None if another does."""
+    owner = next((c for c in cls.__mro__ if name in vars(c)), None)
+    return owner.__name__ if owner is not None and owner.__module__.startswith("transformers.") else None
 
 
 class IncrementalDetokenizer:

@@ -100,7 +100,7 @@ def fill_bitmasks(states: list[SequenceGrammar], bitmask: Any) -> None:
 class _Compile:
     """One grammar to compile; ``future`` is what the cache and the sequences hold."""
 
-    compile: Callable[[Any], Any]  # xgrammar's GrammarCompiler -> CompiledGrammar (see _parse)
+    build: Callable[[Any], Any]  # xgrammar's GrammarCompiler -> CompiledGrammar (see _parse)
     future: Future = field(default_factory=Future)
     started: float | None = None  # when a pool thread took it
     pool: int = -1  # which pool's thread
@@ -197,7 +197,7 @@ class GrammarService:
             self._queued.remove(job)
             self._running.append(job)
         try:
-            job.future.set_result(job.compile(self._compiler))
+            job.future.set_result(job.build(self._compiler))
         except Exception as e:  # noqa: BLE001 (the grammar's error, read where its requests are checked)
             job.future.set_exception(e)
         finally:
@@ -205,12 +205,11 @@ class GrammarService:
                 self._running.remove(job)
 
     # NOTE: xgrammar 0.2.8 compiles a Grammar object by printing it as EBNF and parsing that again, and its
-    # printer writes the characters U+0080-U+00FF as \xHH escapes that its parser reads with every hex
-    # digit that follows: a schema's enum "éa" became "\xe9a", i.e. U+0E9A, so "ບ" was allowed and "éa"
-    # forbidden (the same for choices, classes such as [éa] and user grammars). Its compile_* functions
-    # that take the source text parse it once and are right. So a constraint is parsed here to refuse a
-    # bad one at once, and compiled from its text on a pool thread; a JSON schema goes through EBNF we
-    # print ourselves (exact_json_ebnf) to also fix what its maxLength strings allow.
+    # printer writes U+0080-U+00FF as \xHH escapes that its parser reads with every hex digit after them
+    # ("éa" is read as U+0E9A): enums, choices, classes and user grammars alike. Its compile_* functions
+    # that take source text parse it once and are right. So each constraint is turned into source text
+    # here (a JSON schema into xgrammar's EBNF, corrected by exact_json_ebnf), parsed to refuse a bad one
+    # at once, and compiled from that text on a pool thread.
     def _parse(self, params: StructuredOutputsParams) -> Callable[[Any], Any]:
         """Checks the constraint (InvalidRequestError naming the problem) and returns how to compile it."""
         xgr, kind = self._xgr, params.kind
@@ -224,19 +223,17 @@ class GrammarService:
                     max_whitespace_cnt=JSON_MAX_WHITESPACE,
                 )
                 ebnf = exact_json_ebnf(str(grammar))
-                return lambda compiler: compiler.compile_grammar(ebnf)
-            if kind == "json_object":
+            elif kind == "json_object":
                 ebnf = exact_json_ebnf(str(xgr.Grammar.builtin_json_grammar()))
-                return lambda compiler: compiler.compile_grammar(ebnf)
-            if kind == "regex":
+            elif kind == "regex":
                 regex = params.regex
                 xgr.Grammar.from_regex(regex)
                 return lambda compiler: compiler.compile_regex(regex)
-            if kind == "choice":
+            elif kind == "choice":
                 ebnf = "root ::= " + " | ".join(_ebnf_literal(c) for c in params.choice)
             else:
                 ebnf = params.grammar
-            xgr.Grammar.from_ebnf(ebnf)
+            xgr.Grammar.from_ebnf(ebnf)  # what will be compiled, parsed now (ours for json and json_object)
             return lambda compiler: compiler.compile_grammar(ebnf)
         except InvalidRequestError:
             raise
@@ -364,7 +361,7 @@ def short_strings_as_patterns(schema: Any) -> Any:
 # let the UTF-8 encodings of the surrogates U+D800-U+DFFF through (not valid UTF-8; a byte-level
 # tokenizer has a token for each byte); then the class they should be.
 _XGRAMMAR_STRING_CHARACTERS = (r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]", r"[^\"\\\0-\x1f]")
-_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+_JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\uD800-\uDFFF]"
 # a quoted literal or an escape pair (both left alone: an enum value may print like a class, and \" starts
 # no literal), or one of those classes
 _LITERAL_OR_CLASS = re.compile(
