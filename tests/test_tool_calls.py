@@ -302,3 +302,12 @@ def test_auto_streaming_in_any_pieces_gives_what_the_whole_reply_parses_to(reply
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
         (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole_calls
     ]
+
+
+def test_text_after_a_llama3_call_and_a_semicolon_streams_at_once():
+    """After "<call>;" only "{" could begin another call: other text goes out as it comes, not at the end."""
+    stream = ToolCallStream(plan([WEATHER, TIME], "auto", None))
+    deltas = stream.feed('{"name": "get_time", "parameters": {}}; and') + stream.feed(" more")
+    assert deltas[0]["tool_calls"][0]["function"]["name"] == "get_time"
+    assert [d["content"] for d in deltas if "content" in d] == [" and", " more"]
+    assert stream.finish() == []

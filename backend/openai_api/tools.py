@@ -376,9 +376,9 @@ class ToolCallStream:
         self._sent = len(self.buffer) if found is None else found.start()  # separators are no content
         return self._sent if found is not None and found.group() == "{" else None
 
-    def _json_calls(self, final: bool) -> tuple[list[dict[str, Any]], bool]:
+    def _json_calls(self, final: bool) -> list[dict[str, Any]]:
         """A Llama-3 reply: calls ``{"name": ..., "parameters": {...}}`` joined by ``;``, each streamed
-        once its head is complete; (deltas, False) where the rest is content after all."""
+        once its head is complete; what follows them is content."""
         deltas: list[dict[str, Any]] = []
         while True:
             if self._call is not None:
@@ -388,16 +388,16 @@ class ToolCallStream:
                     if final:
                         self._call = self._arguments = None
                         self._sent = len(self.buffer)
-                    return deltas, True
+                    return deltas
                 self._call = self._arguments = None
                 self._sent, self._separator = end, True
             if self._separator:  # after a call: the end, or ";" and the next one
                 after = _NOT_SPACE.search(self.buffer, self._sent)
                 if after is None:
-                    return deltas, True
+                    return deltas
                 if after.group() != ";":  # text after the calls: content, as parse_calls reads it
                     self._json_reply, self._rest_is_content = False, True
-                    return deltas + self._rest_as_content(), True
+                    return deltas + self._rest_as_content()
                 self._sent, self._separator = after.end(), False
             found = _NOT_SPACE.search(self.buffer, self._sent)
             start = len(self.buffer) if found is None else found.start()
@@ -409,14 +409,17 @@ class ToolCallStream:
                 self._json_reply = True
                 deltas += self._start(head, start)
                 continue
+            if self.num_calls and start < len(self.buffer) and self.buffer[start] != "{":
+                self._json_reply, self._rest_is_content = False, True  # after "<call>;", no call follows
+                return deltas + self._rest_as_content()
             if not final:
-                return deltas, True  # the head may still come: held
+                return deltas  # the head may still come: held
             if self.num_calls:  # the end after "<call>;": the rest is content
-                return deltas + self._rest_as_content(), True
+                return deltas + self._rest_as_content()
             # the end, and no call head: read the rest as a whole reply is read
             content, calls = parse_calls(self.buffer[self._sent :])
             self._sent = len(self.buffer)
-            return deltas + ([{"content": content}] if content else []) + self._emit(calls), True
+            return deltas + ([{"content": content}] if content else []) + self._emit(calls)
 
     def _rest_as_content(self) -> list[dict[str, Any]]:
         text, self._sent = self.buffer[self._sent :], len(self.buffer)
@@ -433,9 +436,7 @@ class ToolCallStream:
                 ("{", PYTHON_TAG[: len(self.buffer) - first.start()])
             )
         if self._json_reply or may_be_json:
-            deltas, handled = self._json_calls(final)  # a reply that starts like a Llama-3 call
-            if handled:
-                return deltas
+            return self._json_calls(final)  # a reply that starts like a Llama-3 call
         while True:
             if self._call is not None:  # a tagged call being streamed
                 deltas += self._arguments_delta()
