@@ -173,6 +173,14 @@ def test_fuzzed_openai_bodies_get_a_completion_or_a_4xx_in_openais_shape(openai_
         if response.status_code >= 400:
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        elif response.headers["content-type"].startswith("text/event-stream"):
+            # an error after the stream began would come as an event: none may, and [DONE] ends it
+            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            assert events and events[-1] == "[DONE]", response.text[-2000:]
+            for event in events[:-1]:
+                assert "error" not in json.loads(event), (content[:2000], event)
+        else:
+            assert response.json()["choices"], response.text[:2000]
 
     check()
     print(f"fuzzed OpenAI bodies: {sum(statuses.values())}, by status {dict(sorted(statuses.items()))}")
