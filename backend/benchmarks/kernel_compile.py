@@ -154,7 +154,13 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        try:
+            done = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True)
+        except OSError as e:
+            return {"resource_usage_error": str(e)[:300]}
+    if done.returncode != 0:
+        return {"resource_usage_error": done.stderr.strip()[:300] or f"cuobjdump exited {done.returncode}"}
+    text = done.stdout
     usage = {}
     for line in text.splitlines():
         if "REG:" in line:
@@ -164,21 +170,15 @@ def _resource_usage(cubin: bytes) -> dict:
     return usage
 
 
-def _uncaptured_graphs(worker: Any, max_num_seqs: int) -> Any:
-    """The worker's decode CUDA graphs as a GPU run builds them, with each capture and replay running the
-    captured path eagerly (compiling what the capture would launch)."""
+def _uncaptured_graphs(worker: Any) -> Any:
+    """The worker's decode CUDA graphs as a GPU run builds them, each capture and replay running the
+    captured path eagerly instead (compiling what the capture would launch)."""
     from pagetron.backend.executor.cuda_graphs import DecodeGraphs
-    from pagetron.backend.executor.worker import MAX_GRAPH_BATCH
 
     class UncapturedGraphs(DecodeGraphs):
-        def capture(self) -> None:
-            self.slot_mapping.fill_(-1)
-            self.context_lens.fill_(1)
-            self.lora_slots.fill_(-1)
-            for batch in reversed(self.sizes):
-                self.run_eagerly(batch, self._meta(batch))
-            if self.lora_context is not None:
-                self.lora_context.token_slots = None
+        def _capture_one(self, batch: int, meta: Any, pool: Any) -> Any:
+            self.run_eagerly(batch, meta)
+            return None
 
         def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
             slots = self.lora_context.token_slots if self.lora_context is not None else None
@@ -188,19 +188,15 @@ def _uncaptured_graphs(worker: Any, max_num_seqs: int) -> Any:
                 self.lora_context.token_slots = slots
             return out
 
-    spec = worker.spec
-    max_blocks = -(-spec.max_model_len // spec.config.block_size)
-    lora_context = worker.lora.context if worker.lora is not None else None
-    graphs = UncapturedGraphs(
-        worker.model, min(max_num_seqs, MAX_GRAPH_BATCH), max_blocks, worker.device, lora_context
-    )
+    graphs = worker.decode_graphs(UncapturedGraphs)
     with torch.inference_mode():
         graphs.capture()
     return graphs
 
 
-def _drive(ns: argparse.Namespace, folder: Path, kv_cache_dtype: str, first: bool) -> None:
-    """Builds an engine and runs the workload's kinds of step through it (see the module's docstring)."""
+def _drive(ns: argparse.Namespace, folder: Path, kv_cache_dtype: str, first: bool) -> bool:
+    """Builds an engine and runs the workload's kinds of step through it (see the module's docstring);
+    whether a JSON-schema request was among them."""
     import random
 
     from pagetron.backend import LLM, LoRARequest, SamplingParams
@@ -218,7 +214,7 @@ def _drive(ns: argparse.Namespace, folder: Path, kv_cache_dtype: str, first: boo
         args.update(enable_lora=True, max_loras=ns.max_loras, max_lora_rank=ns.rank)
     llm = LLM(**args)
     worker = llm.engine.executor.worker
-    worker.runner.graphs = _uncaptured_graphs(worker, ns.max_num_seqs)
+    worker.runner.graphs = _uncaptured_graphs(worker)
     cfg = llm.engine.model_config
     rng = random.Random(0)
     # a prompt near max_model_len (long decode contexts: more attention splits); with the next ones, the
@@ -242,30 +238,64 @@ def _drive(ns: argparse.Namespace, folder: Path, kv_cache_dtype: str, first: boo
         prompts.append({"messages": [{"role": "user", "content": QUESTION}]})
         params.append(schema)
         loras.append(None)
-    llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
-    if schema is not None:
-        llm.generate(prompts[-1:], schema, use_tqdm=False)
-    llm.engine.shutdown()
+        # compiled first, or the others could all finish while it compiles and it would never share a step
+        [grammar] = llm.engine.grammar_service().grammars(schema.structured_outputs, 1)
+        grammar.compiled.result()
+    try:
+        llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        if schema is not None:
+            llm.generate(prompts[-1:], schema, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    return schema is not None
+
+
+# (kernel, constants) that the workload above must compile: the paths a GPU run takes that no other
+# variant covers (a workload change that stops reaching them fails the check instead of passing it)
+EXPECTED = [
+    ("_expand_kernel", {"ACCUMULATE": False}),  # LoRA deltas, decode graphs
+    ("_rms_norm_kernel", {"HAS_DELTA": True}),
+    ("_silu_and_mul_kernel", {"HAS_DELTA": True}),
+    ("_expand_silu_and_mul_kernel", {}),  # LoRA gate|up fused, eager steps
+    ("_apply_token_bitmask_kernel", {"HAS_ROWS": True}),  # a constrained row among others ...
+    ("_apply_token_bitmask_kernel", {"HAS_ROWS": False}),  # ... and alone
+]
+
+
+def _missing(compiled: list[dict], with_schema: bool) -> list[dict]:
+    return [
+        {"kernel": name, "constants": wanted, "error": "the workload compiled no such variant"}
+        for name, wanted in EXPECTED
+        if (with_schema or name != "_apply_token_bitmask_kernel")
+        and not any(
+            row["kernel"] == name and wanted.items() <= row.get("constants", {}).items() for row in compiled
+        )
+    ]
 
 
 def run(ns: argparse.Namespace) -> dict:
     import logging
 
-    from pagetron.backend.benchmarks.gpu_workloads import write_config
-
-    scratch = tempfile.TemporaryDirectory(prefix="pagetron-kernel-compile-")
-    folder = write_config(ns.shape, Path(scratch.name))  # the model's config; the adapters beside it
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
-    # outputs are garbage, so a constrained row's token breaks its grammar: expected here, not news
-    logging.getLogger("pagetron.backend.core.scheduler").setLevel(logging.CRITICAL)
-    started = time.perf_counter()
     import triton
 
-    with compile_only(ns.arch, ns.sms) as compiled:
-        for i, kv_cache_dtype in enumerate(ns.kv_cache_dtypes.split(",")):
-            _drive(ns, folder, kv_cache_dtype, first=i == 0)
-    scratch.cleanup()
+    from pagetron.backend.benchmarks.gpu_workloads import write_config
+
+    started = time.perf_counter()
+    # outputs are garbage, so a constrained row's token breaks its grammar: expected here, not news
+    scheduler_log = logging.getLogger("pagetron.backend.core.scheduler")
+    level = scheduler_log.level
+    scheduler_log.setLevel(logging.CRITICAL)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pagetron-kernel-compile-") as scratch:
+            folder = write_config(ns.shape, Path(scratch))  # the model's config; the adapters beside it
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+            with compile_only(ns.arch, ns.sms) as compiled:
+                kinds = ns.kv_cache_dtypes.split(",")
+                with_schema = [_drive(ns, folder, kind, first=i == 0) for i, kind in enumerate(kinds)]
+    finally:
+        scheduler_log.setLevel(level)
+    compiled += _missing(compiled, any(with_schema))
     failed = [row for row in compiled if "error" in row]
     return {
         "target": f"cuda:{ns.arch}", "triton": triton.__version__, "shape": ns.shape,

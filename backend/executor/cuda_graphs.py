@@ -67,20 +67,23 @@ class DecodeGraphs:
         self.context_lens.fill_(1)
         self.lora_slots.fill_(-1)
         for batch in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            meta = self._meta(batch)
-            self.run_eagerly(batch, meta)  # compile and warm up
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.model(self.input_ids[:batch], self.positions[:batch], meta)
-            pool = graph.pool()
-            self.graphs[batch] = (graph, out)
+            pool = self._capture_one(batch, self._meta(batch), pool)
         if self.lora_context is not None:
             self.lora_context.token_slots = None
-        torch.cuda.synchronize()
         logger.info(
             "captured %d decode CUDA graphs in %.1f s", len(self.graphs), time.perf_counter() - started
         )
+
+    def _capture_one(self, batch: int, meta: AttentionMetadata, pool: Any) -> Any:
+        """Warms up and captures the graph of ``batch`` rows in ``pool``; returns the pool."""
+        self.run_eagerly(batch, meta)  # compile and warm up
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.model(self.input_ids[:batch], self.positions[:batch], meta)
+        torch.cuda.synchronize()
+        self.graphs[batch] = (graph, out)
+        return graph.pool()
 
     def run_eagerly(self, batch: int, meta: AttentionMetadata) -> torch.Tensor:
         """The first ``batch`` rows of the buffers through the path a capture takes, without capturing."""

@@ -61,14 +61,18 @@ class Worker:
         )
         graphs = None
         if self.device.type == "cuda" and self.kernels == "triton" and not config.enforce_eager:
-            max_blocks = -(-self.spec.max_model_len // config.block_size)
-            lora_context = self.lora.context if self.lora is not None else None
-            graphs = DecodeGraphs(
-                self.model, min(config.max_num_seqs, MAX_GRAPH_BATCH), max_blocks, self.device, lora_context
-            )
+            graphs = self.decode_graphs()
             graphs.capture()
         sampler = Sampler(self.spec.eos_token_ids, seed=config.seed, kernels=self.kernels)
         self.runner = ModelRunner(self.model, sampler, config.block_size, self.device, graphs, self.lora)
+
+    def decode_graphs(self, cls: type[DecodeGraphs] = DecodeGraphs) -> DecodeGraphs:
+        """The decode CUDA graphs this worker's model and engine arguments need, not captured yet."""
+        config = self.spec.config
+        max_blocks = -(-self.spec.max_model_len // config.block_size)
+        lora_context = self.lora.context if self.lora is not None else None
+        batch = min(config.max_num_seqs, MAX_GRAPH_BATCH)
+        return cls(self.model, batch, max_blocks, self.device, lora_context)
 
     def _load_model(self, spec: ModelSpec) -> LlamaForCausalLM:
         default_dtype = torch.get_default_dtype()
