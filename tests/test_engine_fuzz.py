@@ -4,8 +4,8 @@ growth reservation, one adapter slot or two), requests added at random steps wit
 parameters (seeds, n, stop strings and ids, min_tokens, logprobs, penalties, choice / JSON / regex
 constraints, an adapter or none) and aborted at random steps. After every run: each request ended once,
 nothing is left scheduled, every KV block is free; the same run stepping asynchronously gives every request
-no abort touched the same tokens, text and finish reason. `make test-full` runs 60 workloads, `make test`
-one (a new one each run)."""
+no abort touched the same tokens, text and finish reason. `make test-full` runs 60 random workloads,
+`make test` one fixed one."""
 
 from __future__ import annotations
 
@@ -122,7 +122,10 @@ def run_workload(model: str, adapter: LoRARequest, seed: int, async_scheduling: 
 
 
 @settings(
-    max_examples=60 if FULL else 1, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60 if FULL else 1,
+    derandomize=not FULL,  # make test: the same workload every run (float ties could differ by batch)
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_workloads_keep_the_engines_invariants_and_step_alike_ahead(tiny_and_adapter, seed):
