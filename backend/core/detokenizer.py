@@ -40,10 +40,10 @@ def backend_decoder(tokenizer: Any) -> Any:
 def _decodes_plainly(cls: type) -> bool:
     """Whether the class decodes as transformers' fast tokenizers do: ``decode`` and ``_decode`` both
     transformers' own (found by name: core does not import transformers)."""
-    return _owner(cls, "decode") in _BASE_CLASSES and _owner(cls, "_decode") in _BASE_CLASSES[1:]
+    return _owner(cls, "decode") in ("PreTrainedTokenizerBase", *_FAST) and _owner(cls, "_decode") in _FAST
 
 
-_BASE_CLASSES = ("PreTrainedTokenizerBase", "TokenizersBackend", "PreTrainedTokenizerFast")
+_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")  # transformers 5's fast tokenizer class, and 4's
 
 
 def _owner(cls: type, name: str) -> str | None:

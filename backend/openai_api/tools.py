@@ -396,7 +396,6 @@ class ToolCallStream:
                 if after is None:
                     return deltas
                 if after.group() != ";":  # text after the calls: content, as parse_calls reads it
-                    self._json_reply, self._rest_is_content = False, True
                     return deltas + self._rest_as_content()
                 self._sent, self._separator = after.end(), False
             found = _NOT_SPACE.search(self.buffer, self._sent)
@@ -410,8 +409,7 @@ class ToolCallStream:
                 deltas += self._start(head, start)
                 continue
             if self.num_calls and start < len(self.buffer) and self.buffer[start] != "{":
-                self._json_reply, self._rest_is_content = False, True  # after "<call>;", no call follows
-                return deltas + self._rest_as_content()
+                return deltas + self._rest_as_content()  # after "<call>;", no call can follow
             if not final:
                 return deltas  # the head may still come: held
             if self.num_calls:  # the end after "<call>;": the rest is content
@@ -422,6 +420,8 @@ class ToolCallStream:
             return deltas + ([{"content": content}] if content else []) + self._emit(calls)
 
     def _rest_as_content(self) -> list[dict[str, Any]]:
+        """The Llama-3 calls are over: from here on every character is content."""
+        self._json_reply, self._rest_is_content = False, True
         text, self._sent = self.buffer[self._sent :], len(self.buffer)
         return [{"content": text}] if text else []
 
